@@ -1,0 +1,158 @@
+"""Answer-scoring metrics for the evaluation loops (spec section 6).
+
+Two metrics are used by the recipes:
+
+* ANLS (DocVQA). The prediction is stripped of surrounding whitespace and of trailing '.'
+  characters; references only of surrounding whitespace. For each reference
+  ``nl = levenshtein(p, g) / max(len(p), len(g))`` and the score is ``1 - nl`` when
+  ``nl < threshold`` else 0; an example scores the maximum over its references.
+  Comparison is case-SENSITIVE by default: the spec's formula (the reference recipe, whose
+  published numbers in spec section 7 we compare against) does not lowercase. The official
+  DocVQA leaderboard lowercases both sides; pass ``ignore_case=True`` to get that variant.
+* Accuracy (hateful memes, NLVR2, UCF-101): exact match after :func:`normalize_answer`.
+
+Every per-example scorer has the signature ``(prediction: str, references: list[str]) -> float``
+and every aggregate metric ``(predictions: list[str], references: list[list[str]]) -> float``,
+so an evaluation loop can look both up by name in :data:`SCORERS` and :data:`METRICS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+__all__ = [
+    "levenshtein",
+    "normalize_answer",
+    "anls",
+    "mean_anls",
+    "exact_match",
+    "accuracy",
+    "multi_reference_accuracy",
+    "SCORERS",
+    "METRICS",
+]
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insert, delete, substitute; each costs 1) between two strings."""
+    # Iterating over the longer string keeps the two rows as short as possible.
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(
+                min(
+                    previous[j] + 1,
+                    current[j - 1] + 1,
+                    previous[j - 1] + (char_a != char_b),
+                )
+            )
+        previous = current
+    return previous[-1]
+
+
+def normalize_answer(text: str) -> str:
+    """Normalise an answer for accuracy: strip whitespace, then '.', then whitespace, lowercase.
+
+    Dots are removed from both ends (``str.strip('.')``), so "Yes." and "yes" match; the second
+    whitespace strip catches answers such as "yes ." where a space precedes the full stop.
+    """
+    return text.strip().strip(".").strip().lower()
+
+
+def _clean_prediction_for_anls(text: str) -> str:
+    # Only trailing dots: a leading '.' can be part of a DocVQA answer (".5 mg").
+    return text.strip().rstrip(".").strip()
+
+
+def _check_references(references: Sequence[str]) -> None:
+    # A bare string would otherwise be iterated character by character and score silently wrong.
+    if isinstance(references, str):
+        raise TypeError("references must be a list of strings, not a single string")
+    if len(references) == 0:
+        raise ValueError("each example needs at least one reference answer")
+
+
+def anls(
+    prediction: str,
+    references: Sequence[str],
+    threshold: float = 0.5,
+    ignore_case: bool = False,
+) -> float:
+    """Normalised Levenshtein similarity of one prediction, best over its references."""
+    _check_references(references)
+    pred = _clean_prediction_for_anls(prediction)
+    if ignore_case:
+        pred = pred.lower()
+    best = 0.0
+    for reference in references:
+        ref = reference.strip()
+        if ignore_case:
+            ref = ref.lower()
+        longest = max(len(pred), len(ref))
+        if longest == 0:
+            # Both empty: the answers agree, and dividing by zero would crash the loop.
+            return 1.0
+        nl = levenshtein(pred, ref) / longest
+        score = 1.0 - nl if nl < threshold else 0.0
+        best = max(best, score)
+    return best
+
+
+def _check_lengths(predictions: Sequence[str], references: Sequence) -> None:
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"got {len(predictions)} predictions but {len(references)} references"
+        )
+    if len(predictions) == 0:
+        raise ValueError("cannot compute a metric over zero examples")
+
+
+def mean_anls(
+    predictions: Sequence[str],
+    references_list: Sequence[Sequence[str]],
+    threshold: float = 0.5,
+    ignore_case: bool = False,
+) -> float:
+    """ANLS averaged over examples; ``references_list[i]`` holds all answers of example i."""
+    _check_lengths(predictions, references_list)
+    total = sum(
+        anls(p, refs, threshold=threshold, ignore_case=ignore_case)
+        for p, refs in zip(predictions, references_list)
+    )
+    return total / len(predictions)
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    """1.0 when the normalised prediction equals any normalised reference, else 0.0."""
+    _check_references(references)
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(ref) for ref in references))
+
+
+def accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Fraction of examples whose prediction matches its single reference after normalisation."""
+    _check_lengths(predictions, references)
+    return multi_reference_accuracy(predictions, [[ref] for ref in references])
+
+
+def multi_reference_accuracy(
+    predictions: Sequence[str], references_list: Sequence[Sequence[str]]
+) -> float:
+    """Accuracy where an example is correct if it matches any of its references."""
+    _check_lengths(predictions, references_list)
+    total = sum(exact_match(p, refs) for p, refs in zip(predictions, references_list))
+    return total / len(predictions)
+
+
+SCORERS: dict[str, Callable[[str, Sequence[str]], float]] = {
+    "anls": anls,
+    "accuracy": exact_match,
+}
+
+METRICS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]], float]] = {
+    "anls": mean_anls,
+    "accuracy": multi_reference_accuracy,
+}

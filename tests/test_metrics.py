@@ -1,0 +1,143 @@
+import pytest
+
+from common.metrics import (
+    METRICS,
+    SCORERS,
+    accuracy,
+    anls,
+    exact_match,
+    levenshtein,
+    mean_anls,
+    multi_reference_accuracy,
+    normalize_answer,
+)
+
+
+@pytest.mark.parametrize(
+    "a, b, expected",
+    [
+        ("kitten", "sitting", 3),
+        ("sitting", "kitten", 3),
+        ("", "", 0),
+        ("", "abc", 3),
+        ("abc", "", 3),
+        ("abc", "abc", 0),
+        ("flaw", "lawn", 2),
+        ("a", "b", 1),
+        ("intention", "execution", 5),
+    ],
+)
+def test_levenshtein(a, b, expected):
+    assert levenshtein(a, b) == expected
+
+
+def test_anls_exact_match_is_one():
+    assert anls("Acme Corp", ["Acme Corp"]) == 1.0
+
+
+def test_anls_near_match():
+    # One substitution in five characters.
+    assert anls("hallo", ["hello"]) == pytest.approx(0.8)
+
+
+def test_anls_far_match_scores_zero():
+    # 3 edits / 4 characters = 0.75 >= 0.5
+    assert anls("abcd", ["axyz"]) == 0.0
+
+
+def test_anls_exactly_at_threshold_scores_zero():
+    # 2 edits / 4 characters = 0.5, and only nl < 0.5 earns credit.
+    assert anls("abcd", ["abxy"]) == 0.0
+    # Just under the threshold: 2 / 5 = 0.4 -> 0.6.
+    assert anls("abcde", ["abxye"]) == pytest.approx(0.6)
+
+
+def test_anls_takes_the_best_reference():
+    assert anls("hallo", ["nothing alike", "hello", "hallo!"]) == pytest.approx(5 / 6)
+    assert anls("hallo", ["xyz", "hallo"]) == 1.0
+
+
+def test_anls_empty_prediction():
+    assert anls("", ["answer"]) == 0.0
+    assert anls("  . ", ["answer"]) == 0.0
+
+
+def test_anls_both_empty_is_one():
+    assert anls("", [""]) == 1.0
+    assert anls(" ", ["x", ""]) == 1.0
+
+
+def test_anls_strips_whitespace_and_trailing_dot():
+    assert anls("  42 Main St. ", ["42 Main St"]) == 1.0
+    assert anls("yes.\n", ["yes"]) == 1.0
+    # A leading dot is content (".5 mg"), not punctuation.
+    assert anls(".5 mg", [".5 mg"]) == 1.0
+    # References only lose whitespace, as in the spec.
+    assert anls("Inc", [" Inc. "]) == pytest.approx(0.75)
+
+
+def test_anls_is_case_sensitive_by_default():
+    # "Paris" vs "PARIS": 4 substitutions / 5 -> nl 0.8 -> 0.
+    assert anls("Paris", ["PARIS"]) == 0.0
+    assert anls("Paris", ["PARIS"], ignore_case=True) == 1.0
+    assert anls("hello world", ["Hello world"]) == pytest.approx(1 - 1 / 11)
+
+
+def test_anls_custom_threshold():
+    assert anls("abcd", ["abxy"], threshold=0.6) == pytest.approx(0.5)
+
+
+def test_anls_rejects_bare_string_and_no_references():
+    with pytest.raises(TypeError):
+        anls("a", "a")
+    with pytest.raises(ValueError):
+        anls("a", [])
+
+
+def test_mean_anls():
+    preds = ["hello", "hallo", "abcd", ""]
+    refs = [["hello"], ["hello"], ["wxyz"], [""]]
+    assert mean_anls(preds, refs) == pytest.approx((1.0 + 0.8 + 0.0 + 1.0) / 4)
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [("Yes.", "yes"), (" True ", "true"), ("  No . ", "no"), ("...ok..", "ok"), ("", "")],
+)
+def test_normalize_answer(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+def test_accuracy_normalises():
+    preds = ["Yes.", " True ", "no", "ApplyLipstick"]
+    refs = ["yes", "true", "yes", "applylipstick."]
+    assert accuracy(preds, refs) == pytest.approx(3 / 4)
+
+
+def test_exact_match_and_multi_reference_accuracy():
+    assert exact_match("False", ["no", "false"]) == 1.0
+    assert exact_match("maybe", ["no", "false"]) == 0.0
+    assert multi_reference_accuracy(["a", "b"], [["A."], ["c", "d"]]) == 0.5
+
+
+@pytest.mark.parametrize("fn", [accuracy, mean_anls, multi_reference_accuracy])
+def test_mismatched_lengths_raise(fn):
+    with pytest.raises(ValueError):
+        fn(["a", "b"], [["a"]] if fn is not accuracy else ["a"])
+
+
+@pytest.mark.parametrize("fn", [accuracy, mean_anls, multi_reference_accuracy])
+def test_zero_examples_raise(fn):
+    with pytest.raises(ValueError):
+        fn([], [])
+
+
+def test_registries_share_one_signature():
+    preds = ["Hello.", "b"]
+    refs = [["hello", "hi"], ["c"]]
+    assert set(METRICS) == set(SCORERS) == {"anls", "accuracy"}
+    for name, metric in METRICS.items():
+        per_example = [SCORERS[name](p, r) for p, r in zip(preds, refs)]
+        # The aggregate is the mean of the per-example scores an eval loop would write out.
+        assert metric(preds, refs) == pytest.approx(sum(per_example) / len(per_example))
+    assert METRICS["accuracy"](preds, refs) == 0.5
