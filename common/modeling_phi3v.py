@@ -272,7 +272,8 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM, GenerationMixin):
     def label_positions_loss(self, hidden_states, labels, num_items_in_batch=None) -> torch.Tensor:
         """Shifted next-token cross-entropy, projecting to the vocabulary only at labelled positions."""
         targets = labels[:, 1:].to(hidden_states.device)
-        keep = targets != -100
+        # Any negative label is ignored, not only -100: labels copied from input_ids hold image ids < 0.
+        keep = targets >= 0
         logits = self.lm_head(hidden_states[:, :-1][keep]).float()
         loss = F.cross_entropy(logits, targets[keep], reduction="sum")
         denominator = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
