@@ -1,0 +1,196 @@
+"""Phi-3.5-vision image preprocessing (the "HD transform"), written to match the reference pixel for pixel.
+
+Each image becomes a grid of at most `num_crops` 336x336 tiles plus one 336x336 global view; see
+`hd_transform` for the geometry and `image_to_crops` for the tensors. The order of operations (PIL RGB
+conversion first, PIL bilinear resize, white padding, then normalisation and a torch bicubic global view)
+is what the published weights were trained with; changing any step changes pixels the model sees.
+"""
+
+import math
+from typing import TypedDict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+TILE = 336
+MAX_NUM_CROPS = 16
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def check_num_crops(num_crops) -> int:
+    """Return `num_crops` if it is an int in 1..16, else raise ValueError."""
+    if isinstance(num_crops, bool) or not isinstance(num_crops, (int, np.integer)):
+        raise ValueError(f"num_crops must be an int in 1..{MAX_NUM_CROPS}, got {num_crops!r}")
+    if not 1 <= num_crops <= MAX_NUM_CROPS:
+        raise ValueError(
+            f"num_crops must be in 1..{MAX_NUM_CROPS} (the reference recipe refuses more than {MAX_NUM_CROPS} "
+            f"tiles), got {num_crops}; use 16 for single images or 4 for multi-frame inputs"
+        )
+    return int(num_crops)
+
+
+def num_image_tokens(height: int, width: int, tokens_per_tile: int = 144) -> int:
+    """Number of placeholder tokens for one image of `height` x `width` pixels after `hd_transform`.
+
+    Each tile row of the sub-image grid and of the global view ends with one separator ("newline") vector,
+    and one more separator sits between the grid and the global view.
+    """
+    if height <= 0 or width <= 0 or height % TILE or width % TILE:
+        raise ValueError(
+            f"image size must be positive multiples of {TILE} (an hd_transform output), got {height}x{width}"
+        )
+    per_row = math.isqrt(tokens_per_tile)
+    if per_row * per_row != tokens_per_tile:
+        raise ValueError(f"tokens_per_tile must be a square number (a square grid per tile), got {tokens_per_tile}")
+    h, w = height // TILE, width // TILE
+    return (h * w + 1) * tokens_per_tile + 1 + (h + 1) * per_row
+
+
+def _best_scale(ratio: float, num_crops: int) -> int:
+    """Largest s with s * ceil(s / ratio) <= num_crops: s tiles across, as many rows as the aspect needs."""
+    scale = 1
+    while (scale + 1) * math.ceil((scale + 1) / ratio) <= num_crops:
+        scale += 1
+    return scale
+
+
+def hd_transform(image: Image.Image, num_crops: int) -> Image.Image:
+    """Resize and pad one image to H x W (multiples of 336) holding at most `num_crops` tiles.
+
+    Returns an RGB PIL image. The conversion is PIL's plain `convert("RGB")`, which drops transparency:
+    compositing on white (as transformers' `convert_to_rgb` does) would give pixels the model never saw.
+    """
+    check_num_crops(num_crops)
+    image = image.convert("RGB")
+    # Work with the long side horizontal so one code path covers both orientations.
+    transposed = image.width < image.height
+    if transposed:
+        image = image.transpose(Image.Transpose.TRANSPOSE)
+    width, height = image.size
+    ratio = width / height
+    scale = _best_scale(ratio, num_crops)
+    new_w = scale * TILE
+    # The reference computes int(new_w / ratio); at extreme aspect ratios that is 0, which PIL cannot
+    # resize to, so one row is kept instead.
+    new_h = max(1, int(new_w / ratio))
+    image = image.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
+
+    padded_h = math.ceil(new_h / TILE) * TILE
+    top = int((padded_h - new_h) / 2)
+    canvas = Image.new("RGB", (new_w, padded_h), (255, 255, 255))
+    canvas.paste(image, (0, top))
+    if transposed:
+        canvas = canvas.transpose(Image.Transpose.TRANSPOSE)
+    return canvas
+
+
+def image_to_crops(
+    image: Image.Image,
+    num_crops: int,
+    image_mean=CLIP_MEAN,
+    image_std=CLIP_STD,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """HD-transform one image and cut it into model inputs.
+
+    Returns `(crops, (H, W))`: `crops` is float32 (num_crops + 1, 3, 336, 336) holding the global view, the
+    row-major tiles, then all-zero tiles up to num_crops + 1 entries; (H, W) is the size after `hd_transform`.
+    """
+    padded = hd_transform(image, num_crops)
+    width, height = padded.size
+    pixels = torch.from_numpy(np.array(padded)).permute(2, 0, 1).to(torch.float32).div(255)
+    mean = torch.as_tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.as_tensor(image_std, dtype=torch.float32).view(3, 1, 1)
+    pixels = (pixels - mean) / std
+
+    global_view = F.interpolate(pixels[None], size=(TILE, TILE), mode="bicubic", align_corners=False)[0]
+    rows, cols = height // TILE, width // TILE
+    tiles = pixels.reshape(3, rows, TILE, cols, TILE).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, TILE, TILE)
+
+    crops = torch.zeros(num_crops + 1, 3, TILE, TILE, dtype=torch.float32)
+    crops[0] = global_view
+    crops[1 : 1 + rows * cols] = tiles
+    return crops, (height, width)
+
+
+class Phi3VImageProcessorKwargs(TypedDict, total=False):
+    num_crops: int
+    num_img_tokens: int
+    image_mean: list[float]
+    image_std: list[float]
+    do_convert_rgb: bool
+
+
+class Phi3VImageProcessor(BaseImageProcessor):
+    """Reads and writes the checkpoint's `preprocessor_config.json`; calling it runs the HD transform.
+
+    `num_crops` (1..16) can be set at construction, as a `from_pretrained` keyword, or per call. The file's
+    `auto_map` (a pointer to remote code) is dropped on load and never written back.
+    """
+
+    model_input_names = ["pixel_values", "image_sizes"]
+    # from_pretrained applies a keyword override only when its name is listed here.
+    valid_kwargs = Phi3VImageProcessorKwargs
+
+    def __init__(
+        self,
+        num_crops: int = 4,
+        num_img_tokens: int = 144,
+        image_mean: list[float] = CLIP_MEAN,
+        image_std: list[float] = CLIP_STD,
+        do_convert_rgb: bool = True,
+        **kwargs,
+    ):
+        kwargs.pop("auto_map", None)
+        # Recomputed from the class name by to_dict, so never stored as an attribute.
+        kwargs.pop("image_processor_type", None)
+        super().__init__(**kwargs)
+        self.num_crops = check_num_crops(num_crops)
+        self.num_img_tokens = int(num_img_tokens)
+        self.image_mean = [float(v) for v in image_mean]
+        self.image_std = [float(v) for v in image_std]
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError(f"image_mean and image_std need 3 values (RGB), got {image_mean} and {image_std}")
+        # Kept for a faithful round trip of the checkpoint's file; conversion to RGB always happens because
+        # the white padding and the 3-channel normalisation need RGB.
+        self.do_convert_rgb = bool(do_convert_rgb)
+
+    def __call__(self, images, num_crops: int | None = None, return_tensors: str | None = "pt") -> BatchFeature:
+        """Preprocess a PIL image or a list of them.
+
+        Returns a BatchFeature with `pixel_values` float32 (N, num_crops + 1, 3, 336, 336), `image_sizes`
+        int64 (N, 2) as [H, W] after the HD transform, and `num_img_tokens` (list of N ints): the length of
+        each image's placeholder run in the token sequence.
+        """
+        return self.preprocess(images, num_crops=num_crops, return_tensors=return_tensors)
+
+    def preprocess(self, images, num_crops: int | None = None, return_tensors: str | None = "pt") -> BatchFeature:
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"only torch tensors are returned; pass return_tensors='pt', not {return_tensors!r}")
+        num_crops = self.num_crops if num_crops is None else check_num_crops(num_crops)
+        if isinstance(images, Image.Image):
+            images = [images]
+        if not isinstance(images, (list, tuple)) or not images:
+            raise ValueError(
+                f"images must be a PIL image or a non-empty list of PIL images, got {type(images).__name__}"
+            )
+        for i, image in enumerate(images):
+            if not isinstance(image, Image.Image):
+                raise TypeError(f"images[{i}] is a {type(image).__name__}; Phi3VImageProcessor takes PIL images")
+
+        crops, sizes = zip(*(image_to_crops(im, num_crops, self.image_mean, self.image_std) for im in images))
+        return BatchFeature(
+            {
+                "pixel_values": torch.stack(crops),
+                "image_sizes": torch.tensor(sizes, dtype=torch.int64),
+                "num_img_tokens": [num_image_tokens(h, w, self.num_img_tokens) for h, w in sizes],
+            }
+        )
+
+    def to_dict(self):
+        output = super().to_dict()
+        output["processor_class"] = "Phi3VProcessor"
+        return output
