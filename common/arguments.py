@@ -1,0 +1,219 @@
+"""Command-line arguments shared by every recipe.
+
+`FinetuneArguments` extends the HF `TrainingArguments`, so every Trainer option works as usual, and adds the
+reference recipe's flags with their meaning kept (`--batch_size` is the global batch, `--wd`, `--no-tqdm`,
+`--use_lora`, ...). Impossible combinations fail in `__post_init__`, that is at parse time, before anything
+is loaded. Dataset scripts add their own dataclass next to this one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import SaveStrategy
+
+from .image_processing_phi3v import MAX_NUM_CROPS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DEEPSPEED_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"
+ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
+
+
+class ArgumentError(ValueError):
+    """An impossible flag combination; raised at parse time with a one-line reason."""
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class FinetuneArguments(TrainingArguments):
+    # Model and processor
+    model_name_or_path: str = field(
+        default="microsoft/Phi-3.5-vision-instruct",
+        metadata={"help": "Hub id or local folder of a Phi-3.5-vision checkpoint (e.g. one from `python -m common.tiny`)."},
+    )
+    use_flash_attention: bool = field(
+        default=False, metadata={"help": "Use flash-attn 2 kernels (needs the flash-attn package, a GPU and --bf16)."}
+    )
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={"help": "Attention kernels when --use_flash_attention is not given.", "choices": ATTENTION_CHOICES},
+    )
+    num_crops: int = field(
+        default=16, metadata={"help": f"Maximum number of 336x336 tiles per image (1..{MAX_NUM_CROPS})."}
+    )
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata={"help": "Allow loading a checkpoint that has only pickle (.bin) weights; pickle can run code."},
+    )
+    # Training mode: one switch each, resolved into `training_mode`
+    freeze_vision_model: bool = field(
+        default=False, metadata={"help": "Freeze the CLIP tower, separators and projection; train the decoder."}
+    )
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on a frozen base model."})
+    use_qlora: bool = field(default=False, metadata={"help": "LoRA on a 4-bit (nf4) base model; implies --use_lora."})
+    lora_rank: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha_ratio: float = field(default=2.0, metadata={"help": "LoRA alpha = rank x this ratio."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
+    merge_lora: bool = field(
+        default=False, metadata={"help": "After LoRA training, also write the merged full model to OUTPUT_DIR/merged."}
+    )
+    # The reference recipe's batch and optimiser flags
+    batch_size: int = field(default=64, metadata={"help": "Global batch size (all GPUs, all accumulation steps)."})
+    batch_size_per_gpu: int | None = field(
+        default=None,
+        metadata={
+            "help": "Examples per GPU per step. Default: 1 for full and frozen-vision training (a 4.2B model with "
+            "~2.4k-token examples fills a 40 GB card), 4 for LoRA/QLoRA (frozen weights leave room for activations)."
+        },
+    )
+    wd: float = field(default=0.01, metadata={"help": "Weight decay."})
+    no_tqdm: bool = field(default=False, metadata={"help": "Disable progress bars.", "aliases": ["--no-tqdm"]})
+    # Evaluation by generation, before and after training
+    eval_batch_size: int = field(default=8, metadata={"help": "Examples per GPU per generation batch."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest generated answer in evaluation."})
+    skip_eval_before: bool = field(default=False, metadata={"help": "Do not evaluate before training."})
+    skip_eval_after: bool = field(default=False, metadata={"help": "Do not evaluate after training."})
+    # Data policy
+    max_length: int | None = field(
+        default=None, metadata={"help": "Longest training sequence in tokens; longer examples are errors (or skipped)."}
+    )
+    skip_bad_examples: bool = field(
+        default=False, metadata={"help": "Log, count and skip unusable examples instead of stopping the run."}
+    )
+    padding_free: bool = field(
+        default=False, metadata={"help": "Pack each per-GPU batch into one row without padding (no padding compute)."}
+    )
+    # TrainingArguments defaults changed to the reference recipe's, plus periodic checkpoints it lacked
+    output_dir: str | None = field(default="./output/", metadata={"help": "Where checkpoints, the model and evaluations go."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Training epochs."})
+    learning_rate: float = field(default=4e-5, metadata={"help": "Peak learning rate."})
+    warmup_steps: float = field(default=50, metadata={"help": "Linear warm-up steps (or a fraction of all steps if < 1)."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "Adam beta2."})
+    adam_epsilon: float = field(default=1e-7, metadata={"help": "Adam epsilon."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    save_strategy: SaveStrategy | str = field(default="steps", metadata={"help": "When to write checkpoints: steps, epoch or no."})
+    save_steps: float = field(default=200, metadata={"help": "Write a checkpoint every N optimiser steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Loggers: none, tensorboard, wandb, ..."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: the collator needs the raw examples."}
+    )
+    dataloader_num_workers: int = field(default=4, metadata={"help": "Processes decoding images for training."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Every used parameter gets a gradient; no unused-parameter search."}
+    )
+
+    def __post_init__(self):
+        self.check_combinations()
+        self.use_lora = self.use_lora or self.use_qlora
+        if self.use_flash_attention:
+            self.attn_implementation = "flash_attention_2"
+        if self.batch_size_per_gpu is None:
+            self.batch_size_per_gpu = 4 if self.use_lora else 1
+        world = world_size_from_env()
+        per_step = world * self.batch_size_per_gpu
+        if self.batch_size % per_step:
+            raise ArgumentError(
+                f"--batch_size {self.batch_size} is not divisible by world size {world} x --batch_size_per_gpu "
+                f"{self.batch_size_per_gpu} = {per_step}; choose a global batch that is a multiple of {per_step}"
+            )
+        self.per_device_train_batch_size = self.batch_size_per_gpu
+        self.per_device_eval_batch_size = self.eval_batch_size
+        self.gradient_accumulation_steps = self.batch_size // per_step
+        self.weight_decay = self.wd
+        if self.no_tqdm:
+            self.disable_tqdm = True
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            # The reference trains with checkpointing on: ~2.4k-token examples need it on most GPUs.
+            self.activation_checkpointing = True
+        if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is None:
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+        if not torch.cuda.is_available():
+            # Without this, torchrun on CPU trains unsynchronised ranks with no error (see docs/cpu notes).
+            self.use_cpu = True
+        if self.deepspeed in ("none", "None", ""):
+            self.deepspeed = None
+        elif self.deepspeed is None and self.training_mode in ("full", "frozen_vision"):
+            self.deepspeed = str(DEFAULT_DEEPSPEED_CONFIG)
+        if self.deepspeed:
+            ensure_distributed_env()
+        super().__post_init__()
+
+    def check_combinations(self) -> None:
+        low_precision = self.bf16 or self.fp16
+        if self.use_flash_attention and not self.bf16:
+            raise ArgumentError("--use_flash_attention needs --bf16 (flash-attn kernels run in bf16/fp16 only, and fp16 is unstable for this model)")
+        if self.use_flash_attention and self.attn_implementation not in ("sdpa", "flash_attention_2"):
+            raise ArgumentError(f"--use_flash_attention contradicts --attn_implementation {self.attn_implementation}; give one of them")
+        if self.attn_implementation == "flash_attention_2" and not low_precision:
+            raise ArgumentError("--attn_implementation flash_attention_2 needs --bf16")
+        if self.bf16 and self.fp16:
+            raise ArgumentError("--bf16 and --fp16 exclude each other; use --bf16 on A100/H100, --fp16 on V100")
+        if self.use_qlora:
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ArgumentError("--use_qlora needs the bitsandbytes package: pip install bitsandbytes")
+            if not low_precision:
+                raise ArgumentError("--use_qlora needs --bf16 or --fp16 (the 4-bit base computes in that dtype)")
+        if not 1 <= self.num_crops <= MAX_NUM_CROPS:
+            raise ArgumentError(f"--num_crops must be between 1 and {MAX_NUM_CROPS}, got {self.num_crops}")
+        if self.merge_lora and not (self.use_lora or self.use_qlora):
+            raise ArgumentError("--merge_lora only applies to --use_lora or --use_qlora training")
+        if self.batch_size < 1 or (self.batch_size_per_gpu is not None and self.batch_size_per_gpu < 1):
+            raise ArgumentError("--batch_size and --batch_size_per_gpu must be positive")
+        if self.lora_rank < 1:
+            raise ArgumentError(f"--lora_rank must be positive, got {self.lora_rank}")
+        if self.max_length is not None and self.max_length < 16:
+            raise ArgumentError(f"--max_length {self.max_length} is too short for any image example")
+        if self.padding_free and self.attn_implementation == "eager" and not self.use_flash_attention:
+            raise ArgumentError("--padding_free needs sdpa or flash attention (eager attention ignores the packing)")
+
+    @property
+    def training_mode(self) -> str:
+        if self.use_qlora:
+            return "qlora"
+        if self.use_lora:
+            return "lora"
+        return "frozen_vision" if self.freeze_vision_model else "full"
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        if self.bf16:
+            return torch.bfloat16
+        if self.fp16:
+            return torch.float16
+        return torch.float32
+
+
+def ensure_distributed_env() -> None:
+    """Let DeepSpeed run in a plain `python` process: it otherwise looks for MPI when no launcher set these."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def parse_args(*extra_dataclasses, argv: list[str] | None = None):
+    """Parse `FinetuneArguments` plus the script's own dataclasses; a bad combination exits with its reason."""
+    parser = HfArgumentParser((FinetuneArguments, *extra_dataclasses))
+    try:
+        return parser.parse_args_into_dataclasses(args=argv)
+    except ArgumentError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except ValueError as error:
+        # TrainingArguments' own checks (e.g. an unknown --report_to) say what is wrong in one line too.
+        message = str(error).strip().splitlines()[0]
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+__all__ = ["FinetuneArguments", "ArgumentError", "parse_args", "DEFAULT_DEEPSPEED_CONFIG"]

@@ -1,0 +1,140 @@
+"""Loading the model and processor, and the one builder for the four training modes.
+
+Modes (`FinetuneArguments.training_mode`):
+- ``full``: every weight trains (DeepSpeed ZeRO-2 by default).
+- ``frozen_vision``: the CLIP tower, separators and projection are frozen; the decoder, its token
+  embeddings included, trains. (The reference recipe froze the embeddings by accident: its image module
+  held the token embedding under a second name.)
+- ``lora``: a frozen base with LoRA adapters on the decoder's qkv/o/gate_up/down projections and lm_head,
+  plus CLIP's q/k/v/out/fc1/fc2 and the image projection unless the vision tower is frozen.
+- ``qlora``: ``lora`` on a 4-bit nf4 base computing in bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from huggingface_hub.errors import EntryNotFoundError
+from transformers import BitsAndBytesConfig
+
+from .arguments import FinetuneArguments
+from .modeling_phi3v import Phi3VForCausalLM
+from .processing_phi3v import Phi3VProcessor
+
+logger = logging.getLogger(__name__)
+
+DECODER_LORA_TARGETS = r"model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))|lm_head"
+VISION_LORA_TARGETS = (
+    r"model\.vision_embed_tokens\.img_processor\.vision_model\.encoder\.layers\.\d+\."
+    r"(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
+    r"|model\.vision_embed_tokens\.img_projection\.(0|2)"
+)
+# Kept in 16-bit under QLoRA: lm_head is a LoRA target, and the small projection is the image interface.
+QLORA_SKIP_MODULES = ["lm_head", "img_projection"]
+
+
+class UnsafeCheckpointError(RuntimeError):
+    pass
+
+
+def load_processor(args: FinetuneArguments) -> Phi3VProcessor:
+    return Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
+
+
+def model_dtype(args: FinetuneArguments) -> torch.dtype:
+    # fp16 training keeps fp32 master weights (AMP); bf16 trains bf16 weights as the reference recipe does.
+    if args.training_mode in ("lora", "qlora"):
+        return args.compute_dtype
+    return torch.bfloat16 if args.bf16 else torch.float32
+
+
+def load_model(args: FinetuneArguments, path: str | Path | None = None, quantize: bool | None = None) -> Phi3VForCausalLM:
+    """The base model as the training mode needs it, from `path` (default: --model_name_or_path).
+
+    Weights load from safetensors only: a pickle checkpoint can run arbitrary code when read, so it is
+    refused unless --allow_pickle_weights is given.
+    """
+    source = str(path or args.model_name_or_path)
+    quantize = args.training_mode == "qlora" if quantize is None else quantize
+    kwargs = {
+        "dtype": model_dtype(args),
+        "attn_implementation": args.attn_implementation,
+        "use_safetensors": None if args.allow_pickle_weights else True,
+    }
+    if quantize:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=args.compute_dtype,
+            llm_int8_skip_modules=QLORA_SKIP_MODULES,
+        )
+    try:
+        model = Phi3VForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, EntryNotFoundError) as error:
+        if not args.allow_pickle_weights and ".safetensors" in str(error):
+            raise UnsafeCheckpointError(
+                f"{source} has no safetensors weights. Pickle (.bin) weights can execute code when loaded, so they "
+                "are refused; convert them to safetensors, or pass --allow_pickle_weights if you trust the source."
+            ) from error
+        raise
+    model.config.use_cache = False
+    return model
+
+
+def setup_training_mode(model: Phi3VForCausalLM, args: FinetuneArguments):
+    """Freeze, or wrap in LoRA, as the mode says; returns the model to train (maybe a PeftModel)."""
+    mode = args.training_mode
+    if mode == "frozen_vision":
+        model.model.vision_embed_tokens.requires_grad_(False)
+    elif mode in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        targets = DECODER_LORA_TARGETS if args.freeze_vision_model else f"{DECODER_LORA_TARGETS}|{VISION_LORA_TARGETS}"
+        config = LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_rank * args.lora_alpha_ratio,
+            lora_dropout=args.lora_dropout,
+            target_modules=targets,
+            init_lora_weights="gaussian",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    log_trainable_parameters(model, mode)
+    return model
+
+
+def parameter_part(name: str) -> str:
+    if "lora_" in name:
+        return "lora"
+    if ".img_processor." in name:
+        return "vision tower"
+    if "img_projection" in name or "glb_GN" in name or "sub_GN" in name:
+        return "projection"
+    return "decoder"
+
+
+def trainable_parameters_by_part(model) -> dict[str, tuple[int, int]]:
+    """{part: (trainable, total)} over the decoder, vision tower, projection and LoRA adapters."""
+    counts: dict[str, list[int]] = {}
+    for name, parameter in model.named_parameters():
+        # 4-bit weights pack two values per byte; count the logical parameters.
+        numel = parameter.numel() * (2 if parameter.dtype == torch.uint8 else 1)
+        entry = counts.setdefault(parameter_part(name), [0, 0])
+        entry[1] += numel
+        if parameter.requires_grad:
+            entry[0] += numel
+    return {part: (trainable, total) for part, (trainable, total) in counts.items()}
+
+
+def log_trainable_parameters(model, mode: str) -> dict[str, tuple[int, int]]:
+    parts = trainable_parameters_by_part(model)
+    lines = [f"training mode: {mode}; trainable parameters per part:"]
+    for part in ("decoder", "vision tower", "projection", "lora"):
+        if part in parts:
+            trainable, total = parts[part]
+            lines.append(f"  {part:<13} {trainable:>14,} of {total:>14,} trainable")
+    logger.info("\n".join(lines))
+    return parts
