@@ -1,0 +1,217 @@
+"""The mechanics every recipe shares: logging, the Trainer, resume, the final save and reloading for evaluation.
+
+A dataset script calls these in order:
+``setup_logging -> load_processor/load_model/setup_training_mode -> build_trainer -> evaluate_before ->
+train -> save_final -> load_trained_model -> evaluate -> finish``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import transformers
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from .arguments import FinetuneArguments
+from .plotting import plot_training_curves
+from .training import load_model
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+def setup_logging(args: FinetuneArguments) -> None:
+    level = logging.INFO if args.process_index == 0 else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
+    transformers.logging.set_verbosity(level)
+    transformers.logging.enable_default_handler()
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class RecipeTrainer(Trainer):
+    """The HF Trainer with checkpoints that are marked complete only once every rank has written its part.
+
+    A run killed while writing ``checkpoint-N`` leaves it unmarked; ``--resume_from_checkpoint latest``
+    then takes the newest marked checkpoint and removes the partial one.
+    """
+
+    def _save_checkpoint(self, model, trial):
+        limit = self.args.save_total_limit
+        # Rotation must wait for the marker: deleting the previous checkpoint before the new one is complete
+        # could leave nothing to resume from.
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        run_dir = self._get_output_dir(trial=trial)
+        checkpoint = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            write_json_atomic(checkpoint / COMPLETE_MARKER, {"global_step": self.state.global_step})
+            rotate_checkpoints(run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    return (path / COMPLETE_MARKER).is_file()
+
+
+def resolve_resume_checkpoint(args: FinetuneArguments) -> str | None:
+    """Turn --resume_from_checkpoint (a path, `latest` or `true`) into a complete checkpoint folder or None."""
+    requested = args.resume_from_checkpoint
+    if requested in (None, "", "false", "False"):
+        return None
+    output_dir = Path(args.output_dir)
+    if str(requested).lower() not in ("latest", "true"):
+        path = Path(requested)
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint {requested}: no trainer_state.json there, so it is not a complete "
+                "checkpoint; pass a checkpoint-N folder or `latest`"
+            )
+        return str(path)
+    candidates = sorted(
+        (p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    complete = [p for p in candidates if is_complete_checkpoint(p)]
+    latest = complete[-1] if complete else None
+    partial = [p for p in candidates if not is_complete_checkpoint(p)]
+    barrier()
+    if is_main_process():
+        for path in partial:
+            logger.warning("removing %s: its write never completed (the run was stopped while saving)", path)
+            shutil.rmtree(path, ignore_errors=True)
+    barrier()
+    if latest is None:
+        logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s, training from the start", output_dir)
+        return None
+    logger.info("resuming from %s", latest)
+    return str(latest)
+
+
+class TrainingCurvesCallback(TrainerCallback):
+    """Writes training_curves.png at the end of training, so even a run that stops later leaves its curves."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            plot_training_curves(state.log_history, Path(args.output_dir) / "training_curves.png")
+
+
+def build_trainer(model, args: FinetuneArguments, train_dataset, data_collator, processor) -> RecipeTrainer:
+    return RecipeTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        data_collator=data_collator,
+        processing_class=processor,
+        callbacks=[TrainingCurvesCallback()],
+    )
+
+
+def train(trainer: RecipeTrainer, args: FinetuneArguments):
+    result = trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(args))
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    return result
+
+
+def save_final(trainer: RecipeTrainer, args: FinetuneArguments, processor) -> Path:
+    """Full model (official weight names, safetensors) or LoRA adapter, plus the processor, in output_dir."""
+    output_dir = Path(args.output_dir)
+    trainer.save_model(str(output_dir))
+    if trainer.args.should_save:
+        processor.save_pretrained(output_dir)
+        trainer.save_state()
+    barrier()
+    if args.merge_lora:
+        merge_lora_adapter(args, output_dir, output_dir / "merged", processor)
+    return output_dir
+
+
+def merge_lora_adapter(args: FinetuneArguments, adapter_dir: Path, merged_dir: Path, processor) -> None:
+    """Merge into a freshly loaded 16-bit base: adapters cannot be folded into 4-bit weights exactly."""
+    if is_main_process():
+        merged = load_trained_model(args, adapter_dir, quantize=False).merge_and_unload()
+        merged.save_pretrained(merged_dir)
+        processor.save_pretrained(merged_dir)
+        logger.info("merged LoRA model written to %s", merged_dir)
+        del merged
+    barrier()
+
+
+def load_trained_model(args: FinetuneArguments, output_dir: str | Path | None = None, quantize: bool | None = None):
+    """Load what training wrote, the way a user would.
+
+    Full or frozen-vision training wrote a whole model: ``Phi3VForCausalLM.from_pretrained(output_dir)``.
+    LoRA wrote an adapter: load the base model, then ``PeftModel.from_pretrained(base, output_dir)``.
+    """
+    output_dir = Path(output_dir or args.output_dir)
+    if args.training_mode in ("lora", "qlora"):
+        from peft import PeftModel
+
+        base = load_model(args, quantize=quantize)
+        model = PeftModel.from_pretrained(base, output_dir)
+    else:
+        model = load_model(args, path=output_dir)
+    return model.to(args.device).eval()
+
+
+def free_memory() -> None:
+    """Return freed training memory to the device before the model is loaded again for evaluation."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def finish(args: FinetuneArguments, log_history: list[dict], evaluations: dict[str, dict]) -> None:
+    """Redraw the curves with the before/after evaluation scores, print a summary, close the process group."""
+    if is_main_process():
+        points = []
+        final_step = max((entry.get("step", 0) for entry in log_history), default=0)
+        for name, step in (("before", 0), ("after", final_step)):
+            if name in evaluations:
+                points.append({"step": step, f"eval_{evaluations[name]['metric']}": evaluations[name]["score"]})
+        plot_training_curves(log_history, Path(args.output_dir) / "training_curves.png", extra_points=points)
+        for name, summary in evaluations.items():
+            logger.info("evaluation %s training: %s = %.4f on %d examples", name, summary["metric"], summary["score"], summary["num_examples"])
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+__all__ = [
+    "RecipeTrainer",
+    "build_trainer",
+    "train",
+    "save_final",
+    "load_trained_model",
+    "resolve_resume_checkpoint",
+    "finish",
+    "setup_logging",
+    "free_memory",
+]

@@ -1,0 +1,53 @@
+"""Where a recipe's rows come from: the hub dataset it names, or a local copy of the same schema.
+
+``--dataset_path DIR`` accepts what users have at hand: a ``save_to_disk`` folder (a DatasetDict or a single
+Dataset), or parquet / json / jsonl files named by split (``train-*.parquet``, ``test.jsonl``, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+
+DATA_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
+
+
+def load_split(hub_id: str, config: str | None, split: str, dataset_path: str | None = None) -> datasets.Dataset:
+    """One split, from `dataset_path` when given, else from the hub (`hub_id`, `config`)."""
+    if dataset_path is None:
+        return datasets.load_dataset(hub_id, config, split=split)
+    return load_local_split(Path(dataset_path), split)
+
+
+def load_local_split(path: Path, split: str) -> datasets.Dataset:
+    if not path.exists():
+        raise FileNotFoundError(f"--dataset_path {path} does not exist")
+    if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise KeyError(f"--dataset_path {path} has splits {sorted(loaded)}, not {split!r}")
+            return loaded[split]
+        if split != "train":
+            raise KeyError(f"--dataset_path {path} holds one unsplit dataset; it can only serve as the train split")
+        return loaded
+    files = sorted(f for f in path.iterdir() if f.suffix in DATA_SUFFIXES and f.name.split(".")[0].split("-")[0] == split)
+    if not files:
+        raise FileNotFoundError(
+            f"--dataset_path {path}: no save_to_disk dataset and no {split}*.parquet / {split}*.json(l) files; "
+            "write the data with Dataset.save_to_disk or name the files by split"
+        )
+    kinds = {DATA_SUFFIXES[f.suffix] for f in files}
+    if len(kinds) > 1:
+        raise ValueError(f"--dataset_path {path}: split {split!r} mixes file types {sorted(kinds)}; keep one")
+    return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
+
+
+def first_rows(dataset, count: int | None):
+    """The first `count` rows (all when None), for --max_train_samples / --max_eval_samples."""
+    if count is None or count >= len(dataset):
+        return dataset
+    if count < 1:
+        raise ValueError(f"a sample limit must be positive, got {count}")
+    return dataset.select(range(count)) if hasattr(dataset, "select") else dataset[:count]
