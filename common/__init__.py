@@ -1,12 +1,24 @@
-"""Shared library of the phi3v-recipes fine-tuning scripts: the native Phi-3.5-vision model and processor."""
+"""Shared library of the phi3v-recipes fine-tuning scripts: the native Phi-3.5-vision model and processor.
 
-from transformers import AutoConfig, AutoModelForCausalLM
+Imports are lazy so that light tools (`python -m common.synthetic`, the UCF-101 converter's workers) do not
+pay for torch and transformers. Using the model class (or importing `common.modeling_phi3v`) also registers
+"phi3_v" with AutoConfig/AutoModelForCausalLM, so the Auto classes never reach for the checkpoint's remote code.
+"""
 
-from .configuration_phi3v import Phi3VConfig
-from .modeling_phi3v import Phi3VForCausalLM
+from importlib import import_module
 
-# Registered so AutoConfig/AutoModelForCausalLM resolve "phi3_v" to our classes, never to the hub's remote code.
-AutoConfig.register("phi3_v", Phi3VConfig, exist_ok=True)
-AutoModelForCausalLM.register(Phi3VConfig, Phi3VForCausalLM, exist_ok=True)
+_EXPORTS = {
+    "Phi3VConfig": "configuration_phi3v",
+    "Phi3VForCausalLM": "modeling_phi3v",
+    "Phi3VImageProcessor": "image_processing_phi3v",
+    "Phi3VProcessor": "processing_phi3v",
+    "Phi3VCollator": "collator",
+}
 
-__all__ = ["Phi3VConfig", "Phi3VForCausalLM"]
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'common' has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

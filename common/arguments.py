@@ -203,9 +203,14 @@ def ensure_distributed_env() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def parse_args(*extra_dataclasses, argv: list[str] | None = None):
-    """Parse `FinetuneArguments` plus the script's own dataclasses; a bad combination exits with its reason."""
+def parse_args(*extra_dataclasses, argv: list[str] | None = None, defaults: dict | None = None):
+    """Parse `FinetuneArguments` plus the script's own dataclasses; a bad combination exits with its reason.
+
+    `defaults` changes shared defaults for one dataset (e.g. `num_crops=4` for video frames).
+    """
     parser = HfArgumentParser((FinetuneArguments, *extra_dataclasses))
+    if defaults:
+        parser.set_defaults(**defaults)
     try:
         return parser.parse_args_into_dataclasses(args=argv)
     except ArgumentError as error:

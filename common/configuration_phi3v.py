@@ -73,7 +73,6 @@ class Phi3VConfig(Phi3Config):
         if unsupported:
             raise ValueError(f"Phi3VConfig supports only the published image embedding; unsupported embd_layer values: {unsupported}")
         super().__post_init__(**kwargs)
-        self.auto_map = None
 
     def convert_rope_params_to_dict(self, **kwargs):
         # The parent validates rope keys before its own su -> longrope rename, and "su" fails that validation.
@@ -81,6 +80,8 @@ class Phi3VConfig(Phi3Config):
         if isinstance(rope, dict) and rope.get("type", rope.get("rope_type")) == "su":
             rope = {key: value for key, value in rope.items() if key != "type"}
             rope["rope_type"] = "longrope"
+            # The value longrope derives from these two anyway (131072 / 4096 = 32); stating it avoids a warning.
+            rope.setdefault("factor", self.max_position_embeddings / self.original_max_position_embeddings)
             if "rope_scaling" in kwargs:
                 kwargs["rope_scaling"] = rope
             else:

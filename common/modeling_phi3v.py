@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin
 from transformers.initialization import copy_, normal_, zeros_
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionEmbeddings
@@ -293,3 +293,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM, GenerationMixin):
 
 
 __all__ = ["Phi3VForCausalLM", "Phi3VModel", "Phi3VPreTrainedModel", "Phi3VImageEmbedding"]
+
+# Registered so AutoConfig/AutoModelForCausalLM resolve "phi3_v" to these classes, never to the hub's remote code.
+AutoConfig.register("phi3_v", Phi3VConfig, exist_ok=True)
+AutoModelForCausalLM.register(Phi3VConfig, Phi3VForCausalLM, exist_ok=True)

@@ -188,6 +188,44 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def evaluate_before(model, processor, eval_dataset, metric: str, args: FinetuneArguments) -> dict:
+    """Score the untrained model. Under QLoRA on CPU a separate load is scored: bitsandbytes repacks 4-bit
+    weights for inference after a no-grad forward on CPU, and later LoRA gradients would be silently wrong."""
+    if args.training_mode == "qlora" and args.device.type == "cpu":
+        fresh = load_model(args).to(args.device)
+        summary = run_evaluation(fresh, processor, eval_dataset, metric, args, "eval_before.json")
+        del fresh
+        free_memory()
+        return summary
+    # DeepSpeed moves the model to the GPU only when training starts; generation on the CPU would crawl.
+    model.to(args.device)
+    return run_evaluation(model, processor, eval_dataset, metric, args, "eval_before.json")
+
+
+def evaluate_after(processor, eval_dataset, metric: str, args: FinetuneArguments) -> dict:
+    model = load_trained_model(args)
+    summary = run_evaluation(model, processor, eval_dataset, metric, args, "eval_after.json")
+    del model
+    free_memory()
+    return summary
+
+
+def run_evaluation(model, processor, eval_dataset, metric: str, args: FinetuneArguments, file_name: str) -> dict:
+    from .evaluation import evaluate
+
+    return evaluate(
+        model,
+        processor,
+        eval_dataset,
+        metric=metric,
+        output_file=Path(args.output_dir) / file_name,
+        num_crops=args.num_crops,
+        batch_size=args.eval_batch_size,
+        max_new_tokens=args.max_new_tokens,
+        desc=file_name.removesuffix(".json"),
+    )
+
+
 def finish(args: FinetuneArguments, log_history: list[dict], evaluations: dict[str, dict]) -> None:
     """Redraw the curves with the before/after evaluation scores, print a summary, close the process group."""
     if is_main_process():
@@ -212,6 +250,8 @@ __all__ = [
     "load_trained_model",
     "resolve_resume_checkpoint",
     "finish",
+    "evaluate_before",
+    "evaluate_after",
     "setup_logging",
     "free_memory",
 ]

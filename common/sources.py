@@ -51,3 +51,37 @@ def first_rows(dataset, count: int | None):
     if count < 1:
         raise ValueError(f"a sample limit must be positive, got {count}")
     return dataset.select(range(count)) if hasattr(dataset, "select") else dataset[:count]
+
+
+def image_tags(count: int) -> str:
+    return "".join(f"<|image_{k}|>" for k in range(1, count + 1))
+
+
+def cauldron_train_example(row: dict, index: int) -> dict:
+    """A Cauldron row (`images`, `texts` [{user, assistant, source}]) as one conversation over all its turns."""
+    messages = []
+    for turn, text in enumerate(row["texts"]):
+        user = f"{image_tags(len(row['images']))}\n{text['user']}" if turn == 0 else text["user"]
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": text["assistant"]}]
+    return {"images": row["images"], "messages": messages}
+
+
+def cauldron_eval_example(row: dict, index: int) -> dict:
+    """The first turn of a Cauldron row, the one the reference recipe scores."""
+    first = row["texts"][0]
+    return {
+        "id": f"row-{index}",
+        "images": row["images"],
+        "messages": [{"role": "user", "content": f"{image_tags(len(row['images']))}\n{first['user']}"}],
+        "references": [first["assistant"]],
+    }
+
+
+def split_head(dataset, head: int):
+    """(first `head` rows, the rest): the reference recipes evaluate on the head of the Cauldron's only split."""
+    if not 0 < head < len(dataset):
+        raise ValueError(
+            f"cannot hold out the first {head} rows of a {len(dataset)}-row dataset for evaluation; "
+            "pass a smaller --num_eval_rows"
+        )
+    return dataset.select(range(head)), dataset.select(range(head, len(dataset)))

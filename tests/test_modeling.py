@@ -287,3 +287,11 @@ def test_fresh_process_offline_load(tmp_path):
         p.name for p in out.iterdir()
     }
     shutil.rmtree(out)
+
+
+def test_auto_classes_resolve_to_the_native_model_without_remote_code(tiny_checkpoint):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    assert "auto_map" in json.loads((tiny_checkpoint / "config.json").read_text())
+    assert type(AutoConfig.from_pretrained(tiny_checkpoint)) is Phi3VConfig
+    assert type(AutoModelForCausalLM.from_pretrained(tiny_checkpoint)) is Phi3VForCausalLM
