@@ -1,0 +1,221 @@
+"""Batched greedy evaluation of a Phi-3.5-vision model on evaluation examples, on one or many processes.
+
+An evaluation example is ``{"id", "images", "messages": [user message], "references": [str, ...]}``
+(:mod:`common.conversation`). :func:`evaluate` generates an answer per example, scores it with
+``metrics.SCORERS[metric]`` and reports the mean. Under ``torch.distributed`` rank r evaluates examples
+r, r + W, r + 2W, ... and rank 0 writes the per-example records of all ranks in the original order.
+
+Loading models and data stays with the callers; this module only runs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from .conversation import encode_prompt
+from .metrics import SCORERS
+
+__all__ = ["evaluate", "collate_prompts", "stop_token_ids"]
+
+logger = logging.getLogger(__name__)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """The tokenizer's eos (``<|endoftext|>``) and ``<|end|>``: answers end with ``<|end|>`` (spec section 8)."""
+    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
+    if tokenizer.eos_token_id is None or end_id is None or end_id == tokenizer.unk_token_id:
+        raise ValueError("the tokenizer needs an eos token and a <|end|> token to know where an answer stops")
+    return list(dict.fromkeys([tokenizer.eos_token_id, end_id]))
+
+
+def collate_prompts(processor, examples, num_crops: int) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids``/``attention_mask`` of the examples' prompts, plus their images if any.
+
+    Left padding puts every prompt's last token in the last column, so generation continues all rows at once.
+    ``pixel_values``/``image_sizes`` hold the images of all examples in order (the model fills the ids < 0 of
+    the whole batch in that order) and are left out when no example has an image.
+    """
+    pad_id = processor.tokenizer.pad_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (Phi-3 uses <|endoftext|>)")
+    encoded = [encode_prompt(processor, example, num_crops) for example in examples]
+    width = max(len(e) for e in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        input_ids[row, width - len(e) :] = torch.tensor(e.input_ids, dtype=torch.long)
+        attention_mask[row, width - len(e) :] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    with_images = [e for e in encoded if e.pixel_values is not None]
+    if with_images:
+        batch["pixel_values"] = torch.cat([e.pixel_values for e in with_images])
+        batch["image_sizes"] = torch.cat([e.image_sizes for e in with_images])
+    return batch
+
+
+def _rank_and_world_size() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _unwrap(model):
+    """(what to call generate on, the Phi3VForCausalLM inside) for a bare, PEFT, DDP or DeepSpeed-engine model."""
+    generator = model
+    # DDP and DeepSpeed engines keep the model as `.module`; an engine's ZeRO-3 hooks live on that module itself.
+    while isinstance(getattr(generator, "module", None), torch.nn.Module):
+        generator = generator.module
+    base = generator.get_base_model() if hasattr(generator, "get_base_model") else generator
+    return generator, base
+
+
+def _pixel_dtype(base) -> torch.dtype:
+    # The decoder's dtype can differ from the tower's (a frozen fp32 tower, a 4-bit decoder); the pixels
+    # meet the tower first, at its patch embedding.
+    return base.model.vision_embed_tokens.img_processor.vision_model.embeddings.patch_embedding.weight.dtype
+
+
+def _full_parameters(module, zero3: bool):
+    """Context in which ``module`` computes with its full weights under ZeRO-3.
+
+    ZeRO-3 leaves every rank a shard of each weight. A DeepSpeed engine registers hooks on every submodule
+    (marking each with ``ds_id``) that gather the weights layer by layer during forward. A model partitioned
+    by ``zero.Init`` but never put in an engine (loaded for evaluation only) has no such hooks and would
+    compute with empty tensors, so its weights are gathered once for the whole loop: one full copy of the
+    model per rank, which Phi-3.5-vision fits easily.
+    """
+    if not zero3 or hasattr(module, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+
+def _write_json_atomically(path: Path, payload: dict) -> None:
+    # A reader (or a resumed run) never sees a half-written file, even if the job dies mid-write.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            json.dump(payload, handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def evaluate(
+    model,
+    processor,
+    examples,
+    metric: str,
+    output_file,
+    num_crops: int,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    desc: str = "evaluate",
+) -> dict:
+    """Generate greedily for every example, score with ``metric`` and return the mean.
+
+    ``model`` may be a Phi3VForCausalLM, a PEFT model around one, or a DDP/DeepSpeed wrapper of either; it is
+    put in eval mode and restored afterwards. ``examples`` is any indexable sequence (a list, a
+    ``datasets.Dataset``): each process reads only the items of its own shard, one batch at a time.
+
+    Every rank must call this. Rank 0 writes ``output_file`` (JSON: metric, score, num_examples and one
+    ``{"index", "id", "prediction", "references", "score"}`` record per example, in the original order).
+    Every rank returns ``{"metric", "score", "num_examples"}``.
+    """
+    if metric not in SCORERS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(SCORERS)}")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    num_examples = len(examples)
+    if num_examples == 0:
+        raise ValueError("no evaluation examples")
+
+    rank, world_size = _rank_and_world_size()
+    zero3 = is_deepspeed_zero3_enabled()
+    synced_gpus = zero3 and world_size > 1
+    shard: list[int | None] = list(range(rank, num_examples, world_size))
+    if synced_gpus:
+        # Under ZeRO-3 each forward is a collective over all ranks, so every rank must make the same number of
+        # generate calls: shorter shards are filled with example 0 (None here), whose answer is discarded.
+        shard += [None] * (math.ceil(num_examples / world_size) - len(shard))
+
+    tokenizer = processor.tokenizer
+    generation_kwargs = dict(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_token_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        synced_gpus=synced_gpus,
+    )
+    scorer = SCORERS[metric]
+    generator, base = _unwrap(model)
+    device, pixel_dtype = base.device, _pixel_dtype(base)
+
+    records = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _full_parameters(generator, zero3):
+            for start in tqdm(range(0, len(shard), batch_size), desc=desc, disable=rank != 0):
+                indices = shard[start : start + batch_size]
+                batch_examples = [examples[0 if index is None else index] for index in indices]
+                batch = collate_prompts(processor, batch_examples, num_crops)
+                batch = {key: value.to(device) for key, value in batch.items()}
+                if "pixel_values" in batch:
+                    batch["pixel_values"] = batch["pixel_values"].to(pixel_dtype)
+                output_ids = generator.generate(**batch, **generation_kwargs)
+                prompt_width = batch["input_ids"].shape[1]
+                predictions = tokenizer.batch_decode(output_ids[:, prompt_width:], skip_special_tokens=True)
+                for index, example, prediction in zip(indices, batch_examples, predictions):
+                    if index is None:
+                        continue
+                    references = list(example["references"])
+                    prediction = prediction.strip()
+                    records.append(
+                        {
+                            "index": index,
+                            "id": example["id"],
+                            "prediction": prediction,
+                            "references": references,
+                            "score": float(scorer(prediction, references)),
+                        }
+                    )
+    finally:
+        model.train(was_training)
+
+    if world_size > 1:
+        shards = [None] * world_size
+        dist.all_gather_object(shards, records)
+        records = [record for shard_records in shards for record in shard_records]
+    # Every rank assembles the same gathered list, so a broken split fails on all ranks alike instead of
+    # leaving the others waiting on rank 0, and all return the identical summary without another collective.
+    records.sort(key=lambda record: record["index"])
+    if [record["index"] for record in records] != list(range(num_examples)):
+        seen = [record["index"] for record in records]
+        raise RuntimeError(
+            f"the ranks scored indices {seen}, but each of the {num_examples} examples must be scored exactly once"
+        )
+    score = sum(record["score"] for record in records) / num_examples
+    summary = {"metric": metric, "score": score, "num_examples": num_examples}
+    if rank == 0:
+        _write_json_atomically(Path(output_file), {**summary, "examples": records})
+        logger.info("%s: %s = %.4f over %d examples (written to %s)", desc, metric, score, num_examples, output_file)
+    return summary
