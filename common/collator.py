@@ -1,0 +1,262 @@
+"""Batching of examples (common/conversation.py) into model inputs, for training and for generation.
+
+Both collators tokenize and preprocess images themselves, so they run in the DataLoader workers next to the
+image decoding. :func:`example_length` gives the exact token length of a training example from its text and
+image sizes alone, without touching pixels, for length-grouped sampling and for filtering by length.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from PIL import Image
+
+from .conversation import (
+    IGNORE_INDEX,
+    EncodedExample,
+    ExampleError,
+    answer_suffix,
+    check_messages,
+    encode_conversation,
+    encode_prompt,
+    prompt_text,
+)
+from .image_processing_phi3v import TILE, _best_scale, check_num_crops, num_image_tokens
+from .processing_phi3v import Phi3VProcessor
+
+__all__ = [
+    "Phi3VCollator",
+    "Phi3VGenerationCollator",
+    "example_length",
+    "hd_output_size",
+    "image_size",
+]
+
+
+def hd_output_size(size: tuple[int, int], num_crops: int) -> tuple[int, int]:
+    """(H, W) that `hd_transform` gives an image of `size` = (width, height), computed without pixels."""
+    check_num_crops(num_crops)
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ValueError(f"an image size must be positive, got {width}x{height}")
+    transposed = width < height
+    if transposed:
+        width, height = height, width
+    ratio = width / height
+    # Same scale rule and rounding as hd_transform, so the token count cannot drift from the real one.
+    new_w = _best_scale(ratio, num_crops) * TILE
+    new_h = max(1, int(new_w / ratio))
+    padded_h = math.ceil(new_h / TILE) * TILE
+    return (new_w, padded_h) if transposed else (padded_h, new_w)
+
+
+def image_size(image) -> tuple[int, int]:
+    """(width, height) of a PIL image or an image file, reading only the file header."""
+    if isinstance(image, Image.Image):
+        return image.size
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as opened:
+            return opened.size
+    raise ExampleError(f"an image must be a PIL image or a file path, got {type(image).__name__}")
+
+
+def example_length(processor: Phi3VProcessor, example: dict, num_crops: int) -> int:
+    """Exact `len(encode_conversation(processor, example, num_crops))`, from text and image sizes only.
+
+    Images may be PIL images (a lazily opened file is not decoded: only `.size` is read) or file paths.
+    """
+    images = example.get("images") or []
+    messages = example.get("messages")
+    check_messages(messages, len(images), for_training=True)
+    tokens_per_tile = processor.image_processor.num_img_tokens
+    counts = [num_image_tokens(*hd_output_size(image_size(image), num_crops), tokens_per_tile) for image in images]
+    suffix = answer_suffix(processor)
+    length = 0
+    for turn in range(0, len(messages), 2):
+        prompt = prompt_text(processor, messages[turn]["content"])
+        length += len(processor.encode_with_images(prompt, counts if turn == 0 else []))
+        answer = messages[turn + 1]["content"] + suffix
+        length += len(processor.tokenizer(answer, add_special_tokens=False)["input_ids"])
+    return length
+
+
+def _describe(example, position: int) -> str:
+    example_id = example.get("id") if isinstance(example, dict) else None
+    if example_id is None:
+        return f"example at batch position {position} (it has no 'id')"
+    return f"example {example_id!r} (batch position {position})"
+
+
+def _pad_id(processor: Phi3VProcessor) -> int:
+    pad_id = processor.tokenizer.pad_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (Phi-3 uses <|endoftext|>)")
+    return pad_id
+
+
+def _image_inputs(encoded: list[EncodedExample]) -> dict[str, torch.Tensor]:
+    with_images = [e for e in encoded if e.pixel_values is not None]
+    if not with_images:
+        return {}
+    return {
+        "pixel_values": torch.cat([e.pixel_values for e in with_images]),
+        "image_sizes": torch.cat([e.image_sizes for e in with_images]),
+    }
+
+
+class Phi3VCollator:
+    """Training collator: a list of training examples -> one batch of tensors for `Phi3VForCausalLM`.
+
+    Input: training examples as defined in `common/conversation.py`, ``{"images": [PIL images],
+    "messages": [user, assistant, ...], "id": optional}``. Each is encoded with `encode_conversation` at
+    `num_crops` (1..16).
+
+    Output (a dict; all integer tensors int64):
+
+    - ``input_ids`` (B, L): token ids, right-padded with the tokenizer's pad id to the longest example
+      (right padding keeps every example's positions 0..n-1, as in an unpadded forward). Image tag k of an
+      example is a run of ``-k`` ids, one per image feature vector: the model treats every id < 0 as an
+      image position and fills these positions, in order, with the features of ``pixel_values``.
+    - ``attention_mask`` (B, L): 1 on tokens, 0 on padding.
+    - ``labels`` (B, L): the answer ids of every assistant turn (``{answer}<|end|>\\n<|endoftext|>``) and
+      -100 everywhere else: prompts, image positions and padding. The model shifts them by one itself.
+    - ``pixel_values`` float32 (N, num_crops + 1, 3, 336, 336) and ``image_sizes`` (N, 2) as [H, W]: the N
+      images of the whole batch, example by example, in each example's image order. Both keys are absent
+      when no example of the batch has an image.
+
+    ``padding_free=True`` packs the batch into one row instead of padding: ``input_ids`` and ``labels`` are
+    (1, total) concatenations of the examples, each example's first label is -100 (nothing predicts across
+    a boundary), ``position_ids`` (1, total) restart at 0 for every example, and there is no
+    ``attention_mask`` key: transformers keeps packed examples apart with sdpa/eager only when the mask is
+    None, no cache is used (the Trainer sets ``use_cache=False``; any other training loop must too) and
+    position ids restart; flash attention takes its varlen path from the same position ids.
+    ``pixel_values``/``image_sizes`` are as above. The loss equals the padded batch's loss.
+
+    ``max_length``: image tokens cannot be cut and a cut answer teaches a wrong ending, so examples are
+    never truncated: an example longer than ``max_length`` tokens raises `ExampleError` naming it and its
+    length. Use `length_of` (exact, reads no pixels) to drop such examples before training. ``None``
+    allows any length.
+
+    Any example that cannot be encoded raises `ExampleError` naming its ``id`` (or batch position).
+    """
+
+    def __init__(
+        self, processor: Phi3VProcessor, num_crops: int, max_length: int | None = None, padding_free: bool = False
+    ):
+        valid_int = isinstance(max_length, int) and not isinstance(max_length, bool) and max_length >= 1
+        if max_length is not None and not valid_int:
+            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+        self.processor = processor
+        self.num_crops = check_num_crops(num_crops)
+        self.max_length = max_length
+        self.padding_free = bool(padding_free)
+        self.pad_token_id = _pad_id(processor)
+
+    def length_of(self, example: dict) -> int:
+        """The example's exact token length in a batch of this collator, computed without pixel data."""
+        return example_length(self.processor, example, self.num_crops)
+
+    def encode(self, example: dict, position: int = 0) -> EncodedExample:
+        """`encode_conversation` with errors that name the example, and the `max_length` check."""
+        if not isinstance(example, dict):
+            raise ExampleError(f"batch position {position} holds a {type(example).__name__}, not an example dict")
+        try:
+            encoded = encode_conversation(self.processor, example, self.num_crops)
+        except (ValueError, TypeError, OSError) as error:
+            raise ExampleError(
+                f"{_describe(example, position)} cannot be encoded: {error}. Fix the example (or the code that "
+                "converts its row), or filter it out before training."
+            ) from error
+        if self.max_length is not None and len(encoded) > self.max_length:
+            raise ExampleError(
+                f"{_describe(example, position)} is {len(encoded)} tokens long, more than max_length="
+                f"{self.max_length}; image tokens cannot be truncated. Raise max_length, lower num_crops "
+                f"(now {self.num_crops}), or drop the examples whose length_of() exceeds max_length."
+            )
+        return encoded
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("the collator got an empty list of examples; a batch needs at least one")
+        encoded = [self.encode(example, position) for position, example in enumerate(examples)]
+        batch = self._pack(encoded) if self.padding_free else self._pad(encoded)
+        batch.update(_image_inputs(encoded))
+        return batch
+
+    def _pad(self, encoded: list[EncodedExample]) -> dict[str, torch.Tensor]:
+        width = max(len(e) for e in encoded)
+        input_ids = torch.full((len(encoded), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            input_ids[row, : len(e)] = torch.tensor(e.input_ids, dtype=torch.long)
+            labels[row, : len(e)] = torch.tensor(e.labels, dtype=torch.long)
+            attention_mask[row, : len(e)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def _pack(self, encoded: list[EncodedExample]) -> dict[str, torch.Tensor]:
+        input_ids, labels, position_ids = [], [], []
+        for e in encoded:
+            input_ids += e.input_ids
+            # In one row, an example's last token would otherwise be trained to predict the next example's start.
+            labels += [IGNORE_INDEX] + e.labels[1:]
+            position_ids += range(len(e))
+        return {
+            "input_ids": torch.tensor([input_ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([position_ids], dtype=torch.long),
+        }
+
+
+class Phi3VGenerationCollator:
+    """Evaluation collator: a list of evaluation examples -> ``(model_inputs, metadata)``.
+
+    Input: evaluation examples (`common/conversation.py`), ``{"id", "images", "messages": [user message],
+    "references": [str, ...]}``, each encoded with `encode_prompt` at `num_crops`, so every prompt ends with
+    the generation prompt ``<|assistant|>\\n``.
+
+    ``model_inputs`` (for ``model.generate(**model_inputs, ...)``): ``input_ids`` (B, L) int64, left-padded
+    with the pad id so that every prompt ends in the last column and generated tokens start at column L;
+    ``attention_mask`` (B, L) int64, 0 on the padding; ``pixel_values`` float32
+    (N, num_crops + 1, 3, 336, 336) and ``image_sizes`` int64 (N, 2) for the batch's images in order, absent
+    when no example has an image. Image positions are negative ids (see `Phi3VCollator`): do not generate
+    with ``repetition_penalty``, which indexes the vocabulary with them and crashes.
+
+    ``metadata``: ``{"ids": [example ids], "references": [each example's reference list]}``, in batch order.
+    """
+
+    def __init__(self, processor: Phi3VProcessor, num_crops: int):
+        self.processor = processor
+        self.num_crops = check_num_crops(num_crops)
+        self.pad_token_id = _pad_id(processor)
+
+    def __call__(self, examples: list[dict]) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
+        if not examples:
+            raise ValueError("the generation collator got an empty list of examples; a batch needs at least one")
+        encoded, ids, references = [], [], []
+        for position, example in enumerate(examples):
+            if not isinstance(example, dict):
+                raise ExampleError(f"batch position {position} holds a {type(example).__name__}, not an example dict")
+            try:
+                encoded.append(encode_prompt(self.processor, example, self.num_crops))
+                example_references = example.get("references")
+                if not isinstance(example_references, list) or not all(isinstance(r, str) for r in example_references):
+                    raise ExampleError(f"'references' must be a list of strings, got {example_references!r:.200}")
+            except (ValueError, TypeError, OSError) as error:
+                raise ExampleError(
+                    f"evaluation {_describe(example, position)} cannot be encoded: {error}. Fix the example or the "
+                    "code that builds evaluation examples."
+                ) from error
+            ids.append(example.get("id"))
+            references.append(example_references)
+
+        width = max(len(e) for e in encoded)
+        input_ids = torch.full((len(encoded), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            input_ids[row, width - len(e) :] = torch.tensor(e.input_ids, dtype=torch.long)
+            attention_mask[row, width - len(e) :] = 1
+        model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **_image_inputs(encoded)}
+        return model_inputs, {"ids": ids, "references": references}

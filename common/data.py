@@ -1,0 +1,389 @@
+"""Rows -> examples: a lazy Dataset over any row source, and the JSONL format for bringing your own data.
+
+`RecipeDataset` turns rows (of a `datasets.Dataset` or a list) into the examples of `common/conversation.py`
+one at a time, inside the DataLoader workers, so image decoding is spread over them. Its `lengths` gives each
+example's exact token length without decoding pixels, for length-grouped batching and length filtering.
+
+`load_jsonl_conversations` / `jsonl_eval_examples` read the custom-data JSONL format (the format
+`convert_ucf101.py` writes) eagerly, checking every line and image file up front, and leave image decoding to
+`RecipeDataset`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import operator
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import datasets
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from .collator import example_length
+from .conversation import ExampleError, check_messages
+from .processing_phi3v import IMAGE_TAG_PATTERN, Phi3VProcessor
+
+__all__ = ["RecipeDataset", "load_image", "load_jsonl_conversations", "jsonl_eval_examples"]
+
+# Below these sizes a progress bar would only flash by.
+PROGRESS_MIN_ROWS = 1000
+PROGRESS_MIN_BYTES = 1 << 20
+# Rows read per Arrow slice when computing lengths: large enough to amortise the slicing, small enough that a
+# slice of big documents stays a few MB.
+LENGTH_SLICE_ROWS = 256
+# EXIF orientations that swap width and height; `datasets` turns such images upright when it decodes them.
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+def load_image(path) -> Image.Image:
+    """Open an image file and decode it as RGB (PIL's plain convert: transparency is dropped, not composited)."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+ToExample = Callable[[object, int], Mapping]
+
+
+class RecipeDataset(torch.utils.data.Dataset):
+    """Examples made lazily from an indexable row source.
+
+    `source`: anything with `len()` and integer indexing (a `datasets.Dataset`, a list of dicts, ...).
+    `to_example(row, index)`: returns the example for a row (a training example, or an evaluation example
+    when `for_training=False`, see `common/conversation.py`); None means the rows already are examples.
+    Its images may be PIL images or image file paths (str or os.PathLike): paths are opened with
+    `load_image` when the item is read. The returned dict is copied, never modified, and gets an ``id``
+    when it has none: the row's ``id`` if it has one, else ``"{name}[{index}]"``, so errors further down
+    (e.g. in the collator) name the row.
+
+    `dataset[index]` converts and checks one row (message structure, image tags, references); any failure
+    raises `ExampleError` naming `name`, the row index and the row's id.
+    """
+
+    def __init__(self, source, to_example: ToExample | None = None, name: str = "dataset", for_training: bool = True):
+        if not hasattr(source, "__len__") or not hasattr(source, "__getitem__"):
+            raise TypeError(
+                f"{name}: the source must support len() and indexing (a datasets.Dataset or a list), "
+                f"got {type(source).__name__}"
+            )
+        self.source = source
+        self.to_example = to_example
+        self.name = name
+        self.for_training = for_training
+        self._lengths: dict[tuple[int, int], tuple[Phi3VProcessor, list[int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        index = operator.index(index)
+        # IndexError must stay an IndexError: iteration over a Dataset without __iter__ stops on it.
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.name}: index {index} out of range for {len(self)} rows")
+        row = None
+        try:
+            row = self.source[index]
+            example = self._convert(row, index)
+            self._check(example)
+            example["images"] = [
+                load_image(image) if isinstance(image, (str, os.PathLike)) else image for image in example["images"]
+            ]
+        except Exception as error:
+            raise self._error(index, row, error) from error
+        return example
+
+    def lengths(self, processor: Phi3VProcessor, num_crops: int) -> list[int]:
+        """Each training example's exact token length at `num_crops` (what `Phi3VCollator.length_of` gives).
+
+        Pixels are not decoded: image sizes come from file headers (a `datasets.Dataset`'s image columns are
+        read undecoded and handed to `to_example` as lazily opened PIL images; only EXIF-rotated images are
+        decoded, to turn them upright as `datasets` does). A `to_example` that draws randomly (e.g. one answer
+        of several) gives the length of one draw. Memoised per (processor, num_crops).
+        """
+        if not self.for_training:
+            raise ValueError(
+                f"{self.name}: lengths are token lengths of training examples; this dataset holds evaluation examples"
+            )
+        cached = self._lengths.get((id(processor), num_crops))
+        if cached is not None and cached[0] is processor:
+            return list(cached[1])
+        result = []
+        rows = self._rows_for_lengths()
+        progress = tqdm(
+            range(len(self)), desc=f"{self.name}: token lengths", unit="example", disable=len(self) < PROGRESS_MIN_ROWS
+        )
+        for index in progress:
+            row, opened = None, []
+            try:
+                row, opened = next(rows)
+                result.append(example_length(processor, self._convert(row, index), num_crops))
+            except Exception as error:
+                raise self._error(index, row, error) from error
+            finally:
+                for image in opened:
+                    image.close()
+        self._lengths[(id(processor), num_crops)] = (processor, result)
+        return list(result)
+
+    def _convert(self, row, index: int) -> dict:
+        example = row if self.to_example is None else self.to_example(row, index)
+        if not isinstance(example, Mapping):
+            raise ExampleError(f"to_example must return a dict, got {type(example).__name__}")
+        example = dict(example)
+        if example.get("id") is None:
+            row_id = row.get("id") if isinstance(row, Mapping) else None
+            example["id"] = row_id if row_id is not None else f"{self.name}[{index}]"
+        images = example.get("images")
+        if images is None:
+            images = []
+        if not isinstance(images, (list, tuple)):
+            raise ExampleError(f"'images' must be a list of PIL images or file paths, got {type(images).__name__}")
+        example["images"] = list(images)
+        return example
+
+    def _check(self, example: dict) -> None:
+        for position, image in enumerate(example["images"]):
+            if not isinstance(image, (Image.Image, str, os.PathLike)):
+                raise ExampleError(
+                    f"images[{position}] is a {type(image).__name__}; give PIL images or image file paths"
+                )
+        check_messages(example.get("messages"), len(example["images"]), for_training=self.for_training)
+        if not self.for_training:
+            references = example.get("references")
+            if not isinstance(references, list) or not references or not all(isinstance(r, str) for r in references):
+                raise ExampleError(f"'references' must be a non-empty list of strings, got {references!r:.200}")
+
+    def _error(self, index: int, row, error: Exception) -> ExampleError:
+        row_id = row.get("id") if isinstance(row, Mapping) else self._stored_id(index)
+        where = f"{self.name} row {index}" + (f" (id {row_id!r})" if row_id is not None else "")
+        return ExampleError(
+            f"{where}: {type(error).__name__}: {error}. Fix this row of the data (or the to_example function "
+            "that converts it), or leave the row out of the dataset."
+        )
+
+    def _stored_id(self, index: int):
+        # The row itself may be what failed (e.g. an undecodable image); its id column can still be read raw.
+        if isinstance(self.source, datasets.Dataset) and "id" in self.source.column_names:
+            return self.source.with_format("arrow")[index : index + 1].column("id")[0].as_py()
+        return None
+
+    def _rows_for_lengths(self) -> Iterator[tuple[object, list[Image.Image]]]:
+        """(row, images opened for it) per index; `datasets` rows come with image columns undecoded."""
+        if not isinstance(self.source, datasets.Dataset):
+            for index in range(len(self.source)):
+                yield self.source[index], []
+            return
+        features = self.source.features
+        raw = self.source.with_format("arrow")
+        for start in range(0, len(raw), LENGTH_SLICE_ROWS):
+            for values in raw[start : start + LENGTH_SLICE_ROWS].to_pylist():
+                opened: list[Image.Image] = []
+                yield {key: _decode_lazily(value, features[key], opened) for key, value in values.items()}, opened
+
+
+def _decode_lazily(value, feature, opened: list[Image.Image]):
+    """`datasets`' decoding of one raw value, except that images are opened without decoding their pixels."""
+    if value is None:
+        return None
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return _open_image_lazily(value, feature, opened)
+    if isinstance(feature, (datasets.List, datasets.LargeList)):
+        return [_decode_lazily(item, feature.feature, opened) for item in value]
+    if isinstance(feature, dict):
+        return {
+            key: _decode_lazily(item, feature[key], opened) if key in feature else item for key, item in value.items()
+        }
+    if getattr(feature, "decode", False) and hasattr(feature, "decode_example"):
+        return feature.decode_example(value)
+    return value
+
+
+def _open_image_lazily(value: dict, feature: datasets.Image, opened: list[Image.Image]) -> Image.Image:
+    if value.get("bytes") is not None:
+        image = Image.open(io.BytesIO(value["bytes"]))
+    elif value.get("path") is not None and os.path.isfile(value["path"]):
+        image = Image.open(value["path"])
+    else:
+        # Remote paths need datasets' own fetching; such rows are rare enough to decode fully.
+        return feature.decode_example(value)
+    opened.append(image)
+    # A PNG's getexif decodes the pixels unless its EXIF chunk precedes them; EXIF after the pixel data is rare
+    # enough to take such a PNG as upright.
+    if image.format == "PNG" and "exif" not in image.info:
+        return image
+    if image.getexif().get(Image.ExifTags.Base.Orientation) in _TRANSPOSING_ORIENTATIONS:
+        return ImageOps.exif_transpose(image)
+    return image
+
+
+# ----------------------------------------------------------------------------------------------------------
+# JSONL custom data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_jsonl_conversations(jsonl_path, image_root) -> list[dict]:
+    """Read a conversations JSONL file into training examples; the format for bringing your own data.
+
+    One JSON object per line (blank lines are skipped), UTF-8, exactly what `convert_ucf101.py` writes::
+
+        {"id": "train-0000000000", "source": "ucf101",
+         "conversations": [{"images": ["train/Archery/v_Archery_g01_c01.0.jpg", ...],
+                            "user": "Classify the video into one of the following classes: ... .",
+                            "assistant": "Archery"}]}
+
+    - ``id`` (string, required, unique in the file): names the example in errors and evaluation outputs.
+    - ``source`` (string, optional): where the example comes from; kept as the example's ``source``.
+    - ``conversations`` (required, non-empty list): the turns, in order. Each turn has ``user`` (string) and
+      ``assistant`` (string, not empty: the training target), and optionally ``images``: a list of image
+      paths relative to `image_root`, using ``/``. Normally only the first turn has images.
+
+    Each line becomes ``{"id", "source", "images": [absolute image paths], "messages": [...]}``: the images are
+    the union of all turns' images in order of appearance (a repeated path counts once), and the messages
+    alternate user / assistant contents turn by turn. The first user message gets the image tags
+    ``<|image_1|>...<|image_N|>`` followed by a newline in front of its text, as the reference prompts have
+    them, unless the text already holds the tags (then they must be exactly ``<|image_1|>`` .. ``<|image_N|>``
+    in order). Later turns must not hold tags. A line without images gives a text-only example.
+
+    Everything is checked here, with ``path:line`` in the message: JSON syntax, required keys and types,
+    message structure, and every image path, which must be relative, stay inside `image_root` once ``..`` and
+    symlinks are resolved (so a data file cannot make training read arbitrary files), and name an existing
+    file. Pixels are not read: wrap the result in `RecipeDataset`, which opens the image files (PIL, RGB)
+    when an example is read, in the DataLoader workers.
+    """
+    return _read_conversations(jsonl_path, image_root)
+
+
+def jsonl_eval_examples(jsonl_path, image_root) -> list[dict]:
+    """Evaluation examples from a conversations JSONL file (format: `load_jsonl_conversations`).
+
+    Each line gives ``{"id", "source", "images", "messages": [the first user message], "references":
+    [the first assistant answer]}``; later turns are not evaluated. Same checks; images stay paths, opened by
+    `RecipeDataset(..., for_training=False)`.
+    """
+    return [
+        {
+            "id": record["id"],
+            "source": record["source"],
+            "images": record["images"],
+            "messages": record["messages"][:1],
+            "references": [record["messages"][1]["content"]],
+        }
+        for record in _read_conversations(jsonl_path, image_root)
+    ]
+
+
+def _read_conversations(jsonl_path, image_root) -> list[dict]:
+    path = Path(jsonl_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"conversations JSONL {path} does not exist or is not a file")
+    root = Path(image_root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"image root {root} is not a folder; pass the folder that {path.name}'s image paths are relative to "
+            "(for convert_ucf101.py output: OUT_DIR/images)"
+        )
+    root = root.resolve()
+    records: list[dict] = []
+    line_of_id: dict[str, int] = {}
+    size = path.stat().st_size
+    with open(path, "rb") as handle, tqdm(
+        total=size, unit="B", unit_scale=True, desc=f"checking {path.name}", disable=size < PROGRESS_MIN_BYTES
+    ) as progress:
+        for line_number, raw in enumerate(handle, start=1):
+            progress.update(len(raw))
+            where = f"{path}:{line_number}"
+            try:
+                text = raw.decode("utf-8-sig")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{where}: not UTF-8 text ({error}); save the file as UTF-8") from None
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{where}: invalid JSON ({error.msg} at column {error.colno}); every line must be one complete "
+                    "JSON object like {\"id\": ..., \"conversations\": [...]}"
+                ) from None
+            record = _parse_record(record, where, root)
+            if record["id"] in line_of_id:
+                raise ValueError(
+                    f"{where}: id {record['id']!r} is already used on line {line_of_id[record['id']]}; "
+                    "give every line its own id"
+                )
+            line_of_id[record["id"]] = line_number
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path} holds no examples (no non-blank line); write one JSON object per line")
+    return records
+
+
+def _parse_record(record, where: str, root: Path) -> dict:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object {{...}}, got a JSON {type(record).__name__}")
+    for key in ("id", "conversations"):
+        if key not in record:
+            raise ValueError(f"{where}: missing key {key!r}; every line needs \"id\" and \"conversations\"")
+    example_id, source, conversations = record["id"], record.get("source"), record["conversations"]
+    if not isinstance(example_id, str) or not example_id:
+        raise ValueError(f"{where}: \"id\" must be a non-empty string, got {example_id!r:.100}")
+    if source is not None and not isinstance(source, str):
+        raise ValueError(f"{where}: \"source\" must be a string when given, got {source!r:.100}")
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError(
+            f"{where}: \"conversations\" must be a non-empty list of {{\"images\", \"user\", \"assistant\"}} turns"
+        )
+
+    images: list[str] = []
+    messages: list[dict] = []
+    for turn_index, turn in enumerate(conversations):
+        turn_where = f"{where}: conversations[{turn_index}]"
+        if not isinstance(turn, dict):
+            raise ValueError(f"{turn_where} must be an object with \"user\" and \"assistant\", got {turn!r:.100}")
+        for key in ("user", "assistant"):
+            if key not in turn:
+                raise ValueError(
+                    f"{turn_where}: missing key {key!r}; every turn needs \"user\" and \"assistant\" strings"
+                )
+            if not isinstance(turn[key], str):
+                raise ValueError(f"{turn_where}: {key!r} must be a string, got {turn[key]!r:.100}")
+        turn_images = turn.get("images", [])
+        if not isinstance(turn_images, list):
+            raise ValueError(f"{turn_where}: \"images\" must be a list of relative paths, got {turn_images!r:.100}")
+        for image_index, relative in enumerate(turn_images):
+            resolved = _resolve_image(relative, root, f"{turn_where}.images[{image_index}]")
+            if resolved not in images:
+                images.append(resolved)
+        messages += [{"role": "user", "content": turn["user"]}, {"role": "assistant", "content": turn["assistant"]}]
+
+    if images and not IMAGE_TAG_PATTERN.search(messages[0]["content"]):
+        tags = "".join(f"<|image_{k}|>" for k in range(1, len(images) + 1))
+        messages[0]["content"] = f"{tags}\n{messages[0]['content']}"
+    try:
+        check_messages(messages, len(images), for_training=True)
+    except ExampleError as error:
+        # check_messages counts messages, two per turn; the file counts turns.
+        raise ValueError(f"{where}: {error} (message 2t is conversations[t].user, 2t+1 its assistant)") from None
+    return {"id": example_id, "source": source, "images": images, "messages": messages}
+
+
+def _resolve_image(relative, root: Path, where: str) -> str:
+    if not isinstance(relative, str) or not relative:
+        raise ValueError(f"{where}: an image path must be a non-empty string, got {relative!r:.100}")
+    if Path(relative).is_absolute():
+        raise ValueError(
+            f"{where}: image path {relative!r} is absolute; refused: image paths must be relative to the image root "
+            f"{root}, so a data file can only point at files under it"
+        )
+    resolved = (root / relative).resolve()
+    if not resolved.is_relative_to(root):
+        raise ValueError(
+            f"{where}: image path {relative!r} leads to {resolved}, outside the image root {root} (through '..' or a "
+            "symlink); refused. Put the images under the image root, or pass the image root they belong to."
+        )
+    if not resolved.is_file():
+        raise FileNotFoundError(f"{where}: image file {root / relative} does not exist; add it or fix the path")
+    return str(resolved)
