@@ -123,15 +123,19 @@ class Phi3VImageEmbedding(nn.Module):
         for h, w in grids:
             sequences.append(self.layout_image(merged[start : start + 1 + h * w], h, w))
             start += 1 + h * w
-        features = torch.cat(sequences)
-        return self.img_projection(features.to(self.img_projection[0].weight.dtype))
+        return self.img_projection(torch.cat(sequences).to(self.projection_dtype))
+
+    @property
+    def projection_dtype(self) -> torch.dtype:
+        # The bias, not the weight: a quantised weight is stored as bytes but computes in the bias's dtype.
+        return self.img_projection[0].bias.dtype
 
     def zero_contribution(self) -> torch.Tensor:
         """A zero that depends on every trainable parameter, so DDP sees gradients for a batch without images."""
         dummy = torch.zeros(1, 3, CROP_SIZE, CROP_SIZE, device=self.glb_GN.device, dtype=self.glb_GN.dtype)
         merged = self.merge_2x2(self.img_processor(dummy)[:, 1:])
         features = torch.cat([merged.reshape(-1, self.feature_dim), self.glb_GN[0], self.sub_GN[0, 0]])
-        return self.img_projection(features.to(self.img_projection[0].weight.dtype)).sum() * 0.0
+        return self.img_projection(features.to(self.projection_dtype)).sum() * 0.0
 
 
 class Phi3VPreTrainedModel(Phi3PreTrainedModel):

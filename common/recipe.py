@@ -30,10 +30,11 @@ COMPLETE_MARKER = "checkpoint_complete.json"
 
 
 def setup_logging(args: FinetuneArguments) -> None:
+    """Our progress at INFO on the main process; transformers only warns, except the Trainer's run summary."""
     level = logging.INFO if args.process_index == 0 else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
-    transformers.logging.set_verbosity(level)
-    transformers.logging.enable_default_handler()
+    transformers.logging.set_verbosity_warning()
+    logging.getLogger("transformers.trainer").setLevel(level)
 
 
 def is_main_process() -> bool:

@@ -23,9 +23,10 @@ from .configuration_phi3v import CLIP_VIT_L_14_336, Phi3VConfig
 from .modeling_phi3v import Phi3VForCausalLM
 from .tiny_tokenizer import build_tiny_tokenizer
 
+# 64 wide, not less: bitsandbytes' CPU 4-bit kernels need in_features >= their 64-value block.
 TINY_VISION = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
+    "hidden_size": 64,
+    "intermediate_size": 128,
     "num_hidden_layers": 3,
     "num_attention_heads": 2,
     "patch_size": 14,

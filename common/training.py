@@ -32,7 +32,7 @@ VISION_LORA_TARGETS = (
     r"|model\.vision_embed_tokens\.img_projection\.(0|2)"
 )
 # Kept in 16-bit under QLoRA: lm_head is a LoRA target, and the small projection is the image interface.
-QLORA_SKIP_MODULES = ["lm_head", "img_projection"]
+QLORA_SKIP_MODULES = ["lm_head", "model.vision_embed_tokens.img_projection"]
 
 
 class UnsafeCheckpointError(RuntimeError):

@@ -1,0 +1,64 @@
+"""Runs a recipe script with test-only observers attached to its Trainer (used under torchrun by the tests).
+
+    python tests/drivers/run_recipe.py finetune_hf_trainer_docvqa.py ARGS...
+
+PHI3V_TEST_DIGEST_DIR: at the end of training every rank writes rank{R}.json, a hash of each of its weights,
+so a test can prove that the ranks trained in sync.
+PHI3V_TEST_STOP_AT_STEP: stop training right after that optimiser step (a checkpoint is saved first), as an
+interrupted run would.
+"""
+
+import hashlib
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT))
+
+import common.recipe  # noqa: E402
+
+
+class WeightDigest(TrainerCallback):
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        digests = {
+            name: hashlib.sha256(parameter.detach().float().cpu().numpy().tobytes()).hexdigest()
+            for name, parameter in model.named_parameters()
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"rank{args.process_index}.json").write_text(json.dumps(digests))
+
+
+class StopAtStep(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+original_build_trainer = common.recipe.build_trainer
+
+
+def build_trainer_with_observers(*args, **kwargs):
+    trainer = original_build_trainer(*args, **kwargs)
+    if os.environ.get("PHI3V_TEST_DIGEST_DIR"):
+        trainer.add_callback(WeightDigest(Path(os.environ["PHI3V_TEST_DIGEST_DIR"])))
+    if os.environ.get("PHI3V_TEST_STOP_AT_STEP"):
+        trainer.add_callback(StopAtStep(int(os.environ["PHI3V_TEST_STOP_AT_STEP"])))
+    return trainer
+
+
+common.recipe.build_trainer = build_trainer_with_observers
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(str(REPO_ROOT / script), run_name="__main__")

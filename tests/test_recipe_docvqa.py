@@ -1,0 +1,125 @@
+"""The DocVQA recipe end to end on the tiny checkpoint and synthetic data, in every training mode."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common.modeling_phi3v import Phi3VForCausalLM
+
+from .recipe_utils import REPO_ROOT, assert_ok, assert_ranks_in_sync, offline_env, read_eval, run_script, weights
+
+SCRIPT = "finetune_hf_trainer_docvqa.py"
+VISION = "model.vision_embed_tokens."
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def docvqa_data(tmp_path_factory):
+    from common.synthetic import make_docvqa
+
+    path = tmp_path_factory.mktemp("docvqa")
+    make_docvqa(n=12, seed=0).save_to_disk(str(path))
+    return path
+
+
+def base_args(checkpoint, data, output_dir, *extra):
+    return [
+        "--model_name_or_path", checkpoint, "--dataset_path", data, "--output_dir", output_dir,
+        "--num_crops", "1", "--max_steps", "2", "--max_eval_samples", "3", "--eval_batch_size", "2",
+        "--max_new_tokens", "4", "--dataloader_num_workers", "0", "--logging_steps", "1",
+        "--learning_rate", "1e-3", "--warmup_steps", "0", "--save_steps", "1", *extra,
+    ]
+
+
+def changed(before: dict, after: dict, prefix: str) -> bool:
+    return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix) and k in after)
+
+
+def test_full_finetuning_zero2_two_processes(tiny_checkpoint, docvqa_data, tmp_path):
+    out, digests = tmp_path / "out", tmp_path / "digests"
+    result = run_script(SCRIPT, base_args(tiny_checkpoint, docvqa_data, out, "--batch_size", "4"), tmp_path, nproc=2,
+                        env={"PHI3V_TEST_DIGEST_DIR": digests})
+    assert_ok(result)
+    assert (out / "checkpoint-2" / "global_step2").is_dir(), "the default full fine-tuning must run DeepSpeed ZeRO-2"
+    assert_ranks_in_sync(digests)
+    before, after = weights(tiny_checkpoint / "model.safetensors"), weights(out / "model.safetensors")
+    assert set(after) == set(Phi3VForCausalLM.from_pretrained(out).state_dict())
+    assert changed(before, after, "model.layers.") and changed(before, after, VISION)
+    read_eval(out, "before"), read_eval(out, "after")
+    assert (out / "training_curves.png").stat().st_size > 10_000
+    assert (out / "preprocessor_config.json").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_frozen_vision_keeps_tower_bit_identical(tiny_checkpoint, docvqa_data, tmp_path):
+    out = tmp_path / "out"
+    result = run_script(SCRIPT, base_args(tiny_checkpoint, docvqa_data, out, "--freeze_vision_model", "--batch_size", "2"), tmp_path)
+    assert_ok(result)
+    before, after = weights(tiny_checkpoint / "model.safetensors"), weights(out / "model.safetensors")
+    frozen = [k for k in after if k.startswith(VISION)]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert changed(before, after, "model.layers.") and changed(before, after, "model.embed_tokens.")
+    assert "vision tower" in result.stderr + result.stdout
+    read_eval(out, "before"), read_eval(out, "after")
+
+
+def test_lora_two_processes_with_merge(tiny_checkpoint, docvqa_data, tmp_path):
+    out, digests = tmp_path / "out", tmp_path / "digests"
+    args = base_args(tiny_checkpoint, docvqa_data, out, "--use_lora", "--lora_rank", "4", "--batch_size", "4",
+                     "--batch_size_per_gpu", "2", "--merge_lora")
+    result = run_script(SCRIPT, args, tmp_path, nproc=2, env={"PHI3V_TEST_DIGEST_DIR": digests})
+    assert_ok(result)
+    assert_ranks_in_sync(digests)
+    adapter = weights(out / "adapter_model.safetensors")
+    assert any("vision_model.encoder.layers" in k for k in adapter) and any("qkv_proj" in k for k in adapter)
+    assert any(k.endswith("lora_B.weight") and torch.count_nonzero(v) for k, v in adapter.items())
+    merged = Phi3VForCausalLM.from_pretrained(out / "merged")
+    base = weights(tiny_checkpoint / "model.safetensors")
+    assert changed(base, merged.state_dict(), "model.layers.")
+    read_eval(out, "before"), read_eval(out, "after")
+
+
+def test_qlora_single_process(tiny_checkpoint, docvqa_data, tmp_path):
+    out = tmp_path / "out"
+    args = base_args(tiny_checkpoint, docvqa_data, out, "--use_qlora", "--bf16", "--lora_rank", "4", "--batch_size", "2",
+                     "--batch_size_per_gpu", "2")
+    result = run_script(SCRIPT, args, tmp_path)
+    assert_ok(result)
+    adapter = weights(out / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and torch.count_nonzero(v) for k, v in adapter.items())
+    read_eval(out, "before"), read_eval(out, "after")
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_checkpoint, docvqa_data, tmp_path):
+    common = ["--batch_size", "2", "--deepspeed", "none", "--skip_eval_before", "--skip_eval_after", "--max_steps", "4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert_ok(run_script(SCRIPT, base_args(tiny_checkpoint, docvqa_data, straight, *common), tmp_path))
+    first = run_script(SCRIPT, base_args(tiny_checkpoint, docvqa_data, resumed, *common), tmp_path, env={"PHI3V_TEST_STOP_AT_STEP": 2})
+    assert_ok(first)
+    assert (resumed / "checkpoint-2" / "checkpoint_complete.json").is_file()
+    second = run_script(SCRIPT, base_args(tiny_checkpoint, docvqa_data, resumed, *common, "--resume_from_checkpoint", "latest"), tmp_path)
+    assert_ok(second)
+    assert "resuming from" in second.stderr + second.stdout
+    a, b = weights(straight / "model.safetensors"), weights(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "flags, reason",
+    [
+        (["--use_flash_attention"], "--bf16"),
+        (["--num_crops", "17"], "num_crops"),
+        (["--batch_size", "3", "--batch_size_per_gpu", "2"], "divisible"),
+        (["--merge_lora"], "--merge_lora"),
+    ],
+)
+def test_impossible_flag_combinations_fail_before_loading(tmp_path, flags, reason):
+    command = [sys.executable, SCRIPT, "--model_name_or_path", str(tmp_path / "does-not-exist"), "--output_dir", str(tmp_path / "o"), *flags]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=offline_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and reason in error_lines[0]
+    assert "Loading weights" not in result.stderr
