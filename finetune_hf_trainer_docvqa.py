@@ -99,9 +99,6 @@ def main(argv: list[str] | None = None) -> None:
     args, data_args = parse_args(DocVQAArguments, argv=argv)
     setup_logging(args)
 
-    processor = load_processor(args)
-    model = setup_training_mode(load_model(args), args)
-
     if data_args.full_train:
         train_rows, to_train_example = load_split(CAULDRON, "docvqa", "train", data_args.dataset_path), cauldron_train_example
     else:
@@ -110,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     eval_rows = load_split(MINI_DOCVQA, None, "test", eval_path)
     train_set = RecipeDataset(first_rows(train_rows, data_args.max_train_samples), to_train_example, "docvqa train")
     eval_set = RecipeDataset(first_rows(eval_rows, data_args.max_eval_samples), eval_example, "docvqa test", for_training=False)
+
+    processor = load_processor(args)
+    model = setup_training_mode(load_model(args), args)
 
     collator = Phi3VCollator(processor, args.num_crops, max_length=args.max_length, padding_free=args.padding_free)
     trainer = build_trainer(model, args, train_set, collator, processor)

@@ -35,7 +35,16 @@ from dataclasses import dataclass, field
 from common.arguments import parse_args
 from common.collator import Phi3VCollator
 from common.data import RecipeDataset
-from common.recipe import build_trainer, evaluate_after, evaluate_before, finish, free_memory, save_final, setup_logging, train
+from common.recipe import (
+    build_trainer,
+    evaluate_after,
+    evaluate_before,
+    finish,
+    free_memory,
+    save_final,
+    setup_logging,
+    train,
+)
 from common.sources import cauldron_eval_example, cauldron_train_example, first_rows, load_split, split_head
 from common.training import load_model, load_processor, setup_training_mode
 
@@ -55,12 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     args, data_args = parse_args(NLVR2Arguments, argv=argv, defaults={"max_new_tokens": 16})
     setup_logging(args)
 
-    processor = load_processor(args)
-    model = setup_training_mode(load_model(args), args)
-
     eval_rows, train_rows = split_head(load_split(CAULDRON, "nlvr2", "train", data_args.dataset_path), data_args.num_eval_rows)
     train_set = RecipeDataset(first_rows(train_rows, data_args.max_train_samples), cauldron_train_example, "nlvr2 train")
     eval_set = RecipeDataset(first_rows(eval_rows, data_args.max_eval_samples), cauldron_eval_example, "nlvr2 eval", for_training=False)
+
+    processor = load_processor(args)
+    model = setup_training_mode(load_model(args), args)
 
     collator = Phi3VCollator(processor, args.num_crops, max_length=args.max_length, padding_free=args.padding_free)
     trainer = build_trainer(model, args, train_set, collator, processor)

@@ -237,7 +237,7 @@ def finish(args: FinetuneArguments, log_history: list[dict], evaluations: dict[s
                 points.append({"step": step, f"eval_{evaluations[name]['metric']}": evaluations[name]["score"]})
         plot_training_curves(log_history, Path(args.output_dir) / "training_curves.png", extra_points=points)
         for name, summary in evaluations.items():
-            logger.info("evaluation %s training: %s = %.4f on %d examples", name, summary["metric"], summary["score"], summary["num_examples"])
+            logger.info("evaluation (%s): %s = %.4f on %d examples", name, summary["metric"], summary["score"], summary["num_examples"])
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

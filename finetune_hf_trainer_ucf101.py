@@ -1,0 +1,105 @@
+"""Fine-tune Phi-3.5-vision to classify UCF-101 videos from 8 frames, scoring accuracy before and after training.
+
+Data: run `convert_ucf101.py` first; it writes `DATA_DIR/ucf101_{train,val,test}.jsonl` and the sampled frames
+under `DATA_DIR/images`. Every JSONL line is one video: 8 frames as 8 images in one prompt that lists the
+classes, the class name as the answer. This JSONL layout is also how you bring your own data to any recipe
+(see `common/data.py: load_jsonl_conversations`). Frames use num_crops 4 by default (8 images x 4 tiles).
+Validation scores before and after training; `--eval_on_test` also scores the test split after training.
+
+Launch commands (one node with 8 GPUs; multi-node: add `--nnodes N --node_rank R --rdzv_backend c10d
+--rdzv_endpoint HOST:PORT` to torchrun):
+
+    python convert_ucf101.py --out_dir ./data/ucf101
+    # full fine-tuning, DeepSpeed ZeRO-2 (the default for this mode)
+    torchrun --nproc_per_node=8 finetune_hf_trainer_ucf101.py --data_dir ./data/ucf101 --bf16 \
+        --use_flash_attention --batch_size 16 --learning_rate 4e-5 --num_train_epochs 2 --output_dir ./output/ucf101-full
+    # frozen vision tower, LoRA, QLoRA: add --freeze_vision_model, --use_lora or --use_qlora
+    torchrun --nproc_per_node=8 finetune_hf_trainer_ucf101.py --data_dir ./data/ucf101 --bf16 \
+        --use_flash_attention --use_lora --learning_rate 2e-4 --output_dir ./output/ucf101-lora
+
+    # CPU, no downloads: the demo (./demo.sh) runs exactly this on synthetic videos
+    python -m common.tiny --out ./tiny-phi3v
+    python -m common.synthetic ucf101_videos --out ./data/videos --classes 3
+    python convert_ucf101.py --video_dir ./data/videos --out_dir ./data/ucf101-synthetic
+    torchrun --nproc_per_node=2 finetune_hf_trainer_ucf101.py --model_name_or_path ./tiny-phi3v \
+        --data_dir ./data/ucf101-synthetic --num_crops 1 --batch_size 4 --batch_size_per_gpu 2 --max_steps 4 \
+        --dataloader_num_workers 0 --output_dir ./output/ucf101-smoke
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.arguments import parse_args
+from common.collator import Phi3VCollator
+from common.data import RecipeDataset, jsonl_eval_examples, load_jsonl_conversations
+from common.recipe import (
+    build_trainer,
+    evaluate_after,
+    evaluate_before,
+    finish,
+    free_memory,
+    load_trained_model,
+    run_evaluation,
+    save_final,
+    setup_logging,
+    train,
+)
+from common.sources import first_rows
+from common.training import load_model, load_processor, setup_training_mode
+
+METRIC = "accuracy"
+
+
+@dataclass
+class UCF101Arguments:
+    data_dir: str = field(metadata={"help": "Output folder of convert_ucf101.py (ucf101_*.jsonl and images/)."})
+    eval_on_test: bool = field(default=False, metadata={"help": "After training, also score the test split."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N videos only."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N videos only."})
+
+
+def split_file(data_dir: Path, split: str) -> Path:
+    path = data_dir / f"ucf101_{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run `python convert_ucf101.py --out_dir {data_dir}` first")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, data_args = parse_args(UCF101Arguments, argv=argv, defaults={"num_crops": 4, "max_new_tokens": 16})
+    setup_logging(args)
+
+    data_dir = Path(data_args.data_dir)
+    images = data_dir / "images"
+    train_rows = load_jsonl_conversations(split_file(data_dir, "train"), images)
+    eval_rows = jsonl_eval_examples(split_file(data_dir, "val"), images)
+    train_set = RecipeDataset(first_rows(train_rows, data_args.max_train_samples), name="ucf101 train")
+    eval_set = RecipeDataset(first_rows(eval_rows, data_args.max_eval_samples), name="ucf101 val", for_training=False)
+
+    processor = load_processor(args)
+    model = setup_training_mode(load_model(args), args)
+
+    collator = Phi3VCollator(processor, args.num_crops, max_length=args.max_length, padding_free=args.padding_free)
+    trainer = build_trainer(model, args, train_set, collator, processor)
+
+    evaluations = {}
+    if not args.skip_eval_before:
+        evaluations["before"] = evaluate_before(model, processor, eval_set, METRIC, args)
+    train(trainer, args)
+    save_final(trainer, args, processor)
+
+    log_history = trainer.state.log_history
+    del trainer, model
+    free_memory()
+    if not args.skip_eval_after:
+        evaluations["after"] = evaluate_after(processor, eval_set, METRIC, args)
+    if data_args.eval_on_test:
+        test_set = RecipeDataset(jsonl_eval_examples(split_file(data_dir, "test"), images), name="ucf101 test", for_training=False)
+        evaluations["test"] = run_evaluation(load_trained_model(args), processor, test_set, METRIC, args, "eval_test.json")
+    finish(args, log_history, evaluations)
+
+
+if __name__ == "__main__":
+    main()
