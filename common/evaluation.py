@@ -23,10 +23,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from .conversation import encode_prompt
+from .collator import Phi3VGenerationCollator
 from .metrics import SCORERS
 
-__all__ = ["evaluate", "collate_prompts", "stop_token_ids"]
+__all__ = ["evaluate", "stop_token_ids"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,31 +37,6 @@ def stop_token_ids(tokenizer) -> list[int]:
     if tokenizer.eos_token_id is None or end_id is None or end_id == tokenizer.unk_token_id:
         raise ValueError("the tokenizer needs an eos token and a <|end|> token to know where an answer stops")
     return list(dict.fromkeys([tokenizer.eos_token_id, end_id]))
-
-
-def collate_prompts(processor, examples, num_crops: int) -> dict[str, torch.Tensor]:
-    """Left-padded ``input_ids``/``attention_mask`` of the examples' prompts, plus their images if any.
-
-    Left padding puts every prompt's last token in the last column, so generation continues all rows at once.
-    ``pixel_values``/``image_sizes`` hold the images of all examples in order (the model fills the ids < 0 of
-    the whole batch in that order) and are left out when no example has an image.
-    """
-    pad_id = processor.tokenizer.pad_token_id
-    if pad_id is None:
-        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (Phi-3 uses <|endoftext|>)")
-    encoded = [encode_prompt(processor, example, num_crops) for example in examples]
-    width = max(len(e) for e in encoded)
-    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, e in enumerate(encoded):
-        input_ids[row, width - len(e) :] = torch.tensor(e.input_ids, dtype=torch.long)
-        attention_mask[row, width - len(e) :] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    with_images = [e for e in encoded if e.pixel_values is not None]
-    if with_images:
-        batch["pixel_values"] = torch.cat([e.pixel_values for e in with_images])
-        batch["image_sizes"] = torch.cat([e.image_sizes for e in with_images])
-    return batch
 
 
 def _rank_and_world_size() -> tuple[int, int]:
@@ -166,6 +141,7 @@ def evaluate(
         synced_gpus=synced_gpus,
     )
     scorer = SCORERS[metric]
+    collate = Phi3VGenerationCollator(processor, num_crops)
     generator, base = _unwrap(model)
     device, pixel_dtype = base.device, _pixel_dtype(base)
 
@@ -177,7 +153,7 @@ def evaluate(
             for start in tqdm(range(0, len(shard), batch_size), desc=desc, disable=rank != 0):
                 indices = shard[start : start + batch_size]
                 batch_examples = [examples[0 if index is None else index] for index in indices]
-                batch = collate_prompts(processor, batch_examples, num_crops)
+                batch, _ = collate(batch_examples)
                 batch = {key: value.to(device) for key, value in batch.items()}
                 if "pixel_values" in batch:
                     batch["pixel_values"] = batch["pixel_values"].to(pixel_dtype)
