@@ -37,12 +37,14 @@ import random
 from dataclasses import dataclass, field
 
 from common.arguments import parse_args
-from common.collator import Phi3VCollator
 from common.data import RecipeDataset
 from common.recipe import (
+    build_collator,
     build_trainer,
+    check_training_data,
     evaluate_after,
     evaluate_before,
+    exit_on_bad_input,
     finish,
     free_memory,
     save_final,
@@ -95,6 +97,7 @@ def eval_example(row: dict, index: int) -> dict:
     }
 
 
+@exit_on_bad_input
 def main(argv: list[str] | None = None) -> None:
     args, data_args = parse_args(DocVQAArguments, argv=argv)
     setup_logging(args)
@@ -109,9 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     eval_set = RecipeDataset(first_rows(eval_rows, data_args.max_eval_samples), eval_example, "docvqa test", for_training=False)
 
     processor = load_processor(args)
+    train_set = check_training_data(train_set, processor, args)
     model = setup_training_mode(load_model(args), args)
-
-    collator = Phi3VCollator(processor, args.num_crops, max_length=args.max_length, padding_free=args.padding_free)
+    collator = build_collator(processor, args, train_set)
     trainer = build_trainer(model, args, train_set, collator, processor)
 
     evaluations = {}

@@ -33,12 +33,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.arguments import parse_args
-from common.collator import Phi3VCollator
 from common.data import RecipeDataset
 from common.recipe import (
+    build_collator,
     build_trainer,
+    check_training_data,
     evaluate_after,
     evaluate_before,
+    exit_on_bad_input,
     finish,
     free_memory,
     save_final,
@@ -60,6 +62,7 @@ class HatefulMemesArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N held-out rows only."})
 
 
+@exit_on_bad_input
 def main(argv: list[str] | None = None) -> None:
     args, data_args = parse_args(HatefulMemesArguments, argv=argv, defaults={"max_new_tokens": 16})
     setup_logging(args)
@@ -69,9 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     eval_set = RecipeDataset(first_rows(eval_rows, data_args.max_eval_samples), cauldron_eval_example, "hateful_memes eval", for_training=False)
 
     processor = load_processor(args)
+    train_set = check_training_data(train_set, processor, args)
     model = setup_training_mode(load_model(args), args)
-
-    collator = Phi3VCollator(processor, args.num_crops, max_length=args.max_length, padding_free=args.padding_free)
+    collator = build_collator(processor, args, train_set)
     trainer = build_trainer(model, args, train_set, collator, processor)
 
     evaluations = {}

@@ -32,12 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.arguments import parse_args
-from common.collator import Phi3VCollator
 from common.data import RecipeDataset, jsonl_eval_examples, load_jsonl_conversations
 from common.recipe import (
+    build_collator,
     build_trainer,
+    check_training_data,
     evaluate_after,
     evaluate_before,
+    exit_on_bad_input,
     finish,
     free_memory,
     load_trained_model,
@@ -67,6 +69,7 @@ def split_file(data_dir: Path, split: str) -> Path:
     return path
 
 
+@exit_on_bad_input
 def main(argv: list[str] | None = None) -> None:
     args, data_args = parse_args(UCF101Arguments, argv=argv, defaults={"num_crops": 4, "max_new_tokens": 16})
     setup_logging(args)
@@ -79,9 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     eval_set = RecipeDataset(first_rows(eval_rows, data_args.max_eval_samples), name="ucf101 val", for_training=False)
 
     processor = load_processor(args)
+    train_set = check_training_data(train_set, processor, args)
     model = setup_training_mode(load_model(args), args)
-
-    collator = Phi3VCollator(processor, args.num_crops, max_length=args.max_length, padding_free=args.padding_free)
+    collator = build_collator(processor, args, train_set)
     trainer = build_trainer(model, args, train_set, collator, processor)
 
     evaluations = {}

@@ -139,11 +139,19 @@ class Phi3VCollator:
     length. Use `length_of` (exact, reads no pixels) to drop such examples before training. ``None``
     allows any length.
 
-    Any example that cannot be encoded raises `ExampleError` naming its ``id`` (or batch position).
+    Any example that cannot be encoded raises `ExampleError` naming its ``id`` (or batch position). With a
+    ``skip_log`` (`common.validation.SkipLog`, from ``--skip_bad_examples``) such examples, and the ``None``
+    items a `RecipeDataset` with a skip log yields for rows it could not read, are dropped from the batch and
+    recorded instead; a batch left with no example still raises.
     """
 
     def __init__(
-        self, processor: Phi3VProcessor, num_crops: int, max_length: int | None = None, padding_free: bool = False
+        self,
+        processor: Phi3VProcessor,
+        num_crops: int,
+        max_length: int | None = None,
+        padding_free: bool = False,
+        skip_log=None,
     ):
         valid_int = isinstance(max_length, int) and not isinstance(max_length, bool) and max_length >= 1
         if max_length is not None and not valid_int:
@@ -153,6 +161,7 @@ class Phi3VCollator:
         self.max_length = max_length
         self.padding_free = bool(padding_free)
         self.pad_token_id = _pad_id(processor)
+        self.skip_log = skip_log
 
     def length_of(self, example: dict) -> int:
         """The example's exact token length in a batch of this collator, computed without pixel data."""
@@ -180,7 +189,21 @@ class Phi3VCollator:
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("the collator got an empty list of examples; a batch needs at least one")
-        encoded = [self.encode(example, position) for position, example in enumerate(examples)]
+        encoded = []
+        for position, example in enumerate(examples):
+            if example is None and self.skip_log is not None:
+                continue
+            try:
+                encoded.append(self.encode(example, position))
+            except ExampleError as error:
+                if self.skip_log is None:
+                    raise
+                self.skip_log.record(str(error), stage="encoding")
+        if not encoded:
+            raise ExampleError(
+                f"all {len(examples)} examples of this batch were skipped as unusable (see the warnings above); "
+                "the data has too many bad rows to train on"
+            )
         batch = self._pack(encoded) if self.padding_free else self._pad(encoded)
         batch.update(_image_inputs(encoded))
         return batch

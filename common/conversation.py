@@ -25,7 +25,11 @@ from .processing_phi3v import IMAGE_TAG_PATTERN, Phi3VProcessor
 IGNORE_INDEX = -100
 
 
-class ExampleError(ValueError):
+class DataError(ValueError):
+    """Input data cannot be used; the message names the file, line or row and what to do."""
+
+
+class ExampleError(DataError):
     """A single example cannot be used; the message says which one and why."""
 
 

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from .collator import example_length
-from .conversation import ExampleError, check_messages
+from .conversation import DataError, ExampleError, check_messages
 from .processing_phi3v import IMAGE_TAG_PATTERN, Phi3VProcessor
 
 __all__ = ["RecipeDataset", "load_image", "load_jsonl_conversations", "jsonl_eval_examples"]
@@ -63,7 +63,15 @@ class RecipeDataset(torch.utils.data.Dataset):
     raises `ExampleError` naming `name`, the row index and the row's id.
     """
 
-    def __init__(self, source, to_example: ToExample | None = None, name: str = "dataset", for_training: bool = True):
+    def __init__(
+        self,
+        source,
+        to_example: ToExample | None = None,
+        name: str = "dataset",
+        for_training: bool = True,
+        skip_log=None,
+        original_indices: list[int] | None = None,
+    ):
         if not hasattr(source, "__len__") or not hasattr(source, "__getitem__"):
             raise TypeError(
                 f"{name}: the source must support len() and indexing (a datasets.Dataset or a list), "
@@ -73,12 +81,17 @@ class RecipeDataset(torch.utils.data.Dataset):
         self.to_example = to_example
         self.name = name
         self.for_training = for_training
+        # With a skip log (`common.validation.SkipLog`), a row that fails when read is recorded and read as None
+        # (the collator drops it) instead of stopping the run.
+        self.skip_log = skip_log
+        # After `subset`, rows keep the index they had in the full data: to_example and errors see that one.
+        self.original_indices = original_indices
         self._lengths: dict[tuple[int, int], tuple[Phi3VProcessor, list[int]]] = {}
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict | None:
         index = operator.index(index)
         # IndexError must stay an IndexError: iteration over a Dataset without __iter__ stops on it.
         if not 0 <= index < len(self):
@@ -92,8 +105,41 @@ class RecipeDataset(torch.utils.data.Dataset):
                 load_image(image) if isinstance(image, (str, os.PathLike)) else image for image in example["images"]
             ]
         except Exception as error:
-            raise self._error(index, row, error) from error
+            wrapped = self._error(index, row, error)
+            if self.skip_log is None:
+                raise wrapped from error
+            self.skip_log.record(str(wrapped), stage="reading")
+            return None
         return example
+
+    def scan(self, processor: Phi3VProcessor, num_crops: int) -> Iterator[tuple[int, int | ExampleError]]:
+        """(index, exact token length or the ExampleError of that row) for every row, reading no pixels."""
+        rows = self._rows_for_lengths()
+        progress = tqdm(range(len(self)), desc=f"{self.name}: checking rows", unit="example", disable=len(self) < PROGRESS_MIN_ROWS)
+        for index in progress:
+            row, opened = None, []
+            try:
+                row, opened = next(rows)
+                example = self._convert(row, index)
+                self._check(example)
+                yield index, example_length(processor, example, num_crops)
+            except Exception as error:
+                yield index, self._error(index, row, error)
+            finally:
+                for image in opened:
+                    image.close()
+
+    def subset(self, indices: list[int]) -> "RecipeDataset":
+        """The same dataset restricted to `indices` (in that order), keeping name, conversion and skip log."""
+        if isinstance(self.source, datasets.Dataset):
+            source = self.source.select(indices)
+        else:
+            source = [self.source[index] for index in indices]
+        original = [self.original_index(index) for index in indices]
+        return RecipeDataset(source, self.to_example, self.name, self.for_training, self.skip_log, original)
+
+    def original_index(self, index: int) -> int:
+        return index if self.original_indices is None else self.original_indices[index]
 
     def lengths(self, processor: Phi3VProcessor, num_crops: int) -> list[int]:
         """Each training example's exact token length at `num_crops` (what `Phi3VCollator.length_of` gives).
@@ -111,31 +157,21 @@ class RecipeDataset(torch.utils.data.Dataset):
         if cached is not None and cached[0] is processor:
             return list(cached[1])
         result = []
-        rows = self._rows_for_lengths()
-        progress = tqdm(
-            range(len(self)), desc=f"{self.name}: token lengths", unit="example", disable=len(self) < PROGRESS_MIN_ROWS
-        )
-        for index in progress:
-            row, opened = None, []
-            try:
-                row, opened = next(rows)
-                result.append(example_length(processor, self._convert(row, index), num_crops))
-            except Exception as error:
-                raise self._error(index, row, error) from error
-            finally:
-                for image in opened:
-                    image.close()
+        for _, length in self.scan(processor, num_crops):
+            if isinstance(length, ExampleError):
+                raise length
+            result.append(length)
         self._lengths[(id(processor), num_crops)] = (processor, result)
         return list(result)
 
     def _convert(self, row, index: int) -> dict:
-        example = row if self.to_example is None else self.to_example(row, index)
+        example = row if self.to_example is None else self.to_example(row, self.original_index(index))
         if not isinstance(example, Mapping):
             raise ExampleError(f"to_example must return a dict, got {type(example).__name__}")
         example = dict(example)
         if example.get("id") is None:
             row_id = row.get("id") if isinstance(row, Mapping) else None
-            example["id"] = row_id if row_id is not None else f"{self.name}[{index}]"
+            example["id"] = row_id if row_id is not None else f"{self.name}[{self.original_index(index)}]"
         images = example.get("images")
         if images is None:
             images = []
@@ -158,10 +194,16 @@ class RecipeDataset(torch.utils.data.Dataset):
 
     def _error(self, index: int, row, error: Exception) -> ExampleError:
         row_id = row.get("id") if isinstance(row, Mapping) else self._stored_id(index)
-        where = f"{self.name} row {index}" + (f" (id {row_id!r})" if row_id is not None else "")
+        where = f"{self.name} row {self.original_index(index)}" + (f" (id {row_id!r})" if row_id is not None else "")
+        if isinstance(error, KeyError) and isinstance(row, Mapping):
+            # The usual cause is a dataset without a column the recipe reads: name the columns it does have.
+            return ExampleError(
+                f"{where}: the row has no field {error}; its fields are {sorted(row)}. Point the recipe at data "
+                "in the schema it expects, or adapt its to_example function."
+            )
         return ExampleError(
             f"{where}: {type(error).__name__}: {error}. Fix this row of the data (or the to_example function "
-            "that converts it), or leave the row out of the dataset."
+            "that converts it), or pass --skip_bad_examples to leave such rows out."
         )
 
     def _stored_id(self, index: int):
@@ -298,42 +340,42 @@ def _read_conversations(jsonl_path, image_root) -> list[dict]:
             try:
                 text = raw.decode("utf-8-sig")
             except UnicodeDecodeError as error:
-                raise ValueError(f"{where}: not UTF-8 text ({error}); save the file as UTF-8") from None
+                raise DataError(f"{where}: not UTF-8 text ({error}); save the file as UTF-8") from None
             if not text.strip():
                 continue
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as error:
-                raise ValueError(
+                raise DataError(
                     f"{where}: invalid JSON ({error.msg} at column {error.colno}); every line must be one complete "
                     "JSON object like {\"id\": ..., \"conversations\": [...]}"
                 ) from None
             record = _parse_record(record, where, root)
             if record["id"] in line_of_id:
-                raise ValueError(
+                raise DataError(
                     f"{where}: id {record['id']!r} is already used on line {line_of_id[record['id']]}; "
                     "give every line its own id"
                 )
             line_of_id[record["id"]] = line_number
             records.append(record)
     if not records:
-        raise ValueError(f"{path} holds no examples (no non-blank line); write one JSON object per line")
+        raise DataError(f"{path} holds no examples (no non-blank line); write one JSON object per line")
     return records
 
 
 def _parse_record(record, where: str, root: Path) -> dict:
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object {{...}}, got a JSON {type(record).__name__}")
+        raise DataError(f"{where}: expected a JSON object {{...}}, got a JSON {type(record).__name__}")
     for key in ("id", "conversations"):
         if key not in record:
-            raise ValueError(f"{where}: missing key {key!r}; every line needs \"id\" and \"conversations\"")
+            raise DataError(f"{where}: missing key {key!r}; every line needs \"id\" and \"conversations\"")
     example_id, source, conversations = record["id"], record.get("source"), record["conversations"]
     if not isinstance(example_id, str) or not example_id:
-        raise ValueError(f"{where}: \"id\" must be a non-empty string, got {example_id!r:.100}")
+        raise DataError(f"{where}: \"id\" must be a non-empty string, got {example_id!r:.100}")
     if source is not None and not isinstance(source, str):
-        raise ValueError(f"{where}: \"source\" must be a string when given, got {source!r:.100}")
+        raise DataError(f"{where}: \"source\" must be a string when given, got {source!r:.100}")
     if not isinstance(conversations, list) or not conversations:
-        raise ValueError(
+        raise DataError(
             f"{where}: \"conversations\" must be a non-empty list of {{\"images\", \"user\", \"assistant\"}} turns"
         )
 
@@ -342,17 +384,17 @@ def _parse_record(record, where: str, root: Path) -> dict:
     for turn_index, turn in enumerate(conversations):
         turn_where = f"{where}: conversations[{turn_index}]"
         if not isinstance(turn, dict):
-            raise ValueError(f"{turn_where} must be an object with \"user\" and \"assistant\", got {turn!r:.100}")
+            raise DataError(f"{turn_where} must be an object with \"user\" and \"assistant\", got {turn!r:.100}")
         for key in ("user", "assistant"):
             if key not in turn:
-                raise ValueError(
+                raise DataError(
                     f"{turn_where}: missing key {key!r}; every turn needs \"user\" and \"assistant\" strings"
                 )
             if not isinstance(turn[key], str):
-                raise ValueError(f"{turn_where}: {key!r} must be a string, got {turn[key]!r:.100}")
+                raise DataError(f"{turn_where}: {key!r} must be a string, got {turn[key]!r:.100}")
         turn_images = turn.get("images", [])
         if not isinstance(turn_images, list):
-            raise ValueError(f"{turn_where}: \"images\" must be a list of relative paths, got {turn_images!r:.100}")
+            raise DataError(f"{turn_where}: \"images\" must be a list of relative paths, got {turn_images!r:.100}")
         for image_index, relative in enumerate(turn_images):
             resolved = _resolve_image(relative, root, f"{turn_where}.images[{image_index}]")
             if resolved not in images:
@@ -366,21 +408,21 @@ def _parse_record(record, where: str, root: Path) -> dict:
         check_messages(messages, len(images), for_training=True)
     except ExampleError as error:
         # check_messages counts messages, two per turn; the file counts turns.
-        raise ValueError(f"{where}: {error} (message 2t is conversations[t].user, 2t+1 its assistant)") from None
+        raise DataError(f"{where}: {error} (message 2t is conversations[t].user, 2t+1 its assistant)") from None
     return {"id": example_id, "source": source, "images": images, "messages": messages}
 
 
 def _resolve_image(relative, root: Path, where: str) -> str:
     if not isinstance(relative, str) or not relative:
-        raise ValueError(f"{where}: an image path must be a non-empty string, got {relative!r:.100}")
+        raise DataError(f"{where}: an image path must be a non-empty string, got {relative!r:.100}")
     if Path(relative).is_absolute():
-        raise ValueError(
+        raise DataError(
             f"{where}: image path {relative!r} is absolute; refused: image paths must be relative to the image root "
             f"{root}, so a data file can only point at files under it"
         )
     resolved = (root / relative).resolve()
     if not resolved.is_relative_to(root):
-        raise ValueError(
+        raise DataError(
             f"{where}: image path {relative!r} leads to {resolved}, outside the image root {root} (through '..' or a "
             "symlink); refused. Put the images under the image root, or pass the image root they belong to."
         )

@@ -7,22 +7,29 @@ train -> save_final -> load_trained_model -> evaluate -> finish``.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import transformers
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .arguments import FinetuneArguments
+from .collator import Phi3VCollator
+from .conversation import DataError
+from .data import RecipeDataset
 from .plotting import plot_training_curves
-from .training import load_model
+from .training import UnsafeCheckpointError, load_model
+from .validation import SkipLog, validate_training_data
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +53,54 @@ def barrier() -> None:
         dist.barrier()
 
 
+def exit_on_bad_input(main):
+    """Wrap a script's main: bad data, a missing file or an unsafe checkpoint ends the run with its message
+    and exit code 1 instead of a traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except (DataError, FileNotFoundError, UnsafeCheckpointError) as error:
+            rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
+            print(f"{rank}error: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+
+    return wrapper
+
+
+def check_training_data(train_set: RecipeDataset, processor, args: FinetuneArguments) -> RecipeDataset:
+    """The validation pass (see `common.validation`), with --skip_bad_examples and --max_length applied."""
+    skip_log = None
+    if args.skip_bad_examples:
+        skip_log = SkipLog(args.output_dir, main_process=is_main_process())
+        if args.resume_from_checkpoint in (None, "", "false", "False"):
+            skip_log.reset()
+    return validate_training_data(train_set, processor, args.num_crops, args.max_length, skip_log)
+
+
+def build_collator(processor, args: FinetuneArguments, train_set: RecipeDataset) -> Phi3VCollator:
+    return Phi3VCollator(
+        processor, args.num_crops, max_length=args.max_length, padding_free=args.padding_free, skip_log=train_set.skip_log
+    )
+
+
 class RecipeTrainer(Trainer):
-    """The HF Trainer with checkpoints that are marked complete only once every rank has written its part.
+    """The HF Trainer with length-grouped batches from exact token lengths, and checkpoints that are marked
+    complete only once every rank has written its part.
 
     A run killed while writing ``checkpoint-N`` leaves it unmarked; ``--resume_from_checkpoint latest``
     then takes the newest marked checkpoint and removes the partial one.
     """
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, RecipeDataset):
+            # The stock sampler would read every example (decoding its images) to measure it.
+            lengths = dataset.lengths(self.processing_class, self.args.num_crops)
+            megabatch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(megabatch, lengths=lengths)
+        return super()._get_train_sampler(train_dataset)
 
     def _save_checkpoint(self, model, trial):
         limit = self.args.save_total_limit
@@ -236,6 +285,9 @@ def finish(args: FinetuneArguments, log_history: list[dict], evaluations: dict[s
             if name in evaluations:
                 points.append({"step": step, f"eval_{evaluations[name]['metric']}": evaluations[name]["score"]})
         plot_training_curves(log_history, Path(args.output_dir) / "training_curves.png", extra_points=points)
+        skipped = SkipLog(args.output_dir).count() if args.skip_bad_examples else 0
+        if skipped:
+            logger.warning("%d training examples were skipped as unusable; see %s", skipped, SkipLog(args.output_dir).path)
         for name, summary in evaluations.items():
             logger.info("evaluation (%s): %s = %.4f on %d examples", name, summary["metric"], summary["score"], summary["num_examples"])
     if dist.is_initialized():
@@ -253,6 +305,9 @@ __all__ = [
     "finish",
     "evaluate_before",
     "evaluate_after",
+    "check_training_data",
+    "build_collator",
+    "exit_on_bad_input",
     "setup_logging",
     "free_memory",
 ]

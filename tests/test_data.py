@@ -178,7 +178,7 @@ def test_recipe_dataset_errors_name_row_and_id():
 
     dataset = RecipeDataset(rows, to_example, name="toy")
     assert dataset[0]["id"] == "r0"
-    with pytest.raises(ExampleError, match=r"toy row 1 \(id 'r1'\): KeyError: 'q'\. Fix this row"):
+    with pytest.raises(ExampleError, match=r"toy row 1 \(id 'r1'\): the row has no field 'q'; its fields are \['id'\]"):
         dataset[1]
     assert dataset[2]["id"] == "toy[2]"
     with pytest.raises(IndexError):
