@@ -46,6 +46,7 @@ from common.recipe import (
     run_evaluation,
     save_final,
     setup_logging,
+    skip_log_for,
     train,
 )
 from common.sources import first_rows
@@ -76,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
 
     data_dir = Path(data_args.data_dir)
     images = data_dir / "images"
-    train_rows = load_jsonl_conversations(split_file(data_dir, "train"), images)
-    eval_rows = jsonl_eval_examples(split_file(data_dir, "val"), images)
+    train_rows = load_jsonl_conversations(split_file(data_dir, "train"), images, skip_log_for(args))
+    eval_rows = jsonl_eval_examples(split_file(data_dir, "val"), images, skip_log_for(args))
     train_set = RecipeDataset(first_rows(train_rows, data_args.max_train_samples), name="ucf101 train")
     eval_set = RecipeDataset(first_rows(eval_rows, data_args.max_eval_samples), name="ucf101 val", for_training=False)
 
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_eval_after:
         evaluations["after"] = evaluate_after(processor, eval_set, METRIC, args)
     if data_args.eval_on_test:
-        test_set = RecipeDataset(jsonl_eval_examples(split_file(data_dir, "test"), images), name="ucf101 test", for_training=False)
+        test_rows = jsonl_eval_examples(split_file(data_dir, "test"), images, skip_log_for(args))
+        test_set = RecipeDataset(test_rows, name="ucf101 test", for_training=False)
         evaluations["test"] = run_evaluation(load_trained_model(args), processor, test_set, METRIC, args, "eval_test.json")
     finish(args, log_history, evaluations)
 

@@ -120,6 +120,9 @@ class RecipeDataset(torch.utils.data.Dataset):
             row, opened = None, []
             try:
                 row, opened = next(rows)
+                if isinstance(row, Exception):
+                    unreadable, row = row, None
+                    raise unreadable
                 example = self._convert(row, index)
                 self._check(example)
                 yield index, example_length(processor, example, num_crops)
@@ -213,7 +216,8 @@ class RecipeDataset(torch.utils.data.Dataset):
         return None
 
     def _rows_for_lengths(self) -> Iterator[tuple[object, list[Image.Image]]]:
-        """(row, images opened for it) per index; `datasets` rows come with image columns undecoded."""
+        """(row, images opened for it) per index; `datasets` rows come with image columns undecoded, and a row
+        whose images cannot even be opened comes as its exception."""
         if not isinstance(self.source, datasets.Dataset):
             for index in range(len(self.source)):
                 yield self.source[index], []
@@ -223,7 +227,12 @@ class RecipeDataset(torch.utils.data.Dataset):
         for start in range(0, len(raw), LENGTH_SLICE_ROWS):
             for values in raw[start : start + LENGTH_SLICE_ROWS].to_pylist():
                 opened: list[Image.Image] = []
-                yield {key: _decode_lazily(value, features[key], opened) for key, value in values.items()}, opened
+                try:
+                    row = {key: _decode_lazily(value, features[key], opened) for key, value in values.items()}
+                except Exception as error:
+                    # Handed over, not raised: raising here would end the generator and every row after this one.
+                    row = error
+                yield row, opened
 
 
 def _decode_lazily(value, feature, opened: list[Image.Image]):
@@ -266,7 +275,7 @@ def _open_image_lazily(value: dict, feature: datasets.Image, opened: list[Image.
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_jsonl_conversations(jsonl_path, image_root) -> list[dict]:
+def load_jsonl_conversations(jsonl_path, image_root, skip_log=None) -> list[dict]:
     """Read a conversations JSONL file into training examples; the format for bringing your own data.
 
     One JSON object per line (blank lines are skipped), UTF-8, exactly what `convert_ucf101.py` writes::
@@ -294,11 +303,14 @@ def load_jsonl_conversations(jsonl_path, image_root) -> list[dict]:
     symlinks are resolved (so a data file cannot make training read arbitrary files), and name an existing
     file. Pixels are not read: wrap the result in `RecipeDataset`, which opens the image files (PIL, RGB)
     when an example is read, in the DataLoader workers.
+
+    With a `skip_log` (`common.validation.SkipLog`), a bad line is recorded there and left out instead of
+    raising; problems with the file as a whole still raise.
     """
-    return _read_conversations(jsonl_path, image_root)
+    return _read_conversations(jsonl_path, image_root, skip_log)
 
 
-def jsonl_eval_examples(jsonl_path, image_root) -> list[dict]:
+def jsonl_eval_examples(jsonl_path, image_root, skip_log=None) -> list[dict]:
     """Evaluation examples from a conversations JSONL file (format: `load_jsonl_conversations`).
 
     Each line gives ``{"id", "source", "images", "messages": [the first user message], "references":
@@ -313,11 +325,11 @@ def jsonl_eval_examples(jsonl_path, image_root) -> list[dict]:
             "messages": record["messages"][:1],
             "references": [record["messages"][1]["content"]],
         }
-        for record in _read_conversations(jsonl_path, image_root)
+        for record in _read_conversations(jsonl_path, image_root, skip_log)
     ]
 
 
-def _read_conversations(jsonl_path, image_root) -> list[dict]:
+def _read_conversations(jsonl_path, image_root, skip_log=None) -> list[dict]:
     path = Path(jsonl_path)
     if not path.is_file():
         raise FileNotFoundError(f"conversations JSONL {path} does not exist or is not a file")
@@ -336,31 +348,42 @@ def _read_conversations(jsonl_path, image_root) -> list[dict]:
     ) as progress:
         for line_number, raw in enumerate(handle, start=1):
             progress.update(len(raw))
-            where = f"{path}:{line_number}"
             try:
-                text = raw.decode("utf-8-sig")
-            except UnicodeDecodeError as error:
-                raise DataError(f"{where}: not UTF-8 text ({error}); save the file as UTF-8") from None
-            if not text.strip():
+                record = _parse_line(raw, f"{path}:{line_number}", root, line_of_id)
+            except (DataError, FileNotFoundError) as error:
+                if skip_log is None:
+                    raise
+                skip_log.record(str(error), stage="validation")
                 continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    f"{where}: invalid JSON ({error.msg} at column {error.colno}); every line must be one complete "
-                    "JSON object like {\"id\": ..., \"conversations\": [...]}"
-                ) from None
-            record = _parse_record(record, where, root)
-            if record["id"] in line_of_id:
-                raise DataError(
-                    f"{where}: id {record['id']!r} is already used on line {line_of_id[record['id']]}; "
-                    "give every line its own id"
-                )
-            line_of_id[record["id"]] = line_number
-            records.append(record)
+            if record is not None:
+                line_of_id[record["id"]] = line_number
+                records.append(record)
     if not records:
         raise DataError(f"{path} holds no examples (no non-blank line); write one JSON object per line")
     return records
+
+
+def _parse_line(raw: bytes, where: str, root: Path, line_of_id: dict[str, int]) -> dict | None:
+    """One line's example, None for a blank line; DataError/FileNotFoundError (naming `where`) if it is bad."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{where}: not UTF-8 text ({error}); save the file as UTF-8") from None
+    if not text.strip():
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{where}: invalid JSON ({error.msg} at column {error.colno}); every line must be one complete "
+            "JSON object like {\"id\": ..., \"conversations\": [...]}"
+        ) from None
+    record = _parse_record(record, where, root)
+    if record["id"] in line_of_id:
+        raise DataError(
+            f"{where}: id {record['id']!r} is already used on line {line_of_id[record['id']]}; give every line its own id"
+        )
+    return record
 
 
 def _parse_record(record, where: str, root: Path) -> dict:

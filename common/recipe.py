@@ -69,14 +69,26 @@ def exit_on_bad_input(main):
     return wrapper
 
 
-def check_training_data(train_set: RecipeDataset, processor, args: FinetuneArguments) -> RecipeDataset:
-    """The validation pass (see `common.validation`), with --skip_bad_examples and --max_length applied."""
-    skip_log = None
-    if args.skip_bad_examples:
+_skip_logs: dict[str, SkipLog] = {}
+
+
+def skip_log_for(args: FinetuneArguments) -> SkipLog | None:
+    """The run's record of skipped examples under --skip_bad_examples (None without it); emptied on a fresh
+    run, kept on resume. One instance per output folder, shared by the data loaders and the collator."""
+    if not args.skip_bad_examples:
+        return None
+    key = str(Path(args.output_dir).resolve())
+    if key not in _skip_logs:
         skip_log = SkipLog(args.output_dir, main_process=is_main_process())
         if args.resume_from_checkpoint in (None, "", "false", "False"):
             skip_log.reset()
-    return validate_training_data(train_set, processor, args.num_crops, args.max_length, skip_log)
+        _skip_logs[key] = skip_log
+    return _skip_logs[key]
+
+
+def check_training_data(train_set: RecipeDataset, processor, args: FinetuneArguments) -> RecipeDataset:
+    """The validation pass (see `common.validation`), with --skip_bad_examples and --max_length applied."""
+    return validate_training_data(train_set, processor, args.num_crops, args.max_length, skip_log_for(args))
 
 
 def build_collator(processor, args: FinetuneArguments, train_set: RecipeDataset) -> Phi3VCollator:
@@ -285,9 +297,9 @@ def finish(args: FinetuneArguments, log_history: list[dict], evaluations: dict[s
             if name in evaluations:
                 points.append({"step": step, f"eval_{evaluations[name]['metric']}": evaluations[name]["score"]})
         plot_training_curves(log_history, Path(args.output_dir) / "training_curves.png", extra_points=points)
-        skipped = SkipLog(args.output_dir).count() if args.skip_bad_examples else 0
-        if skipped:
-            logger.warning("%d training examples were skipped as unusable; see %s", skipped, SkipLog(args.output_dir).path)
+        skip_log = skip_log_for(args)
+        if skip_log is not None and skip_log.count():
+            logger.warning("%d examples were skipped as unusable; see %s", skip_log.count(), skip_log.path)
         for name, summary in evaluations.items():
             logger.info("evaluation (%s): %s = %.4f on %d examples", name, summary["metric"], summary["score"], summary["num_examples"])
     if dist.is_initialized():
@@ -306,6 +318,7 @@ __all__ = [
     "evaluate_before",
     "evaluate_after",
     "check_training_data",
+    "skip_log_for",
     "build_collator",
     "exit_on_bad_input",
     "setup_logging",

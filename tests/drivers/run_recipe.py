@@ -6,13 +6,18 @@ PHI3V_TEST_DIGEST_DIR: at the end of training every rank writes rank{R}.json, a 
 so a test can prove that the ranks trained in sync.
 PHI3V_TEST_STOP_AT_STEP: stop training right after that optimiser step (a checkpoint is saved first), as an
 interrupted run would.
+PHI3V_TEST_SLOW_STEPS: sleep that many seconds after each step, so a test can kill the run at a chosen point.
+PHI3V_TEST_DIE_IN_SAVE_AT_STEP: rank 0 SIGKILLs itself in the middle of writing that step's checkpoint (weights
+and optimizer written, RNG state and trainer state not yet).
 """
 
 import hashlib
 import json
 import os
 import runpy
+import signal
 import sys
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -46,6 +51,25 @@ class StopAtStep(TrainerCallback):
             control.should_training_stop = True
 
 
+class SlowSteps(TrainerCallback):
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_step_end(self, args, state, control, **kwargs):
+        time.sleep(self.seconds)
+
+
+def die_in_save_at(step: int):
+    original = common.recipe.RecipeTrainer._save_rng_state
+
+    def save_rng_state(self, output_dir):
+        if self.state.global_step == step and self.args.process_index == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, output_dir)
+
+    common.recipe.RecipeTrainer._save_rng_state = save_rng_state
+
+
 original_build_trainer = common.recipe.build_trainer
 
 
@@ -55,7 +79,13 @@ def build_trainer_with_observers(*args, **kwargs):
         trainer.add_callback(WeightDigest(Path(os.environ["PHI3V_TEST_DIGEST_DIR"])))
     if os.environ.get("PHI3V_TEST_STOP_AT_STEP"):
         trainer.add_callback(StopAtStep(int(os.environ["PHI3V_TEST_STOP_AT_STEP"])))
+    if os.environ.get("PHI3V_TEST_SLOW_STEPS"):
+        trainer.add_callback(SlowSteps(float(os.environ["PHI3V_TEST_SLOW_STEPS"])))
     return trainer
+
+
+if os.environ.get("PHI3V_TEST_DIE_IN_SAVE_AT_STEP"):
+    die_in_save_at(int(os.environ["PHI3V_TEST_DIE_IN_SAVE_AT_STEP"]))
 
 
 common.recipe.build_trainer = build_trainer_with_observers
