@@ -173,6 +173,11 @@ class FinetuneArguments(TrainingArguments):
             raise ArgumentError(f"--lora_rank must be positive, got {self.lora_rank}")
         if self.max_length is not None and self.max_length < 16:
             raise ArgumentError(f"--max_length {self.max_length} is too short for any image example")
+        if self.use_liger_kernel:
+            if not torch.cuda.is_available():
+                raise ArgumentError("--use_liger_kernel needs a CUDA GPU (Liger's kernels are Triton kernels)")
+            if importlib.util.find_spec("liger_kernel") is None:
+                raise ArgumentError("--use_liger_kernel needs the liger-kernel package: pip install -r requirements-gpu.txt")
         if self.padding_free and self.attn_implementation == "eager" and not self.use_flash_attention:
             raise ArgumentError("--padding_free needs sdpa or flash attention (eager attention ignores the packing)")
 

@@ -81,7 +81,23 @@ def load_model(args: FinetuneArguments, path: str | Path | None = None, quantize
             ) from error
         raise
     model.config.use_cache = False
+    if args.use_liger_kernel:
+        apply_liger_kernels(model)
+        # The Trainer's own Liger hook looks the model type up in Liger's table, where "phi3_v" is missing.
+        args.use_liger_kernel = False
     return model
+
+
+def apply_liger_kernels(model: Phi3VForCausalLM) -> None:
+    """Liger's fused RMSNorm, SwiGLU and RoPE on the decoder, which is transformers' Phi-3.
+
+    Its fused linear cross-entropy is not used: the model already projects to the vocabulary only at the
+    few labelled positions, which removes the memory that kernel exists to save.
+    """
+    from liger_kernel.transformers import apply_liger_kernel_to_phi3
+
+    apply_liger_kernel_to_phi3(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+    logger.info("Liger kernels applied to the decoder: RMSNorm, SwiGLU, RoPE")
 
 
 def setup_training_mode(model: Phi3VForCausalLM, args: FinetuneArguments):
