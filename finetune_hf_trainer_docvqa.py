@@ -20,8 +20,10 @@ Launch commands (one node with 8 GPUs; for several nodes add `--nnodes N --node_
     torchrun --nproc_per_node=8 finetune_hf_trainer_docvqa.py --bf16 --use_flash_attention \
         --use_qlora --lora_rank 32 --lora_alpha_ratio 0.5 --learning_rate 2e-4 --num_train_epochs 2 \
         --output_dir ./output/docvqa-qlora
-    # resume after an interruption
-    torchrun --nproc_per_node=8 finetune_hf_trainer_docvqa.py ... --resume_from_checkpoint latest
+    # resume after an interruption: the same command plus --resume_from_checkpoint latest
+    torchrun --nproc_per_node=8 finetune_hf_trainer_docvqa.py --bf16 --use_flash_attention \
+        --batch_size 64 --learning_rate 5e-6 --num_train_epochs 2 --output_dir ./output/docvqa-full \
+        --resume_from_checkpoint latest
 
     # CPU smoke test, no downloads: tiny random model and synthetic data in the real schema
     python -m common.tiny --out ./tiny-phi3v

@@ -1,0 +1,81 @@
+"""Every command in README.md and in the scripts' docstrings is known to work: its flags parse (with the world
+size its launcher gives), and commands that need a GPU or the hub at least answer --help.
+
+Commands that run on CPU are exercised for real elsewhere: ./demo.sh by tests/test_demo.py, ./test.sh by CI,
+the scripts' CPU smoke settings by the end-to-end tests.
+"""
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from .recipe_utils import REPO_ROOT, offline_env
+
+SCRIPTS = sorted(path.name for path in REPO_ROOT.glob("finetune_hf_trainer_*.py"))
+
+
+def shell_commands(text: str) -> list[str]:
+    """Command lines in ```bash blocks and indented docstring examples, continuation lines joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    if not blocks:
+        blocks = [text]
+    commands = []
+    for block in blocks:
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith(("torchrun ", "python ", "./")):
+                commands.append(line)
+    return commands
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    sources = {"README.md": (REPO_ROOT / "README.md").read_text()}
+    for script in SCRIPTS + ["convert_ucf101.py"]:
+        sources[script] = (REPO_ROOT / script).read_text().split('"""')[1]
+    return [(source, command) for source, text in sources.items() for command in shell_commands(text)]
+
+
+def recipe_invocation(command: str):
+    """(script, its arguments, world size) for a torchrun/python call of a recipe script, else None."""
+    words = shlex.split(command)
+    script_index = next((i for i, word in enumerate(words) if word in SCRIPTS), None)
+    if script_index is None:
+        return None
+    launcher = " ".join(words[:script_index])
+    nodes = int(re.search(r"--nnodes[= ](\d+)", launcher).group(1)) if "--nnodes" in launcher else 1
+    per_node = int(re.search(r"--nproc_per_node[= ](\d+)", launcher).group(1)) if "--nproc_per_node" in launcher else 1
+    return words[script_index], words[script_index + 1 :], nodes * per_node
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_readme_and_docstrings_document_every_script():
+    documented = {recipe_invocation(c)[0] for _, c in COMMANDS if recipe_invocation(c)}
+    assert documented == set(SCRIPTS)
+    assert any(c.startswith("./demo.sh") for _, c in COMMANDS) and any(c.startswith("./test.sh") for _, c in COMMANDS)
+
+
+def test_documented_recipe_commands_parse(tmp_path):
+    invocations = [recipe_invocation(c) for _, c in COMMANDS if recipe_invocation(c)]
+    checker = REPO_ROOT / "tests" / "drivers" / "check_commands.py"
+    result = subprocess.run([sys.executable, str(checker), json.dumps(invocations)], cwd=REPO_ROOT, env=offline_env(tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(outcomes) == len(invocations) > 10
+    failed = [o for o in outcomes if not o["ok"]]
+    assert not failed, f"{failed}\n{result.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS + ["convert_ucf101.py"])
+def test_help_answers(script, tmp_path):
+    result = subprocess.run([sys.executable, script, "--help"], cwd=REPO_ROOT, env=offline_env(tmp_path), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--output_dir" in result.stdout or "--out_dir" in result.stdout
