@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import EntryNotFoundError
 from transformers import BitsAndBytesConfig
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .arguments import FinetuneArguments
 from .modeling_phi3v import Phi3VForCausalLM
@@ -71,6 +72,11 @@ def load_model(args: FinetuneArguments, path: str | Path | None = None, quantize
             bnb_4bit_compute_dtype=args.compute_dtype,
             llm_int8_skip_modules=QLORA_SKIP_MODULES,
         )
+    if is_deepspeed_zero3_enabled():
+        # ZeRO-3 partitions the weights while they load, so DeepSpeed's process group must exist before that.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo" if args.use_cpu else "nccl")
     try:
         model = Phi3VForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, EntryNotFoundError) as error:

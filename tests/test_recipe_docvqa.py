@@ -123,3 +123,15 @@ def test_impossible_flag_combinations_fail_before_loading(tmp_path, flags, reaso
     error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and reason in error_lines[0]
     assert "Loading weights" not in result.stderr
+
+
+def test_full_finetuning_zero3_two_processes_saves_whole_weights(tiny_checkpoint, docvqa_data, tmp_path):
+    out = tmp_path / "out"
+    args = base_args(tiny_checkpoint, docvqa_data, out, "--batch_size", "4", "--deepspeed", REPO_ROOT / "ds_configs" / "zero3.json")
+    assert_ok(run_script(SCRIPT, args, tmp_path, nproc=2))
+    before, after = weights(tiny_checkpoint / "model.safetensors"), weights(out / "model.safetensors")
+    assert set(after) == set(Phi3VForCausalLM.from_pretrained(out).state_dict())
+    assert all(after[k].shape == before[k].shape for k in after), "ZeRO-3 must gather whole tensors for the final save"
+    assert changed(before, after, "model.layers.") and changed(before, after, VISION)
+    assert (out / "checkpoint-2" / "checkpoint_complete.json").is_file()
+    read_eval(out, "before"), read_eval(out, "after")
