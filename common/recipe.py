@@ -1,8 +1,9 @@
 """The mechanics every recipe shares: logging, the Trainer, resume, the final save and reloading for evaluation.
 
-A dataset script calls these in order:
-``setup_logging -> load_processor/load_model/setup_training_mode -> build_trainer -> evaluate_before ->
-train -> save_final -> load_trained_model -> evaluate -> finish``.
+A dataset script calls these in order: ``setup_logging``, its own dataset building, ``check_training_data``
+(the validation pass), ``load_model``/``setup_training_mode`` (common/training.py), ``build_collator``,
+``build_trainer``, ``evaluate_before``, ``train``, ``save_final``, ``evaluate_after`` and ``finish``; its
+``main`` is wrapped in ``exit_on_bad_input``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .collator import Phi3VCollator
 from .conversation import DataError
 from .data import RecipeDataset
 from .plotting import plot_training_curves
-from .training import UnsafeCheckpointError, load_model
+from .training import UnsafeCheckpointError, load_model, to_device
 from .validation import SkipLog, validate_training_data
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def skip_log_for(args: FinetuneArguments) -> SkipLog | None:
     key = str(Path(args.output_dir).resolve())
     if key not in _skip_logs:
         skip_log = SkipLog(args.output_dir, main_process=is_main_process())
-        if args.resume_from_checkpoint in (None, "", "false", "False"):
+        if not resumes(args):
             skip_log.reset()
         _skip_logs[key] = skip_log
     return _skip_logs[key]
@@ -142,11 +143,15 @@ def is_complete_checkpoint(path: Path) -> bool:
     return (path / COMPLETE_MARKER).is_file()
 
 
+def resumes(args: FinetuneArguments) -> bool:
+    return args.resume_from_checkpoint not in (None, "", "false", "False")
+
+
 def resolve_resume_checkpoint(args: FinetuneArguments) -> str | None:
     """Turn --resume_from_checkpoint (a path, `latest` or `true`) into a complete checkpoint folder or None."""
-    requested = args.resume_from_checkpoint
-    if requested in (None, "", "false", "False"):
+    if not resumes(args):
         return None
+    requested = args.resume_from_checkpoint
     output_dir = Path(args.output_dir)
     if str(requested).lower() not in ("latest", "true"):
         path = Path(requested)
@@ -240,7 +245,7 @@ def load_trained_model(args: FinetuneArguments, output_dir: str | Path | None = 
         model = PeftModel.from_pretrained(base, output_dir)
     else:
         model = load_model(args, path=output_dir)
-    return model.to(args.device).eval()
+    return to_device(model, args).eval()
 
 
 def free_memory() -> None:
@@ -254,13 +259,13 @@ def evaluate_before(model, processor, eval_dataset, metric: str, args: FinetuneA
     """Score the untrained model. Under QLoRA on CPU a separate load is scored: bitsandbytes repacks 4-bit
     weights for inference after a no-grad forward on CPU, and later LoRA gradients would be silently wrong."""
     if args.training_mode == "qlora" and args.device.type == "cpu":
-        fresh = load_model(args).to(args.device)
+        fresh = load_model(args)
         summary = run_evaluation(fresh, processor, eval_dataset, metric, args, "eval_before.json")
         del fresh
         free_memory()
         return summary
     # DeepSpeed moves the model to the GPU only when training starts; generation on the CPU would crawl.
-    model.to(args.device)
+    to_device(model, args)
     return run_evaluation(model, processor, eval_dataset, metric, args, "eval_before.json")
 
 

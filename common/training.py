@@ -65,6 +65,8 @@ def load_model(args: FinetuneArguments, path: str | Path | None = None, quantize
         "use_safetensors": None if args.allow_pickle_weights else True,
     }
     if quantize:
+        # 4-bit weights are packed for the device they load on and cannot be moved afterwards.
+        kwargs["device_map"] = {"": args.device}
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -104,6 +106,13 @@ def apply_liger_kernels(model: Phi3VForCausalLM) -> None:
 
     apply_liger_kernel_to_phi3(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
     logger.info("Liger kernels applied to the decoder: RMSNorm, SwiGLU, RoPE")
+
+
+def to_device(model, args: FinetuneArguments):
+    """The model on this rank's device; a 4-bit model already loaded there (see `load_model`)."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(getattr(model, "base_model", None), "is_loaded_in_4bit", False):
+        return model
+    return model.to(args.device)
 
 
 def setup_training_mode(model: Phi3VForCausalLM, args: FinetuneArguments):
