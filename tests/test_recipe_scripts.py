@@ -33,13 +33,14 @@ def test_hateful_memes_lora(tiny_checkpoint, tmp_path):
     assert (out / "adapter_model.safetensors").is_file()
 
 
-def test_nlvr2_full_two_images(tiny_checkpoint, tmp_path):
+def test_nlvr2_full_two_images_packed_and_grouped(tiny_checkpoint, tmp_path):
     from common.synthetic import make_nlvr2
 
     make_nlvr2(n=12, seed=0).save_to_disk(str(tmp_path / "data"))
     out = tmp_path / "out"
     args = ["--model_name_or_path", tiny_checkpoint, "--dataset_path", tmp_path / "data", "--num_eval_rows", "3",
-            "--output_dir", out, "--batch_size", "2", "--deepspeed", "none", *COMMON]
+            "--output_dir", out, "--batch_size", "2", "--batch_size_per_gpu", "2", "--deepspeed", "none",
+            "--padding_free", "--train_sampling_strategy", "group_by_length", *COMMON]
     result = run_script("finetune_hf_trainer_nlvr2.py", args, tmp_path)
     assert_recipe_outputs(out, result)
     first = read_eval(out, "before")["examples"][0]
