@@ -1,6 +1,6 @@
 """Training-step throughput and peak memory of Phi-3.5-vision per training mode and batch policy.
 
-    python bench/bench_train.py --model tiny --device cpu --num_crops 4 --loss_memory
+    python bench/bench_train.py --model tiny --device cpu --threads 1 --num_crops 4 --loss_memory
     python bench/bench_train.py --model full-size --device cuda --modes full lora --loss_memory   (bench/gpu.sh)
 
 Examples are synthetic token sequences with the DocVQA-like lengths of bench/_lengths.py (image placeholder
