@@ -9,6 +9,7 @@ is loaded. Dataset scripts add their own dataclass next to this one.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import socket
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from transformers.trainer_utils import SaveStrategy
 
 from .image_processing_phi3v import MAX_NUM_CROPS
 
+logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DEEPSPEED_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"
 ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
@@ -140,6 +142,10 @@ class FinetuneArguments(TrainingArguments):
         if not torch.cuda.is_available():
             # Without this, torchrun on CPU trains unsynchronised ranks with no error (see docs/cpu notes).
             self.use_cpu = True
+        if self.padding_free and self.attn_implementation != "flash_attention_2":
+            # Measured in bench/: sdpa attends over the whole packed row with a block-diagonal mask, which costs
+            # more than the padding it removes; flash attention's variable-length kernel does not.
+            logger.warning("--padding_free without flash attention is correct but slower than padded batches")
         if self.deepspeed in ("none", "None", ""):
             self.deepspeed = None
         elif self.deepspeed is None and self.training_mode in ("full", "frozen_vision"):
