@@ -104,3 +104,7 @@ def test_demo_refuses_to_delete_a_folder_it_did_not_make(tmp_path):
     assert result.returncode != 0
     assert "refusing to delete" in result.stderr
     assert (foreign / "keep.txt").read_text() == "not the demo's\n"
+
+
+def test_demo_is_executable_as_the_readme_runs_it():
+    assert os.access(DEMO, os.X_OK), "the README runs ./demo.sh: keep its executable bit (git update-index --chmod=+x demo.sh)"
