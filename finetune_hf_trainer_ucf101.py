@@ -17,7 +17,7 @@ Launch commands (one node with 8 GPUs; multi-node: add `--nnodes N --node_rank R
     torchrun --nproc_per_node=8 finetune_hf_trainer_ucf101.py --data_dir ./data/ucf101 --bf16 \
         --use_flash_attention --use_lora --learning_rate 2e-4 --output_dir ./output/ucf101-lora
 
-    # CPU, no downloads: the demo (./demo.sh) runs exactly this on synthetic videos
+    # CPU smoke run, no downloads (./demo.sh runs a longer version of this that learns; see its settings)
     python -m common.tiny --out ./tiny-phi3v
     python -m common.synthetic ucf101_videos --out ./data/videos --classes 3
     python convert_ucf101.py --video_dir ./data/videos --out_dir ./data/ucf101-synthetic

@@ -76,7 +76,8 @@ def _collect_series(entries: Iterable[Mapping]) -> dict[str, list[tuple[float, f
 
 def _draw(ax, points: list[tuple[float, float]], label: str, marker: str | None = None) -> None:
     steps, values = zip(*points)
-    ax.plot(steps, values, label=label, marker=marker)
+    # Sparse evaluations are points, not a curve: a line between them would suggest scores never measured.
+    ax.plot(steps, values, label=label, marker=marker, linestyle="none" if marker else "-")
 
 
 def _build_figure(series: dict[str, list[tuple[float, float]]]) -> Figure:

@@ -71,7 +71,8 @@ class Phi3VProcessor:
                 "Phi3VProcessor never runs the checkpoint's remote code; drop trust_remote_code=True "
                 "(the local classes read the official files as they are)"
             )
-        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        # Explicitly False: the official files carry an auto_map, and without it transformers asks on stdin.
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, trust_remote_code=False, **kwargs)
         if num_crops is not None:
             kwargs["num_crops"] = num_crops
         image_processor = Phi3VImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
