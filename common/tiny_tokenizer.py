@@ -13,6 +13,8 @@ import json
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaTokenizerFast, PreTrainedTokenizerFast
 
+from .synthetic import UCF101_CLASSES
+
 BASE_VOCAB_SIZE = 32000
 # Checkpoint's embedding rows; every tokenizer id must index one of them.
 MODEL_VOCAB_SIZE = 32064
@@ -44,24 +46,12 @@ CHAT_TEMPLATE = (
     "{% endif %}"
 )
 
-_UCF101_CLASSES = [
-    "ApplyEyeMakeup",
-    "ApplyLipstick",
-    "Archery",
-    "BabyCrawling",
-    "BalanceBeam",
-    "BandMarching",
-    "BaseballPitch",
-    "Basketball",
-    "BasketballDunk",
-    "BenchPress",
-]
 
 # Phrasing close to what the synthetic DocVQA, hateful memes, NLVR2 and UCF-101 examples say, plus plain
 # English so that frequent words end up as single tokens.
 _CORPUS_LINES = [
-    "Classify the video into one of the following classes: " + ", ".join(_UCF101_CLASSES) + ".",
-    " ".join(_UCF101_CLASSES),
+    "Classify the video into one of the following classes: " + ", ".join(UCF101_CLASSES) + ".",
+    " ".join(UCF101_CLASSES),
     "Answer briefly.",
     "What is the date mentioned in this letter? Answer briefly.",
     "What is the total amount on the invoice? Answer briefly.",
