@@ -63,7 +63,7 @@ def exit_on_bad_input(main):
         try:
             return main(*args, **kwargs)
         except (DataError, FileNotFoundError, UnsafeCheckpointError) as error:
-            rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
+            rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() and dist.get_world_size() > 1 else ""
             print(f"{rank}error: {error}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
 
