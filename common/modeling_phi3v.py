@@ -200,6 +200,9 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM, GenerationMixin):
 
     With ``labels``, logits are computed only where a label exists (answers are a few tokens of thousands);
     the loss equals the usual shifted cross-entropy, and ``logits`` is None. Call without labels for logits.
+    A right-padded training batch's padding mask is dropped under sdpa/eager (see
+    `padding_mask_is_redundant`): the hidden states of padding positions are then not meaningful, and only
+    they.
     """
 
     _tied_weights_keys = {}
@@ -245,6 +248,8 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        if labels is not None and self.padding_mask_is_redundant(attention_mask, cache):
+            attention_mask = None
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -272,6 +277,20 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def padding_mask_is_redundant(self, attention_mask, cache) -> bool:
+        """True for a right-padded 2D mask in a cache-free sdpa/eager forward with labels.
+
+        Causal attention already keeps every real token from seeing the padding after it, and padded positions
+        carry label -100, so the loss and its gradients are the same without the mask. Without it sdpa runs its
+        causal kernel (flash on GPU, block-skipping on CPU) instead of a dense (B, 1, L, L) mask. Flash
+        attention keeps the mask: its varlen path skips the padding altogether.
+        """
+        if attention_mask is None or attention_mask.ndim != 2 or cache is not None:
+            return False
+        if self.config._attn_implementation not in ("sdpa", "eager"):
+            return False
+        return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
     def label_positions_loss(self, hidden_states, labels, num_items_in_batch=None) -> torch.Tensor:
         """Shifted next-token cross-entropy, projecting to the vocabulary only at labelled positions."""

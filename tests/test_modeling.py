@@ -185,6 +185,35 @@ def test_padded_batch_equals_single_examples(model, side):
             torch.testing.assert_close(kept, alone, rtol=1e-4, atol=1e-4)
 
 
+def test_right_padded_training_batch_drops_the_mask_with_identical_loss_and_gradients(tiny_checkpoint):
+    """Right padding needs no mask under causal attention; left padding keeps it. Both give the same loss."""
+    examples = [random_example([(1, 2)], seed=1), random_example([], prefix=(5,) * 40, seed=2), random_example([(1, 1)], seed=3)]
+    m = Phi3VForCausalLM.from_pretrained(tiny_checkpoint).train()
+    seen_masks = []
+    m.model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen_masks.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
+    results = {}
+    for side in ("right", "left"):
+        input_ids, attention_mask, pixel_values, image_sizes = pad_batch(examples, side)
+        # Every token after the first of its example is a target: none is predicted from the padding.
+        first_token = attention_mask.cumsum(-1) == 1
+        labels = torch.where(attention_mask.bool() & ~first_token & (input_ids >= 0), input_ids, -100)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        m.zero_grad()
+        loss = m(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            pixel_values=pixel_values, image_sizes=image_sizes, labels=labels,
+        ).loss
+        loss.backward()
+        results[side] = (loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert seen_masks[0] is None and seen_masks[1] is not None
+    torch.testing.assert_close(results["right"][0], results["left"][0], rtol=1e-5, atol=1e-6)
+    assert results["right"][1].keys() == results["left"][1].keys()
+    for name, grad in results["right"][1].items():
+        torch.testing.assert_close(grad, results["left"][1][name], rtol=1e-4, atol=1e-6)
+
+
 def test_loss_on_label_positions_equals_full_cross_entropy(model):
     ids, pv, sz = random_example([(1, 1)])
     labels = ids.clone()
