@@ -17,11 +17,39 @@ import re
 
 import torch
 from PIL import Image
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer, BatchFeature
+from transformers.utils import cached_file
 
 from common.image_processing_phi3v import Phi3VImageProcessor
 
 IMAGE_TAG_PATTERN = re.compile(r"<\|image_(\d+)\|>")
+# The keywords of from_pretrained that say where files come from; the rest are tokenizer settings.
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+
+
+def load_tokenizer(pretrained_model_name_or_path, **kwargs):
+    """The checkpoint's tokenizer, tokenizing exactly as its ``tokenizer.json`` says.
+
+    transformers 5 builds a Llama tokenizer's normalizer and pre-tokenizer from its own defaults instead of
+    reading them from the file. The official file's normalizer (prepend "▁", spaces to "▁") runs on every
+    piece of text between special tokens, so the reference puts "▁" (29871) after each special token that
+    text follows: ``<|user|>\n`` is [32010, 29871, 13]. transformers 5's Metaspace default would drop that
+    29871 and give the model prompts in a layout it was not trained on. The file's own pipeline is put back.
+    """
+    # Explicitly False: the official files carry an auto_map, and without it transformers asks on stdin.
+    tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, trust_remote_code=False, **kwargs)
+    hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+    tokenizer_file = cached_file(
+        pretrained_model_name_or_path, "tokenizer.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs
+    )
+    if tokenizer_file is not None:
+        as_written = Tokenizer.from_file(tokenizer_file)
+        backend = tokenizer.backend_tokenizer
+        backend.normalizer = as_written.normalizer
+        backend.pre_tokenizer = as_written.pre_tokenizer
+        backend.decoder = as_written.decoder
+    return tokenizer
 
 
 def check_image_tags(text: str, num_images: int) -> None:
@@ -61,7 +89,7 @@ class Phi3VProcessor:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, num_crops: int | None = None, **kwargs) -> "Phi3VProcessor":
-        """Load the tokenizer (AutoTokenizer) and the image processor from a directory or hub id.
+        """Load the tokenizer (`load_tokenizer`) and the image processor from a directory or hub id.
 
         `num_crops` overrides the checkpoint's value (4 in the published file). Other keywords (cache_dir,
         revision, local_files_only, token, ...) go to both loaders. Remote code is never run.
@@ -71,8 +99,7 @@ class Phi3VProcessor:
                 "Phi3VProcessor never runs the checkpoint's remote code; drop trust_remote_code=True "
                 "(the local classes read the official files as they are)"
             )
-        # Explicitly False: the official files carry an auto_map, and without it transformers asks on stdin.
-        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, trust_remote_code=False, **kwargs)
+        tokenizer = load_tokenizer(pretrained_model_name_or_path, **kwargs)
         if num_crops is not None:
             kwargs["num_crops"] = num_crops
         image_processor = Phi3VImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)

@@ -1,16 +1,17 @@
 """A small, offline stand-in for the Phi-3.5-vision tokenizer.
 
 Tests and demo runs cannot download the official tokenizer, yet they need one that behaves like it where our
-code can tell the difference: a Llama-style BPE (byte fallback, Metaspace with the "first" prepend scheme,
-`<s>` added at the start of every encoded text), 32000 base ids, and the Phi-3 special tokens at their
-official ids with the official chat format. Only the merges differ: they are learnt here, in-process, from a
+code can tell the difference: a Llama-style BPE with byte fallback, the official tokenizer.json's text
+pipeline (a normalizer that prepends "▁" to every piece of text between special tokens and turns spaces into
+"▁", no pre-tokenizer), `<s>` added at the start of every encoded text, 32000 base ids, and the Phi-3
+special tokens at their official ids with the official chat format. Only the merges differ: they are learnt here, in-process, from a
 small English corpus that covers the words our synthetic datasets use, so token counts are realistic enough
 for sequence-length tests while the build stays deterministic and takes a fraction of a second.
 """
 
 import json
 
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaTokenizerFast, PreTrainedTokenizerFast
 
 from .synthetic import UCF101_CLASSES
@@ -125,7 +126,8 @@ def _base_vocab(alphabet: list[str], merges: list[tuple[str, str]]) -> dict[str,
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     """Build the tiny Phi-3-style tokenizer (a `LlamaTokenizerFast`), deterministically and offline.
 
-    `save_pretrained(dir)` then `AutoTokenizer.from_pretrained(dir)` gives back an equivalent tokenizer.
+    `save_pretrained(dir)` writes the official file layout; `common.processing_phi3v.load_tokenizer(dir)` gives
+    back an equivalent tokenizer (plain `AutoTokenizer` does not, as with the official files: see there).
     """
     alphabet, merges = _train_merges()
     vocab = _base_vocab(alphabet, merges)
@@ -156,6 +158,11 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id != BASE_VOCAB_SIZE + offset:
             raise RuntimeError(f"tiny tokenizer: {token} got id {token_id}, expected {BASE_VOCAB_SIZE + offset}")
+    # The official tokenizer.json's pipeline, which transformers 5's Llama class would otherwise replace.
+    tokenizer.backend_tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
+    tokenizer.backend_tokenizer.pre_tokenizer = None
     if len(tokenizer) > MODEL_VOCAB_SIZE:
         raise RuntimeError(f"tiny tokenizer: {len(tokenizer)} ids exceed the model's {MODEL_VOCAB_SIZE} embeddings")
     return tokenizer

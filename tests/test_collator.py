@@ -213,8 +213,8 @@ def test_generation_collator_left_pads(processor):
     assert torch.equal(inputs["attention_mask"], torch.tensor([[0] * fill + [1] * len(text_ids), [1] * len(single_ids)]))
     assert torch.equal(inputs["pixel_values"], processor.image_processor([RED], num_crops=NUM_CROPS)["pixel_values"])
     assert inputs["image_sizes"].tolist() == [[672, 672]]
-    assistant = processor.tokenizer.convert_tokens_to_ids("<|assistant|>")
-    assert inputs["input_ids"][:, -2].tolist() == [assistant, assistant]
+    prompt_end = processor.tokenizer.convert_tokens_to_ids(["<|assistant|>", "▁", "<0x0A>"])
+    assert inputs["input_ids"][:, -3:].tolist() == [prompt_end, prompt_end]
 
     with pytest.raises(ExampleError, match=r"evaluation example 'x' \(batch position 0\).*'references'"):
         Phi3VGenerationCollator(processor, NUM_CROPS)([dict(text_eval, id="x", references="yes")])

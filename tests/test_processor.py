@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoTokenizer
+from tokenizers import Tokenizer
 
 from common.image_processing_phi3v import Phi3VImageProcessor
-from common.processing_phi3v import Phi3VProcessor
+from common.processing_phi3v import Phi3VProcessor, load_tokenizer
 from common.tiny_tokenizer import build_tiny_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +40,8 @@ TEXTS_FOR_ROUND_TRIP = [
     "BabyCrawling, BalanceBeam, BandMarching, BaseballPitch, Basketball, BasketballDunk, BenchPress.",
     "What is the total? Answer briefly.\nIt is 1,234.56 dollars (yes/no/true/false).",
     "Is it hateful or not hateful? Unseen wörds, émojis 🙂 and 中文 fall back to bytes.",
-    "<|user|>\nhi<|end|>\n<|assistant|>\nYes.<|end|>\n<|endoftext|>",
 ]
+CHAT_TEXT = "<|user|>\nhi<|end|>\n<|assistant|>\nYes.<|end|>\n<|endoftext|>"
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,8 @@ def test_decode_round_trip(tokenizer):
     for text in TEXTS_FOR_ROUND_TRIP:
         ids = tokenizer(text).input_ids
         assert tokenizer.decode(ids[1:]) == text
+    # As in the official tokenizer, text after a special token starts with a "▁", which decodes as a space.
+    assert tokenizer.decode(tokenizer(CHAT_TEXT).input_ids[1:]) == CHAT_TEXT.replace("|>\n", "|> \n")
     plain = TEXTS_FOR_ROUND_TRIP[2]
     assert tokenizer.decode(tokenizer(plain).input_ids, skip_special_tokens=True) == plain
     # Newlines go through byte fallback, as in Llama's vocabulary.
@@ -120,8 +122,8 @@ def test_tokenizer_save_load_round_trip_offline(tokenizer, tmp_path):
     assert (template or config.get("chat_template")) == tokenizer.chat_template
     # A fresh process with the hub switched off proves nothing is fetched.
     script = (
-        "import json, sys; from transformers import AutoTokenizer;"
-        "t = AutoTokenizer.from_pretrained(sys.argv[1]); texts = json.loads(sys.argv[2]);"
+        "import json, sys; from common.processing_phi3v import load_tokenizer;"
+        "t = load_tokenizer(sys.argv[1]); texts = json.loads(sys.argv[2]);"
         "print(json.dumps({'class': type(t).__name__, 'ids': [t(x).input_ids for x in texts], 'len': len(t),"
         " 'special': [t.bos_token_id, t.eos_token_id, t.pad_token_id, t.unk_token_id], 'side': t.padding_side,"
         " 'template': t.chat_template, 'decoded': [t.decode(t(x).input_ids[1:]) for x in texts]}))"
@@ -141,9 +143,23 @@ def test_tokenizer_save_load_round_trip_offline(tokenizer, tmp_path):
     assert loaded["side"] == "right"
     assert loaded["template"] == tokenizer.chat_template
 
-    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    reloaded = load_tokenizer(tmp_path)
     for token, token_id in SPECIAL_IDS.items():
         assert reloaded.convert_tokens_to_ids(token) == token_id, token
+
+
+def test_loaded_tokenizer_tokenizes_as_its_file_says(tokenizer, tmp_path):
+    """The official pipeline puts "▁" after every special token that text follows: <|user|>\n is 32010, "▁", 13."""
+    tokenizer.save_pretrained(tmp_path)
+    as_written = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    loaded = load_tokenizer(tmp_path)
+    texts = [*TEXTS_FOR_ROUND_TRIP, CHAT_TEXT, " leading space", "two  spaces", "<|end|> x", "\n\nnewlines first"]
+    for text in texts:
+        assert loaded(text).input_ids == as_written.encode(text).ids == tokenizer(text).input_ids, text
+        assert loaded.decode(loaded(text).input_ids) == as_written.decode(as_written.encode(text).ids, skip_special_tokens=False), text
+    space = loaded.convert_tokens_to_ids("▁")
+    assert loaded("<|user|>\n").input_ids == [1, 32010, space, 13]
+    assert loaded("<|end|>\n<|assistant|>\n", add_special_tokens=False).input_ids == [32007, space, 13, 32001, space, 13]
 
 
 def test_two_image_layout_is_exact(processor, tokenizer):
