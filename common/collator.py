@@ -244,8 +244,8 @@ class Phi3VGenerationCollator:
     with the pad id so that every prompt ends in the last column and generated tokens start at column L;
     ``attention_mask`` (B, L) int64, 0 on the padding; ``pixel_values`` float32
     (N, num_crops + 1, 3, 336, 336) and ``image_sizes`` int64 (N, 2) for the batch's images in order, absent
-    when no example has an image. Image positions are negative ids (see `Phi3VCollator`): do not generate
-    with ``repetition_penalty``, which indexes the vocabulary with them and crashes.
+    when no example has an image. Image positions are negative ids (see `Phi3VCollator`); the model's
+    generation shows them to logits processors (e.g. ``repetition_penalty``) as ``<unk>``.
 
     ``metadata``: ``{"ids": [example ids], "references": [each example's reference list]}``, in batch order.
     """

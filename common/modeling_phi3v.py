@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, LogitsProcessorList
 from transformers.initialization import copy_, normal_, zeros_
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionEmbeddings
@@ -136,6 +136,17 @@ class Phi3VImageEmbedding(nn.Module):
         merged = self.merge_2x2(self.img_processor(dummy)[:, 1:])
         features = torch.cat([merged.reshape(-1, self.feature_dim), self.glb_GN[0], self.sub_GN[0, 0]])
         return self.img_projection(features.to(self.projection_dtype)).sum() * 0.0
+
+
+class TextIdsLogitsProcessorList(LogitsProcessorList):
+    """Logits processors that see image positions (ids < 0) as id 0, ``<unk>``, which the model never predicts.
+
+    Processors such as the repetition penalty index the vocabulary with the ids generated so far; the
+    negative image ids of the prompt would make them fail.
+    """
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return super().__call__(input_ids.clamp(min=0), scores, **kwargs)
 
 
 class Phi3VPreTrainedModel(Phi3PreTrainedModel):
@@ -303,6 +314,9 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM, GenerationMixin):
         if torch.is_tensor(denominator):
             denominator = denominator.to(loss.device)
         return loss / denominator
+
+    def _get_logits_processor(self, *args, **kwargs) -> LogitsProcessorList:
+        return TextIdsLogitsProcessorList(super()._get_logits_processor(*args, **kwargs))
 
     def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_sizes=None, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)

@@ -272,6 +272,25 @@ def test_generate_with_cache_equals_without_and_left_padded_batch(model):
     assert sampled.shape == (2, input_ids.shape[1] + 4)
 
 
+def test_repetition_penalty_reads_image_positions_as_unk(model):
+    ids, pv, sz = random_example([(1, 1)], seed=7)
+    penalty, steps = 1.5, 5
+    with torch.no_grad():
+        generated = model.generate(
+            input_ids=ids[None], pixel_values=pv, image_sizes=sz, max_new_tokens=steps, do_sample=False,
+            repetition_penalty=penalty, pad_token_id=32000,
+        )[0, len(ids):]
+        sequence = ids[None]
+        for _ in range(len(generated)):
+            logits = model(input_ids=sequence, pixel_values=pv, image_sizes=sz).logits[:, -1]
+            seen = sequence.clamp(min=0)
+            score = logits.gather(1, seen)
+            logits = logits.scatter(1, seen, torch.where(score < 0, score * penalty, score / penalty))
+            sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], dim=1)
+    assert len(generated) > 0
+    assert torch.equal(generated, sequence[0, len(ids):])
+
+
 def test_generation_across_the_longrope_switch_keeps_images(model):
     """Crossing 4096 positions resets the cache and re-runs the prompt: the images must come along."""
     long_prefix = (5,) * (4094 - image_tokens(1, 1) - 10)
