@@ -4,9 +4,10 @@ Tests and demo runs cannot download the official tokenizer, yet they need one th
 code can tell the difference: a Llama-style BPE with byte fallback, the official tokenizer.json's text
 pipeline (a normalizer that prepends "▁" to every piece of text between special tokens and turns spaces into
 "▁", no pre-tokenizer), `<s>` added at the start of every encoded text, 32000 base ids, and the Phi-3
-special tokens at their official ids with the official chat format. Only the merges differ: they are learnt here, in-process, from a
-small English corpus that covers the words our synthetic datasets use, so token counts are realistic enough
-for sequence-length tests while the build stays deterministic and takes a fraction of a second.
+special tokens at their official ids with the official chat format. Only the merges differ: they are learnt
+here, in-process, from a small English corpus that covers the words our synthetic datasets use, so token
+counts are realistic enough for sequence-length tests while the build stays deterministic and takes a
+fraction of a second.
 """
 
 import json
