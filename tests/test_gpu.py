@@ -7,7 +7,7 @@ import torch
 
 from common import Phi3VForCausalLM
 
-from .test_modeling import random_example
+from .test_modeling import pad_batch, random_example
 
 pytestmark = pytest.mark.gpu
 
@@ -30,6 +30,28 @@ def test_sdpa_bf16_on_gpu_matches_eager(tiny_checkpoint):
         model = Phi3VForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, attn_implementation=impl).cuda().eval()
         results[impl] = loss_and_logits(model, example)
     torch.testing.assert_close(results["sdpa"][0], results["eager"][0], rtol=2e-2, atol=2e-2)
+
+
+def test_right_padded_bf16_batch_without_mask_matches_single_examples(tiny_checkpoint):
+    """On CUDA the dropped padding mask sends sdpa to its flash kernel; the loss must not change."""
+    examples = [random_example([(1, 2)], seed=1), random_example([(1, 1)], prefix=(5,) * 40, seed=2)]
+    model = Phi3VForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16).cuda().eval()
+    input_ids, attention_mask, pixel_values, image_sizes = pad_batch(examples, "right")
+    labels = torch.where(attention_mask.bool() & (input_ids >= 0), input_ids, -100)
+    labels[:, :3] = -100
+    assert model.padding_mask_is_redundant(attention_mask.cuda(), None)
+    with torch.no_grad():
+        batch_loss = model(
+            input_ids=input_ids.cuda(), attention_mask=attention_mask.cuda(), pixel_values=pixel_values.cuda().bfloat16(),
+            image_sizes=image_sizes.cuda(), labels=labels.cuda(), num_items_in_batch=1,
+        ).loss
+        single_losses = []
+        for row, (ids, pv, sz) in enumerate(examples):
+            single_losses.append(model(
+                input_ids=ids[None].cuda(), pixel_values=pv.cuda().bfloat16(), image_sizes=sz.cuda(),
+                labels=labels[row, : len(ids)][None].cuda(), num_items_in_batch=1,
+            ).loss)
+    torch.testing.assert_close(batch_loss, sum(single_losses), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn not installed")
