@@ -10,14 +10,24 @@ from pathlib import Path
 
 import datasets
 
+from .conversation import DataError
+
 DATA_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 
 
 def load_split(hub_id: str, config: str | None, split: str, dataset_path: str | None = None) -> datasets.Dataset:
     """One split, from `dataset_path` when given, else from the hub (`hub_id`, `config`)."""
-    if dataset_path is None:
+    if dataset_path is not None:
+        return load_local_split(Path(dataset_path), split)
+    try:
         return datasets.load_dataset(hub_id, config, split=split)
-    return load_local_split(Path(dataset_path), split)
+    except (ConnectionError, OSError) as error:
+        name = hub_id + (f" ({config})" if config else "")
+        reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+        raise DataError(
+            f"could not load the {split} split of {name} from the Hugging Face hub: {reason}. Check the network "
+            "(and HF_TOKEN for gated data), or download the dataset and pass --dataset_path DIR"
+        ) from error
 
 
 def load_local_split(path: Path, split: str) -> datasets.Dataset:
@@ -27,10 +37,13 @@ def load_local_split(path: Path, split: str) -> datasets.Dataset:
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise KeyError(f"--dataset_path {path} has splits {sorted(loaded)}, not {split!r}")
+                raise DataError(f"--dataset_path {path} has splits {sorted(loaded)}, not {split!r}")
             return loaded[split]
         if split != "train":
-            raise KeyError(f"--dataset_path {path} holds one unsplit dataset; it can only serve as the train split")
+            raise DataError(
+                f"--dataset_path {path} holds one unsplit dataset, which can serve only as the train split; for the "
+                f"{split} split save a DatasetDict that has it, or name files {split}*.parquet / {split}*.jsonl"
+            )
         return loaded
     files = sorted(f for f in path.iterdir() if f.suffix in DATA_SUFFIXES and f.name.split(".")[0].split("-")[0] == split)
     if not files:
@@ -40,7 +53,7 @@ def load_local_split(path: Path, split: str) -> datasets.Dataset:
         )
     kinds = {DATA_SUFFIXES[f.suffix] for f in files}
     if len(kinds) > 1:
-        raise ValueError(f"--dataset_path {path}: split {split!r} mixes file types {sorted(kinds)}; keep one")
+        raise DataError(f"--dataset_path {path}: split {split!r} mixes file types {sorted(kinds)}; keep one")
     return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
 
 

@@ -40,8 +40,19 @@ class UnsafeCheckpointError(RuntimeError):
     pass
 
 
+def checkpoint_not_found(source: str, what: str, error: Exception) -> FileNotFoundError:
+    reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+    return FileNotFoundError(
+        f"could not load the {what} from {source}: {reason}. Give a local checkpoint folder, or a hub id with "
+        "network access (log in with `hf auth login` for gated repos)"
+    )
+
+
 def load_processor(args: FinetuneArguments) -> Phi3VProcessor:
-    return Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
+    try:
+        return Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
+    except OSError as error:
+        raise checkpoint_not_found(args.model_name_or_path, "processor", error) from error
 
 
 def model_dtype(args: FinetuneArguments) -> torch.dtype:
@@ -87,7 +98,7 @@ def load_model(args: FinetuneArguments, path: str | Path | None = None, quantize
                 f"{source} has no safetensors weights. Pickle (.bin) weights can execute code when loaded, so they "
                 "are refused; convert them to safetensors, or pass --allow_pickle_weights if you trust the source."
             ) from error
-        raise
+        raise checkpoint_not_found(source, "model", error) from error
     model.config.use_cache = False
     if args.use_liger_kernel:
         apply_liger_kernels(model)

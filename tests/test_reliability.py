@@ -170,6 +170,19 @@ def test_pickle_checkpoint_is_refused_unless_allowed(tiny_checkpoint, jsonl_dir,
     assert load_model(args).lm_head.weight.shape[0] == 32064
 
 
+def test_missing_checkpoint_and_unreachable_hub_data_are_one_line_errors(tiny_checkpoint, jsonl_dir, tmp_path, capsys):
+    missing = tmp_path / "no-such-checkpoint"
+    code, stderr = run_main("finetune_hf_trainer_ucf101", ["--model_name_or_path", missing, "--data_dir", jsonl_dir,
+                                                           "--output_dir", tmp_path / "out", "--deepspeed", "none"], capsys)
+    assert code == 1 and f"error: could not load the processor from {missing}" in stderr
+    assert "local checkpoint folder" in stderr and "Traceback" not in stderr
+    # The tests run with the hub switched off, as on a machine without network.
+    code, stderr = run_main("finetune_hf_trainer_docvqa", ["--model_name_or_path", tiny_checkpoint,
+                                                           "--output_dir", tmp_path / "out", "--deepspeed", "none"], capsys)
+    assert code == 1 and "could not load the train split of nielsr/docvqa_1200_examples from the Hugging Face hub" in stderr
+    assert "--dataset_path DIR" in stderr and "Traceback" not in stderr
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Kills
 
