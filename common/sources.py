@@ -62,7 +62,7 @@ def first_rows(dataset, count: int | None):
     if count is None or count >= len(dataset):
         return dataset
     if count < 1:
-        raise ValueError(f"a sample limit must be positive, got {count}")
+        raise DataError(f"a sample limit must be positive, got {count}")
     return dataset.select(range(count)) if hasattr(dataset, "select") else dataset[:count]
 
 
@@ -93,7 +93,7 @@ def cauldron_eval_example(row: dict, index: int) -> dict:
 def split_head(dataset, head: int):
     """(first `head` rows, the rest): the reference recipes evaluate on the head of the Cauldron's only split."""
     if not 0 < head < len(dataset):
-        raise ValueError(
+        raise DataError(
             f"cannot hold out the first {head} rows of a {len(dataset)}-row dataset for evaluation; "
             "pass a smaller --num_eval_rows"
         )
