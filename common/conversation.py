@@ -33,6 +33,12 @@ class ExampleError(DataError):
     """A single example cannot be used; the message says which one and why."""
 
 
+def error_reason(error: BaseException) -> str:
+    """A library error's first line, to quote inside a sentence of our own."""
+    text = str(error).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(error).__name__
+
+
 @dataclass
 class EncodedExample:
     input_ids: list[int]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import datasets
 
-from .conversation import DataError
+from .conversation import DataError, error_reason
 
 DATA_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 
@@ -23,10 +23,9 @@ def load_split(hub_id: str, config: str | None, split: str, dataset_path: str | 
         return datasets.load_dataset(hub_id, config, split=split)
     except (ConnectionError, OSError) as error:
         name = hub_id + (f" ({config})" if config else "")
-        reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
         raise DataError(
-            f"could not load the {split} split of {name} from the Hugging Face hub: {reason}. Check the network "
-            "(and HF_TOKEN for gated data), or download the dataset and pass --dataset_path DIR"
+            f"could not load the {split} split of {name} from the Hugging Face hub: {error_reason(error)}. Check the "
+            "network (and HF_TOKEN for gated data), or download the dataset and pass --dataset_path DIR"
         ) from error
 
 

@@ -21,6 +21,7 @@ from transformers import BitsAndBytesConfig
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .arguments import FinetuneArguments
+from .conversation import error_reason
 from .modeling_phi3v import Phi3VForCausalLM
 from .processing_phi3v import Phi3VProcessor
 
@@ -41,10 +42,9 @@ class UnsafeCheckpointError(RuntimeError):
 
 
 def checkpoint_not_found(source: str, what: str, error: Exception) -> FileNotFoundError:
-    reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
     return FileNotFoundError(
-        f"could not load the {what} from {source}: {reason}. Give a local checkpoint folder, or a hub id with "
-        "network access (log in with `hf auth login` for gated repos)"
+        f"could not load the {what} from {source}: {error_reason(error)}. Give a local checkpoint folder, or a hub "
+        "id with network access (log in with `hf auth login` for gated repos)"
     )
 
 
