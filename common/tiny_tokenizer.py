@@ -97,7 +97,8 @@ def _train_merges() -> tuple[list[str], list[tuple[str, str]]]:
     """Learn BPE merges on the embedded corpus; returns (alphabet, merges in priority order)."""
     trainer_tokenizer = Tokenizer(models.BPE(byte_fallback=True))
     # split=True while training: sentencepiece never merges across a word boundary, so no learnt token may
-    # hold "▁" anywhere but at its start; encoding then runs unsplit (split=False), as Llama's does.
+    # hold "▁" anywhere but at its start; encoding then runs on whole pieces (no pre-tokenizer), as the official
+    # file's does.
     trainer_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     trainer = trainers.BpeTrainer(vocab_size=BASE_VOCAB_SIZE, min_frequency=1, show_progress=False)
     trainer_tokenizer.train_from_iterator(_CORPUS_LINES, trainer=trainer)
@@ -141,7 +142,6 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
         pad_token="<|endoftext|>",
         add_bos_token=True,
         add_eos_token=False,
-        legacy=False,
         padding_side="right",
         clean_up_tokenization_spaces=False,
         model_max_length=131072,
