@@ -24,12 +24,14 @@ video found, so a video that fails to decode leaves a gap instead of renumbering
 Frames are sampled at floor(arange(0, n, n / num_frames)) with n the number of frames a full decode
 yields (containers' frame counts are only trusted when decoding agrees).
 
-Rerunning into the same --out_dir resumes: videos whose frames are all present are reused, the rest are
-converted, and each JSONL is replaced atomically once its split is done. --overwrite starts afresh.
+Rerunning into the same --out_dir resumes: videos whose frames are all present and decode completely are
+reused, the rest are converted (a warning names any frame that was present but empty, truncated or
+undecodable), and each JSONL is replaced atomically once its split is done. --overwrite starts afresh.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import multiprocessing
@@ -57,6 +59,7 @@ SETTINGS_FILE = ".convert_ucf101.json"
 EXTRACT_PREFIX = ".ucf101_extract_"
 PARTIAL_SUFFIX = ".partial"
 JPEG_QUALITY = 95
+JPEG_END_MARKER = b"\xff\xd9"
 
 logger = logging.getLogger("convert_ucf101")
 
@@ -218,8 +221,10 @@ def read_sampled_frames(path: Path, num_frames: int) -> tuple[list[int], dict]:
 
 
 def _write_jpeg(image: Image.Image, path: Path) -> None:
-    # Written under a temporary name and renamed, so a frame that exists on disk is always complete:
-    # resuming relies on that.
+    # Written under a temporary name in the same folder and renamed, so a killed run never leaves a partial
+    # frame under its final name. Without an fsync a power loss still can, which is why reuse decodes every
+    # frame rather than trusting this. PIL creates the file with open(), so it gets the umask's permissions
+    # like any other output (tempfile.mkstemp would make it 0600, unreadable to other users of the data).
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
     image.save(partial, format="JPEG", quality=JPEG_QUALITY)
     os.replace(partial, path)
@@ -243,8 +248,37 @@ def _convert_job(payload: tuple[VideoJob, Path, int]) -> str | None:
     return convert_video(*payload)
 
 
-def _is_complete(job: VideoJob, images_dir: Path, num_frames: int) -> bool:
-    return all((images_dir / name).is_file() for name in job.frame_names(num_frames))
+def frame_problem(path: Path) -> str | None:
+    """Why the existing frame file at `path` cannot be reused, or None when it decodes completely."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        return f"cannot be read ({type(error).__name__}: {error})"
+    if not data:
+        return "is empty (0 bytes)"
+    # A full decode alone would accept a truncated file wherever PIL's LOAD_TRUNCATED_IMAGES is switched on
+    # (a common setting in training code); every JPEG this converter writes ends with the marker.
+    if not data.endswith(JPEG_END_MARKER):
+        return f"is truncated ({len(data)} bytes, no JPEG end marker)"
+    # Broad on purpose: whatever PIL raises on a damaged file, re-extracting the frame is the remedy.
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception as error:
+        return f"does not decode ({type(error).__name__}: {error})"
+    return None
+
+
+def _reusable(job: VideoJob, images_dir: Path, num_frames: int) -> bool:
+    """Whether all of a video's frames exist and decode; warns about any that exist but are damaged."""
+    names = job.frame_names(num_frames)
+    # A missing frame means an interrupted conversion, redone anyway: no need to decode the others.
+    if not all((images_dir / name).is_file() for name in names):
+        return False
+    damaged = [f"{name} {problem}" for name in names if (problem := frame_problem(images_dir / name))]
+    if damaged:
+        logger.warning("re-extracting the frames of %s: %s", job.path, "; ".join(damaged))
+    return not damaged
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -342,7 +376,7 @@ def _convert_split(
 ) -> SplitSummary:
     images_dir = out_dir / "images"
     summary = SplitSummary()
-    todo = [job for job in jobs if not _is_complete(job, images_dir, num_frames)]
+    todo = [job for job in jobs if not _reusable(job, images_dir, num_frames)]
     summary.reused = len(jobs) - len(todo)
     failures: dict[VideoJob, str] = {}
     results = _results(todo, images_dir, num_frames, pool)

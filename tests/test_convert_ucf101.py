@@ -5,6 +5,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 import convert_ucf101
 from common.safe_archive import safe_extract_tar
@@ -230,6 +232,121 @@ def test_resume_reuses_frames_and_overwrite_redoes_them(synthetic, tmp_path, cap
     check_complete_output(out, synthetic.root, synthetic.frame_counts)
     assert all(f.stat().st_mtime != OLD_MTIME for f in frames)
     assert not (out / "images" / "stray.jpg").exists()
+
+
+def frames_of(out: Path, split: str, video: Path) -> list[Path]:
+    return [out / "images" / split / video.parent.name / f"{video.stem}.{i}.jpg" for i in range(8)]
+
+
+def test_rerun_redoes_videos_with_an_empty_or_truncated_frame(synthetic, tmp_path, caplog, capsys):
+    out = tmp_path / "out"
+    args = ["--out_dir", str(out), "--video_dir", str(synthetic.root), "--num_workers", "1"]
+    assert convert_ucf101.main(args) == 0
+    frames = sorted((out / "images").rglob("*.jpg"))
+    before = {frame: frame.read_bytes() for frame in frames}
+    # What an earlier run can leave under the final names: data lost in a power cut (no fsync), or a
+    # converter that wrote in place and was killed.
+    empty_video, truncated_video = videos_of(synthetic.root, "train")[4], videos_of(synthetic.root, "val")[1]
+    empty, truncated = frames_of(out, "train", empty_video)[5], frames_of(out, "val", truncated_video)[3]
+    empty.write_bytes(b"")
+    truncated.write_bytes(before[truncated][: len(before[truncated]) // 2])
+    for frame in frames:
+        os.utime(frame, (OLD_MTIME, OLD_MTIME))
+    capsys.readouterr()
+
+    with caplog.at_level("WARNING"):
+        assert convert_ucf101.main(args) == 0
+    check_complete_output(out, synthetic.root, synthetic.frame_counts)
+    redone = {frame for frame in frames if frame.stat().st_mtime != OLD_MTIME}
+    assert redone == {*frames_of(out, "train", empty_video), *frames_of(out, "val", truncated_video)}
+    # Re-extraction writes the very bytes of the first run; intact frames were not rewritten at all.
+    assert all(frame.read_bytes() == data for frame, data in before.items())
+    empty_name, truncated_name = (frame.relative_to(out / "images").as_posix() for frame in (empty, truncated))
+    assert f"re-extracting the frames of {empty_video}: {empty_name} is empty (0 bytes)" in caplog.text
+    assert f"re-extracting the frames of {truncated_video}: {truncated_name} is truncated (" in caplog.text
+    stdout = capsys.readouterr().out
+    assert "train: 6 videos converted (5 reused from an earlier run), 0 skipped" in stdout
+    assert "val: 6 videos converted (5 reused from an earlier run), 0 skipped" in stdout
+    assert "test: 6 videos converted (6 reused from an earlier run), 0 skipped" in stdout
+
+
+@pytest.mark.parametrize("load_truncated", [False, True], ids=["default", "LOAD_TRUNCATED_IMAGES"])
+def test_frame_check_rejects_every_truncation(tmp_path, monkeypatch, load_truncated):
+    # Training code often switches this on globally; the check must not depend on it being off.
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", load_truncated)
+    frame = tmp_path / "frame.jpg"
+    noise = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(frame, format="JPEG", quality=convert_ucf101.JPEG_QUALITY)
+    data = frame.read_bytes()
+    assert convert_ucf101.frame_problem(frame) is None
+    for cut in (0, 1, 2, 3, 100, len(data) // 2, len(data) - 2, len(data) - 1):
+        frame.write_bytes(data[:cut])
+        assert convert_ucf101.frame_problem(frame) is not None, cut
+    frame.write_bytes(bytes(len(data) - 2) + convert_ucf101.JPEG_END_MARKER)
+    assert convert_ucf101.frame_problem(frame).startswith("does not decode (UnidentifiedImageError")
+    assert convert_ucf101.frame_problem(tmp_path / "missing.jpg").startswith("cannot be read (FileNotFoundError")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask022", "umask027"])
+def test_outputs_get_the_umask_permissions(synthetic, tmp_path, umask, mode):
+    out = tmp_path / "out"
+    previous = os.umask(umask)
+    try:
+        args = ["--out_dir", str(out), "--video_dir", str(synthetic.root), "--splits", "val", "--num_workers", "0"]
+        assert convert_ucf101.main(args) == 0
+    finally:
+        os.umask(previous)
+    modes = {oct(stat.S_IMODE(path.stat().st_mode)) for path in out.rglob("*") if path.is_file()}
+    assert modes == {oct(mode)}
+
+
+# Runs the converter with a JPEG writer that puts half of a frame's bytes in the file it is given and then
+# SIGKILLs the process, as a kill mid-write would.
+KILL_MID_FRAME = """
+import io, os, signal, sys
+from PIL import Image, JpegImagePlugin
+import convert_ucf101
+
+kill_at, written = int(sys.argv[1]), 0
+real_save = Image.SAVE["JPEG"]
+
+def save_or_die(image, fp, filename):
+    global written
+    written += 1
+    if written < kill_at:
+        return real_save(image, fp, filename)
+    encoded = io.BytesIO()
+    real_save(image, encoded, filename)
+    fp.write(encoded.getvalue()[: len(encoded.getvalue()) // 2])
+    fp.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+Image.SAVE["JPEG"] = save_or_die
+convert_ucf101.main(sys.argv[2:])
+"""
+
+
+def test_a_kill_mid_frame_leaves_no_partial_frame_and_the_rerun_completes(synthetic, tmp_path):
+    out = tmp_path / "out"
+    args = ["--out_dir", str(out), "--video_dir", str(synthetic.root), "--num_workers", "0"]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_MID_FRAME, "11", *args], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    first, second = videos_of(synthetic.root, "train")[:2]
+    # The first video and two frames of the second were written; the third is only its temporary file.
+    on_disk = sorted((out / "images").rglob("*.jpg"))
+    assert on_disk == sorted([*frames_of(out, "train", first), *frames_of(out, "train", second)[:2]])
+    assert all(convert_ucf101.frame_problem(frame) is None for frame in on_disk)
+    partial = frames_of(out, "train", second)[2]
+    assert (partial.parent / (partial.name + convert_ucf101.PARTIAL_SUFFIX)).stat().st_size > 0
+    for frame in on_disk:
+        os.utime(frame, (OLD_MTIME, OLD_MTIME))
+
+    assert convert_ucf101.main(args) == 0
+    check_complete_output(out, synthetic.root, synthetic.frame_counts)
+    assert not list(out.rglob(f"*{convert_ucf101.PARTIAL_SUFFIX}"))
+    assert all(frame.stat().st_mtime == OLD_MTIME for frame in frames_of(out, "train", first))
 
 
 def _tar_with(path: Path, name: str, payload: bytes = b"evil") -> Path:
