@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import Levenshtein
+
 __all__ = [
     "levenshtein",
     "normalize_answer",
@@ -34,23 +36,14 @@ __all__ = [
 
 
 def levenshtein(a: str, b: str) -> int:
-    """Edit distance (insert, delete, substitute; each costs 1) between two strings."""
-    # Iterating over the longer string keeps the two rows as short as possible.
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, char_a in enumerate(a, start=1):
-        current = [i]
-        for j, char_b in enumerate(b, start=1):
-            current.append(
-                min(
-                    previous[j] + 1,
-                    current[j - 1] + 1,
-                    previous[j - 1] + (char_a != char_b),
-                )
-            )
-        previous = current
-    return previous[-1]
+    """Edit distance (insert, delete, substitute; each costs 1) between two strings.
+
+    Counted in Unicode code points, the unit of ``len`` that ANLS divides by.
+    """
+    # The maintained package the reference recipe installs (bit-parallel C++ via rapidfuzz): about
+    # 250x faster than a dynamic programme in Python on answer-length strings, and one less thing of our
+    # own to get right. tests/test_metrics.py keeps such a programme as the oracle it is checked against.
+    return Levenshtein.distance(a, b)
 
 
 def normalize_answer(text: str) -> str:

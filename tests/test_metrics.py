@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from common.metrics import (
@@ -29,6 +31,67 @@ from common.metrics import (
 )
 def test_levenshtein(a, b, expected):
     assert levenshtein(a, b) == expected
+    assert oracle_levenshtein(a, b) == expected
+
+
+def oracle_levenshtein(a: str, b: str) -> int:
+    """The textbook dynamic programme, slow but plainly right: the oracle for the package's distance."""
+    # Iterating over the longer string keeps the two rows as short as possible.
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+# Beyond ASCII: a combining accent and its precomposed form, CJK, emoji outside the BMP (two UTF-16
+# units each), a lone surrogate, NUL, and U+0161 and U+10061, whose low 8 and 16 bits are those of 'a':
+# an implementation truncating characters would confuse them with it.
+UNICODE = "ae\u0301\u00e9\u6f22\u5b57\U0001f600\U0001f44d\U0001f3fd\u200d\ud800\x00\u0161\U00010061"
+ALPHABETS = ["ab", "abcdefghij ", "".join(map(chr, range(32, 127))), UNICODE]
+
+
+def _random_pair(rng: random.Random, max_length: int) -> tuple[str, str]:
+    alphabet = rng.choice(ALPHABETS)
+    a = "".join(rng.choices(alphabet, k=rng.choice([0, rng.randint(0, max_length)])))
+    if rng.random() < 0.5:
+        return a, "".join(rng.choices(alphabet, k=rng.randint(0, max_length)))
+    # A few edits of `a`: near matches, the case ANLS scores, where distances are small.
+    b = list(a)
+    for _ in range(rng.randint(0, 1 + max_length // 10)):
+        position = rng.randint(0, len(b))
+        operation = rng.choice(["insert", "delete", "substitute"])
+        if operation == "insert" or position == len(b):
+            b.insert(position, rng.choice(alphabet))
+        elif operation == "delete":
+            del b[position]
+        else:
+            b[position] = rng.choice(alphabet)
+    return a, "".join(b)
+
+
+def test_levenshtein_agrees_with_the_oracle_on_random_strings():
+    rng = random.Random(13)
+    # Short answers, then strings past 64 and 128 characters, where bit-parallel implementations switch
+    # from one machine word to several.
+    pairs = [_random_pair(rng, 24) for _ in range(3000)] + [_random_pair(rng, 300) for _ in range(40)]
+    assert any(not a or not b for a, b in pairs) and any(min(len(a), len(b)) > 128 for a, b in pairs)
+    mismatches = [(a, b) for a, b in pairs if levenshtein(a, b) != oracle_levenshtein(a, b)]
+    assert not mismatches, mismatches[:5]
+
+
+def test_levenshtein_counts_code_points_like_len():
+    # ANLS divides the distance by max(len(p), len(g)), so both must count the same units.
+    for text in ["\U0001f600", "\u6f22\u5b57", "e\u0301", "\ud800", "\U0001f44d\U0001f3fd"]:
+        assert levenshtein(text, "") == len(text)
+    assert levenshtein("\U0001f600", "\U0001f601") == 1
+    # No Unicode normalisation: the precomposed and the combining spelling differ in code points.
+    assert levenshtein("\u00e9", "e\u0301") == 2
+    assert anls("\U0001f600" * 4 + "a", ["\U0001f600" * 4 + "b"]) == pytest.approx(0.8)
 
 
 def test_anls_exact_match_is_one():
