@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DEEPSPEED_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"
 ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
+SAVE_DTYPE_CHOICES = ("base", "float32", "bfloat16", "float16")
 
 
 class ArgumentError(ValueError):
@@ -67,6 +68,14 @@ class FinetuneArguments(TrainingArguments):
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
     merge_lora: bool = field(
         default=False, metadata={"help": "After LoRA training, also write the merged full model to OUTPUT_DIR/merged."}
+    )
+    save_dtype: str = field(
+        default="base",
+        metadata={
+            "help": "dtype of the final model's weights (and of OUTPUT_DIR/merged): the base checkpoint's (bf16 for the "
+            "official one), or float32, bfloat16, float16. Checkpoints for resume keep full precision.",
+            "choices": SAVE_DTYPE_CHOICES,
+        },
     )
     # The reference recipe's batch and optimiser flags
     batch_size: int = field(default=64, metadata={"help": "Global batch size (all GPUs, all accumulation steps)."})

@@ -8,6 +8,9 @@ The published file was written for remote code on transformers 4.x. Three of its
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPVisionConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -106,6 +109,34 @@ class Phi3VConfig(Phi3Config):
         output = super().to_dict()
         output.pop("auto_map", None)
         return output
+
+    def official_dict(self) -> dict:
+        """This config in the published file's keys and forms, which the checkpoint's own code (transformers
+        4.x), vLLM and SGLang read: ``rope_scaling`` ``{"type": "su", ...}`` and ``rope_theta`` instead of
+        transformers 5's ``rope_parameters``, ``torch_dtype`` instead of ``dtype``, and no ``vision_config`` for
+        the standard CLIP ViT-L/14-336 tower (the published file names it by ``img_processor.model_name``).
+        ``auto_map`` depends on where the code lives, so `common.export` adds it."""
+        output = self.to_diff_dict()
+        rope = output.pop("rope_parameters", None) or {}
+        output["rope_theta"] = rope.get("rope_theta", 10000.0)
+        if rope.get("rope_type") == "longrope":
+            output["rope_scaling"] = {"type": "su", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]}
+        else:
+            output["rope_scaling"] = None
+        output["torch_dtype"] = output.pop("dtype", None) or "float32"
+        vision = output.pop("vision_config", None)
+        if vision is not None and not _is_standard_tower(vision):
+            output["vision_config"] = vision
+        return output
+
+    def to_json_file(self, json_file_path, use_diff: bool = True):
+        # Every save (save_pretrained, the Trainer's checkpoints) writes the published form; transformers 5's
+        # form stays in memory only, as reading the published form back gives the same config.
+        Path(json_file_path).write_text(json.dumps(self.official_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _is_standard_tower(vision: dict) -> bool:
+    return all(vision.get(key) == value for key, value in CLIP_VIT_L_14_336.items() if key != "projection_dim")
 
 
 __all__ = ["Phi3VConfig", "CLIP_VIT_L_14_336"]

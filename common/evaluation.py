@@ -24,19 +24,12 @@ from tqdm import tqdm
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .collator import Phi3VGenerationCollator
+from .export import follow_umask, stop_token_ids
 from .metrics import SCORERS
 
-__all__ = ["evaluate", "stop_token_ids"]
+__all__ = ["AnswerGenerator", "evaluate", "stop_token_ids"]
 
 logger = logging.getLogger(__name__)
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """The tokenizer's eos (``<|endoftext|>``) and ``<|end|>``: answers end with ``<|end|>`` (spec section 8)."""
-    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
-    if tokenizer.eos_token_id is None or end_id is None or end_id == tokenizer.unk_token_id:
-        raise ValueError("the tokenizer needs an eos token and a <|end|> token to know where an answer stops")
-    return list(dict.fromkeys([tokenizer.eos_token_id, end_id]))
 
 
 def _rank_and_world_size() -> tuple[int, int]:
@@ -87,10 +80,45 @@ def _write_json_atomically(path: Path, payload: dict) -> None:
             handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())
+        follow_umask(Path(handle.name))
         os.replace(handle.name, path)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
+
+
+class AnswerGenerator:
+    """Greedy answers for a batch of evaluation examples: the prompt building (`Phi3VGenerationCollator`), the
+    stop ids and the decoding that the evaluation and `common.predict` share, so an answer is the same
+    wherever it is generated. Call it under ``torch.no_grad()`` with the model in eval mode.
+
+    ``model`` may be a Phi3VForCausalLM, a PEFT model around one, or a DDP/DeepSpeed wrapper of either.
+    """
+
+    def __init__(self, model, processor, num_crops: int, max_new_tokens: int, synced_gpus: bool = False):
+        tokenizer = processor.tokenizer
+        self.tokenizer = tokenizer
+        self.collate = Phi3VGenerationCollator(processor, num_crops)
+        self.generator, base = _unwrap(model)
+        self.device, self.pixel_dtype = base.device, _pixel_dtype(base)
+        self.generation_kwargs = dict(
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop_token_ids(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+            synced_gpus=synced_gpus,
+        )
+
+    def __call__(self, examples: list[dict]) -> list[str]:
+        batch, _ = self.collate(examples)
+        batch = {key: value.to(self.device) for key, value in batch.items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self.pixel_dtype)
+        output_ids = self.generator.generate(**batch, **self.generation_kwargs)
+        prompt_width = batch["input_ids"].shape[1]
+        answers = self.tokenizer.batch_decode(output_ids[:, prompt_width:], skip_special_tokens=True)
+        return [answer.strip() for answer in answers]
 
 
 def evaluate(
@@ -131,40 +159,20 @@ def evaluate(
         # generate calls: shorter shards are filled with example 0 (None here), whose answer is discarded.
         shard += [None] * (math.ceil(num_examples / world_size) - len(shard))
 
-    tokenizer = processor.tokenizer
-    generation_kwargs = dict(
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stop_token_ids(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-        synced_gpus=synced_gpus,
-    )
     scorer = SCORERS[metric]
-    collate = Phi3VGenerationCollator(processor, num_crops)
-    generator, base = _unwrap(model)
-    device, pixel_dtype = base.device, _pixel_dtype(base)
-
+    answer = AnswerGenerator(model, processor, num_crops, max_new_tokens, synced_gpus=synced_gpus)
     records = []
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _full_parameters(generator, zero3):
+        with torch.no_grad(), _full_parameters(answer.generator, zero3):
             for start in tqdm(range(0, len(shard), batch_size), desc=desc, disable=rank != 0):
                 indices = shard[start : start + batch_size]
                 batch_examples = [examples[0 if index is None else index] for index in indices]
-                batch, _ = collate(batch_examples)
-                batch = {key: value.to(device) for key, value in batch.items()}
-                if "pixel_values" in batch:
-                    batch["pixel_values"] = batch["pixel_values"].to(pixel_dtype)
-                output_ids = generator.generate(**batch, **generation_kwargs)
-                prompt_width = batch["input_ids"].shape[1]
-                predictions = tokenizer.batch_decode(output_ids[:, prompt_width:], skip_special_tokens=True)
-                for index, example, prediction in zip(indices, batch_examples, predictions):
+                for index, example, prediction in zip(indices, batch_examples, answer(batch_examples)):
                     if index is None:
                         continue
                     references = list(example["references"])
-                    prediction = prediction.strip()
                     records.append(
                         {
                             "index": index,

@@ -12,7 +12,6 @@ This is a plain class rather than a transformers `ProcessorMixin`: given a Proce
 `save_pretrained`, `model_input_names` and `pad_token_id` from us.
 """
 
-import os
 import re
 
 import torch
@@ -83,9 +82,11 @@ class Phi3VProcessor:
 
     model_input_names = ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
 
-    def __init__(self, image_processor: Phi3VImageProcessor, tokenizer):
+    def __init__(self, image_processor: Phi3VImageProcessor, tokenizer, source: str | None = None):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
+        # The checkpoint folder or hub id this was loaded from: its code files and auto_map go with every save.
+        self.source = source
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, num_crops: int | None = None, **kwargs) -> "Phi3VProcessor":
@@ -103,14 +104,14 @@ class Phi3VProcessor:
         if num_crops is not None:
             kwargs["num_crops"] = num_crops
         image_processor = Phi3VImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        return cls(image_processor, tokenizer)
+        return cls(image_processor, tokenizer, source=str(pretrained_model_name_or_path))
 
-    def save_pretrained(self, save_directory, **kwargs) -> list[str]:
-        """Write the tokenizer files and preprocessor_config.json into `save_directory`."""
-        os.makedirs(save_directory, exist_ok=True)
-        files = list(self.tokenizer.save_pretrained(save_directory, **kwargs))
-        files += self.image_processor.save_pretrained(save_directory)
-        return files
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """Write the official checkpoint's tokenizer and processor files into `save_directory`, loadable by
+        transformers 4.x with the checkpoint's code and by 5.x (see `common.export.write_processor_files`)."""
+        from .export import write_processor_files
+
+        write_processor_files(self, save_directory)
 
     @property
     def pad_token_id(self) -> int | None:

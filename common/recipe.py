@@ -28,6 +28,7 @@ from .arguments import FinetuneArguments
 from .collator import Phi3VCollator
 from .conversation import DataError
 from .data import RecipeDataset
+from .export import SAVE_DTYPES, complete_model_folder, dtype_name, finalize_weights, follow_umask_in, load_merged, write_final_model
 from .plotting import plot_training_curves
 from .training import UnsafeCheckpointError, load_model, to_device
 from .validation import SkipLog, validate_training_data
@@ -114,6 +115,14 @@ class RecipeTrainer(Trainer):
             megabatch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return LengthGroupedSampler(megabatch, lengths=lengths)
         return super()._get_train_sampler(train_dataset)
+
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            folder = Path(output_dir or self.args.output_dir)
+            if (folder / "config.json").is_file():
+                complete_model_folder(folder, self.args.model_name_or_path, self.processing_class.tokenizer)
+            follow_umask_in(folder)
 
     def _save_checkpoint(self, model, trial):
         limit = self.args.save_total_limit
@@ -208,11 +217,14 @@ def train(trainer: RecipeTrainer, args: FinetuneArguments):
 
 
 def save_final(trainer: RecipeTrainer, args: FinetuneArguments, processor) -> Path:
-    """Full model (official weight names, safetensors) or LoRA adapter, plus the processor, in output_dir."""
+    """The final model or LoRA adapter, plus the processor, in output_dir, in the official checkpoint's format
+    (`common.export`); a full model in the base's dtype unless --save_dtype says otherwise."""
     output_dir = Path(args.output_dir)
     trainer.save_model(str(output_dir))
     if trainer.args.should_save:
-        processor.save_pretrained(output_dir)
+        if args.training_mode in ("full", "frozen_vision"):
+            dtype = finalize_weights(output_dir, args.model_name_or_path, SAVE_DTYPES.get(args.save_dtype))
+            logger.info("final model written to %s with %s weights", output_dir, dtype_name(dtype))
         trainer.save_state()
     barrier()
     if args.merge_lora:
@@ -221,12 +233,12 @@ def save_final(trainer: RecipeTrainer, args: FinetuneArguments, processor) -> Pa
 
 
 def merge_lora_adapter(args: FinetuneArguments, adapter_dir: Path, merged_dir: Path, processor) -> None:
-    """Merge into a freshly loaded 16-bit base: adapters cannot be folded into 4-bit weights exactly."""
+    """Merge into the base loaded afresh in fp32 (adapters cannot be folded into 4-bit weights exactly), then
+    write it as a final model in the base's dtype or --save_dtype."""
     if is_main_process():
-        merged = load_trained_model(args, adapter_dir, quantize=False).merge_and_unload()
-        merged.save_pretrained(merged_dir)
-        processor.save_pretrained(merged_dir)
-        logger.info("merged LoRA model written to %s", merged_dir)
+        merged = load_merged(adapter_dir, args.model_name_or_path)
+        dtype = write_final_model(merged, processor, merged_dir, args.model_name_or_path, SAVE_DTYPES.get(args.save_dtype))
+        logger.info("merged LoRA model written to %s with %s weights", merged_dir, dtype_name(dtype))
         del merged
     barrier()
 

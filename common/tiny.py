@@ -5,8 +5,9 @@
 DIR then holds config.json (official keys: "su" rope scaling, embd_layer, img_processor, even the
 ``_attn_implementation``/``auto_map`` entries the published file carries), model.safetensors with the
 official weight names (including the unused last CLIP layer and post_layernorm, as in the real file),
-generation_config.json, preprocessor_config.json and tokenizer files with the Phi-3 special tokens and chat
-template. Every script accepts DIR as ``--model_name_or_path``. Nothing is downloaded.
+generation_config.json, preprocessor_config.json, processor_config.json and the tokenizer files of the
+official layout (tokenizer_config.json naming LlamaTokenizer, with the Phi-3 special tokens and chat
+template). Every script accepts DIR as ``--model_name_or_path``. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .configuration_phi3v import CLIP_VIT_L_14_336, Phi3VConfig
+from .export import write_tokenizer_files
 from .modeling_phi3v import Phi3VForCausalLM
 from .tiny_tokenizer import build_tiny_tokenizer
 
@@ -47,6 +49,10 @@ PREPROCESSOR_CONFIG = {
     "image_std": [0.26862954, 0.26130258, 0.27577711],
     "num_crops": 4,
     "num_img_tokens": 144,
+    "processor_class": "Phi3VProcessor",
+}
+PROCESSOR_CONFIG = {
+    "auto_map": {"AutoProcessor": "processing_phi3_v.Phi3VProcessor"},
     "processor_class": "Phi3VProcessor",
 }
 
@@ -143,7 +149,8 @@ def build_tiny_checkpoint(
         + "\n"
     )
     (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
-    build_tiny_tokenizer().save_pretrained(out)
+    (out / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2) + "\n")
+    write_tokenizer_files(build_tiny_tokenizer(), out, base=None)
     return out
 
 

@@ -134,7 +134,7 @@ def test_known_predictions_score_exactly(scripted, processor, tmp_path, metric):
     for call in scripted.calls:
         assert not call["training"] and not call["grad"]
         assert call["do_sample"] is False and call["use_cache"] is True and call["synced_gpus"] is False
-        assert call["eos_token_id"] == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")]
+        assert call["eos_token_id"] == stop_token_ids(tokenizer)
         assert call["pad_token_id"] == tokenizer.pad_token_id
     with_images = [("pixel_values" in call, "image_sizes" in call) for call in scripted.calls]
     assert with_images == [(True, True), (False, False), (True, True)]
@@ -172,7 +172,7 @@ def test_bad_arguments_fail_before_any_work(scripted, processor, tmp_path):
 
 def test_stop_tokens_come_from_the_tokenizer(processor):
     tokenizer = processor.tokenizer
-    assert stop_token_ids(tokenizer) == [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|end|>")]
+    assert stop_token_ids(tokenizer) == [tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext|>", "</s>")] == [32007, 32000, 2]
 
 
 def _distributed_worker(rank, port, checkpoint, out_dir):

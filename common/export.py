@@ -1,0 +1,480 @@
+"""Outputs in the official checkpoint's format, and the export command.
+
+Every folder a run writes that holds a model (the final model, ``checkpoint-N``, ``OUTPUT_DIR/merged``) loads
+wherever ``microsoft/Phi-3.5-vision-instruct`` loads: transformers 4.x with the checkpoint's own code
+(``trust_remote_code=True``), vLLM, SGLang, and our classes. What makes it so:
+
+- config.json in the published keys and forms (`Phi3VConfig.official_dict`) plus the base's ``auto_map``;
+- generation_config.json stopping at every id the evaluation stops at (`stop_token_ids`);
+- tokenizer and processor files in the 4.x form (`Phi3VProcessor.save_pretrained` writes them with
+  `write_processor_files`), with the ``num_crops`` the run trained with;
+- the checkpoint's own code: the base folder's ``.py`` files copied unchanged, or, for a hub base, ``auto_map``
+  entries of the form ``repo--module.Class`` that transformers resolves from the base repository. We never
+  write or ship that code ourselves;
+- final models only (`finalize_weights`): weights in the base checkpoint's dtype (or ``--save_dtype``), and
+  the unused last CLIP layer and ``post_layernorm`` copied from the base, so the weight names are exactly the
+  base's. Checkpoints for resume keep the training precision and only the weights the model holds.
+
+Export a LoRA run (merged into its base) or a full run as such a folder::
+
+    python -m common.export --adapter ./output/docvqa-lora --out ./export/docvqa-lora-merged
+    python -m common.export --model ./output/docvqa-full/checkpoint-400 --out ./export/docvqa-step400 --save_dtype bfloat16
+
+``--base`` overrides the base named in the adapter's adapter_config.json (or, for ``--model``, where the
+code files and ``auto_map`` come from: by default the model folder itself). The output folder must not exist
+unless ``--overwrite`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers.utils import cached_file
+
+from .conversation import error_reason
+
+logger = logging.getLogger(__name__)
+
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+TOWER_PREFIX = "model.vision_embed_tokens.img_processor.vision_model."
+# tokenizer_config.json keys that only transformers 5 writes and 4.x would pass on as tokenizer arguments.
+TRANSFORMERS5_TOKENIZER_KEYS = ("backend", "is_local", "local_files_only", "add_prefix_space")
+# Tokenizer classes that exist only in transformers 5; the official files name LlamaTokenizer.
+TRANSFORMERS5_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+class ExportError(ValueError):
+    """A bad input to an export; the message says which file or folder and what to do."""
+
+
+class BaseCheckpoint:
+    """The checkpoint a run or an export starts from: a local folder or a hub repository id.
+
+    Its files are read where they already are (the folder, or the hub cache); nothing is downloaded that
+    loading the model did not already fetch.
+    """
+
+    def __init__(self, source: str | os.PathLike):
+        self.source = str(source)
+        self.is_local = Path(self.source).is_dir()
+
+    def file(self, name: str) -> Path | None:
+        if self.is_local:
+            path = Path(self.source) / name
+            return path if path.is_file() else None
+        path = cached_file(
+            self.source,
+            name,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+        return Path(path) if path else None
+
+    def json(self, name: str) -> dict:
+        path = self.file(name)
+        if path is None:
+            return {}
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ExportError(f"{path}: not readable JSON ({error_reason(error)}); restore the base checkpoint's file") from error
+
+    def code_files(self) -> list[Path]:
+        return sorted(Path(self.source).glob("*.py")) if self.is_local else []
+
+    def auto_map(self, file_name: str) -> dict | None:
+        """The ``auto_map`` of one of the base's JSON files, pointing where the code really is from the output."""
+        auto_map = self.json(file_name).get("auto_map")
+        if not auto_map:
+            return None
+        if self.is_local:
+            return auto_map
+        return {auto: _on_hub(self.source, reference) for auto, reference in auto_map.items()}
+
+    def torch_dtype(self) -> torch.dtype:
+        config = self.json("config.json")
+        name = config.get("torch_dtype") or config.get("dtype") or "float32"
+        if name not in SAVE_DTYPES:
+            raise ExportError(f"{self.source}: config.json names dtype {name!r}; pass --save_dtype float32 or bfloat16")
+        return SAVE_DTYPES[name]
+
+    def weight_files(self) -> list[Path]:
+        index = self.file(SAFE_INDEX)
+        if index is not None:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [path for path in map(self.file, names) if path is not None]
+        single = self.file(SAFE_WEIGHTS)
+        return [single] if single is not None else []
+
+
+def _on_hub(repo: str, reference):
+    """``module.Class`` -> ``repo--module.Class``: transformers then loads the module from that repository."""
+    if isinstance(reference, (list, tuple)):
+        return [_on_hub(repo, item) for item in reference]
+    if reference is None or "--" in reference:
+        return reference
+    return f"{repo}--{reference}"
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def copy_code_files(base: BaseCheckpoint, folder: Path) -> list[Path]:
+    """The base folder's own code, byte for byte; a hub base's code is reached through ``auto_map`` instead."""
+    copied = []
+    for source in base.code_files():
+        target = folder / source.name
+        if source.resolve() != target.resolve():
+            shutil.copyfile(source, target)
+        copied.append(target)
+    return copied
+
+
+def warn_if_code_is_missing(base: BaseCheckpoint, folder: Path, auto_map: dict | None) -> None:
+    if not auto_map or not base.is_local:
+        return
+    modules = {str(ref).split(".")[0] for refs in auto_map.values() for ref in (refs if isinstance(refs, list) else [refs]) if ref and "--" not in str(ref)}
+    missing = sorted(module for module in modules if not (folder / f"{module}.py").is_file())
+    if missing:
+        logger.warning(
+            "%s: auto_map names %s, but the base folder %s has no such .py files to copy, so trust_remote_code "
+            "loading needs them added; our classes, vLLM and SGLang do not use them",
+            folder, ", ".join(f"{m}.py" for m in missing), base.source,
+        )
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Where an answer ends: ``<|end|>`` (answers end with it), the tokenizer's eos ``<|endoftext|>`` (the
+    reference stops there) and ``</s>``. The evaluation and every saved generation_config.json use these."""
+    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
+    if tokenizer.eos_token_id is None or end_id is None or end_id == tokenizer.unk_token_id:
+        raise ValueError("the tokenizer needs an eos token and a <|end|> token to know where an answer stops")
+    ids = [end_id, tokenizer.eos_token_id]
+    sentence_end = tokenizer.convert_tokens_to_ids("</s>")
+    if sentence_end is not None and sentence_end != tokenizer.unk_token_id:
+        ids.append(sentence_end)
+    return list(dict.fromkeys(ids))
+
+
+def write_generation_config(folder: Path, base: BaseCheckpoint, tokenizer) -> None:
+    """The base's generation_config.json with every stop id: the hub file stops only at ``</s>``, so a
+    fine-tuned model served from it would run past the ``<|end|>`` it learnt to emit."""
+    config = base.json("generation_config.json") or {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    config.pop("transformers_version", None)
+    config["eos_token_id"] = stop_token_ids(tokenizer)
+    # true would let transformers rebuild the generation config from config.json, whose eos is only </s>.
+    config["_from_model_config"] = False
+    write_json(folder / "generation_config.json", config)
+
+
+def complete_model_folder(folder: str | Path, base_source: str | os.PathLike, tokenizer) -> None:
+    """Everything around the weights of a saved model folder: auto_map, generation config, code files.
+
+    Run after ``save_pretrained`` wrote config.json (already in the published form) and the weights.
+    """
+    folder, base = Path(folder), BaseCheckpoint(base_source)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    base_config = base.json("config.json")
+    auto_map = base.auto_map("config.json")
+    if auto_map:
+        config["auto_map"] = auto_map
+    # The published file selects flash attention for its own code; keeping the base's choice keeps that code
+    # behaving as it does on the base (users switch it with attn_implementation, as documented for the base).
+    if "_attn_implementation" in base_config:
+        config["_attn_implementation"] = base_config["_attn_implementation"]
+    # Training turns the cache off; a served model without it would recompute the whole prefix per token.
+    config["use_cache"] = base_config.get("use_cache", True)
+    write_json(config_path, dict(sorted(config.items())))
+    write_generation_config(folder, base, tokenizer)
+    copy_code_files(base, folder)
+    warn_if_code_is_missing(base, folder, auto_map)
+    follow_umask_in(folder)
+
+
+def unused_base_tensors(base: BaseCheckpoint, present: set[str]) -> dict[str, torch.Tensor]:
+    """The base's vision-tower tensors our model does not build (the CLIP layer after the feature layer and
+    ``post_layernorm``). They never affect the output and never train; copying them makes the output's weight
+    names the base's, so the checkpoint's own code loads it without newly initialised weights."""
+    tensors = {}
+    for path in base.weight_files():
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                if name.startswith(TOWER_PREFIX) and name not in present:
+                    tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+def finalize_weights(folder: str | Path, base_source: str | os.PathLike, dtype: torch.dtype | None = None) -> torch.dtype:
+    """Cast a saved model's floating-point weights to `dtype` (default: the base's) and add the base's unused
+    tower tensors; config.json's ``torch_dtype`` then says what the files hold. Returns the dtype written."""
+    folder, base = Path(folder), BaseCheckpoint(base_source)
+    dtype = dtype or base.torch_dtype()
+    index_path = folder / SAFE_INDEX
+    index = json.loads(index_path.read_text()) if index_path.is_file() else None
+    shards = sorted(set(index["weight_map"].values())) if index else [SAFE_WEIGHTS]
+    if not all((folder / shard).is_file() for shard in shards):
+        raise ExportError(f"{folder}: no safetensors weights ({', '.join(shards)}); save the model with safetensors first")
+    present = set()
+    for shard in shards:
+        with safe_open(str(folder / shard), framework="pt") as handle:
+            present.update(handle.keys())
+    extra = unused_base_tensors(base, present)
+    total_bytes = 0
+    for position, shard in enumerate(tqdm(shards, desc=f"writing {dtype_name(dtype)} weights", unit="shard")):
+        tensors = load_file(str(folder / shard))
+        if position == len(shards) - 1:
+            tensors.update(extra)
+            if index:
+                index["weight_map"].update({name: shard for name in extra})
+        tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+        total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        replace_atomically(folder / shard, lambda path, tensors=tensors: save_file(tensors, str(path), metadata={"format": "pt"}))
+        del tensors
+    if index:
+        index.setdefault("metadata", {})["total_size"] = total_bytes
+        index["weight_map"] = dict(sorted(index["weight_map"].items()))
+        write_json(index_path, index)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["torch_dtype"] = dtype_name(dtype)
+    write_json(config_path, config)
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def replace_atomically(path: Path, write) -> None:
+    """`write(temporary_path)`, then rename over `path`: a crash mid-write leaves the old file whole. The file
+    gets the mode the umask gives new files (a temporary file would keep its private 0600)."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        follow_umask(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def follow_umask(*paths: Path) -> None:
+    """Give files the mode the process umask gives new files. safetensors and temporary files are written
+    0600, which would hide a shared cluster's weights and results from the rest of a group."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~mask)
+
+
+def follow_umask_in(folder: Path) -> None:
+    follow_umask(*(path for path in folder.glob("*.safetensors") if path.is_file()))
+
+
+def write_final_model(model, processor, folder: str | Path, base_source: str | os.PathLike, dtype: torch.dtype | None = None) -> torch.dtype:
+    """A whole model (e.g. LoRA merged into its base) as a final output folder; returns the weights' dtype."""
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    complete_model_folder(folder, base_source, processor.tokenizer)
+    return finalize_weights(folder, base_source, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer and processor files
+# ----------------------------------------------------------------------------------------------------------
+
+
+def write_tokenizer_files(tokenizer, folder: Path, base: BaseCheckpoint | None) -> None:
+    """The tokenizer in the files the official checkpoint has, readable by transformers 4.x and 5.x.
+
+    tokenizer.json and tokenizer.model are the base's own files when it has them (training never changes the
+    tokenizer, and 5.x would rewrite the pipeline inside tokenizer.json); tokenizer_config.json names
+    ``LlamaTokenizer`` (5.x writes ``TokenizersBackend``, which 4.x does not know) and holds the added tokens
+    and the chat template, next to special_tokens_map.json and added_tokens.json as 4.x writes them.
+    """
+    tokenizer.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer.model"):
+        source = base.file(name) if base is not None else None
+        if source is not None and source.resolve() != (folder / name).resolve():
+            shutil.copyfile(source, folder / name)
+    config = base.json("tokenizer_config.json") if base is not None else {}
+    config.update(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")))
+    for key in TRANSFORMERS5_TOKENIZER_KEYS:
+        config.pop(key, None)
+    if config.get("tokenizer_class") in (None, *TRANSFORMERS5_TOKENIZER_CLASSES):
+        config["tokenizer_class"] = "LlamaTokenizer"
+    config["add_bos_token"] = bool(getattr(tokenizer, "add_bos_token", True))
+    config["add_eos_token"] = bool(getattr(tokenizer, "add_eos_token", False))
+    config["added_tokens_decoder"] = {
+        str(token_id): {
+            "content": token.content,
+            "lstrip": token.lstrip,
+            "normalized": token.normalized,
+            "rstrip": token.rstrip,
+            "single_word": token.single_word,
+            "special": token.special,
+        }
+        for token_id, token in sorted(tokenizer.added_tokens_decoder.items())
+    }
+    if tokenizer.chat_template:
+        # 4.3x-4.4x read the template from tokenizer_config.json only.
+        config["chat_template"] = tokenizer.chat_template
+        (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config.setdefault("legacy", False)
+    config.setdefault("sp_model_kwargs", {})
+    write_json(folder / "tokenizer_config.json", dict(sorted(config.items())))
+    special = {
+        name: getattr(tokenizer, name)
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+        if getattr(tokenizer, name, None) is not None
+    }
+    write_json(folder / "special_tokens_map.json", special)
+    base_vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False)
+    added = {token.content: token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.content not in base_vocab}
+    write_json(folder / "added_tokens.json", dict(sorted(added.items(), key=lambda item: item[1])))
+
+
+def write_processor_files(processor, folder: str | Path) -> None:
+    """Tokenizer files, preprocessor_config.json and processor_config.json, each with the base's ``auto_map``
+    (so ``AutoProcessor`` with the checkpoint's code works) and the ``num_crops`` the processor uses."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = BaseCheckpoint(processor.source) if processor.source else None
+    write_tokenizer_files(processor.tokenizer, folder, base)
+    image_config = processor.image_processor.to_dict()
+    processor_config = {"processor_class": "Phi3VProcessor"}
+    if base is not None:
+        image_auto_map = base.auto_map("preprocessor_config.json")
+        processor_auto_map = base.auto_map("processor_config.json")
+        if processor_auto_map is None and image_auto_map and "AutoProcessor" in image_auto_map:
+            processor_auto_map = {"AutoProcessor": image_auto_map["AutoProcessor"]}
+        if image_auto_map:
+            image_config["auto_map"] = image_auto_map
+        if processor_auto_map:
+            processor_config["auto_map"] = processor_auto_map
+        copy_code_files(base, folder)
+    write_json(folder / "preprocessor_config.json", dict(sorted(image_config.items())))
+    write_json(folder / "processor_config.json", dict(sorted(processor_config.items())))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# python -m common.export
+# ----------------------------------------------------------------------------------------------------------
+
+
+def adapter_base(adapter: Path, base: str | None) -> str:
+    """--base, else the base named in the adapter's config; an error saying what to pass if neither loads."""
+    if base:
+        return base
+    config_path = adapter / "adapter_config.json"
+    named = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not named:
+        raise ExportError(f"{config_path} names no base model; pass --base with the checkpoint the adapter was trained on")
+    if not Path(named).is_dir() and (Path(named).is_absolute() or named.startswith((".", "/"))):
+        raise ExportError(
+            f"{config_path}: the base model {named} does not exist; pass --base with the checkpoint the adapter was "
+            "trained on (a folder or a hub id)"
+        )
+    return named
+
+
+def check_input_folder(path: Path, what: str, marker: str) -> None:
+    if not path.is_dir():
+        raise ExportError(f"{what} {path} does not exist or is not a folder")
+    if not (path / marker).is_file():
+        raise ExportError(f"{what} {path} has no {marker}; pass the folder a run wrote ({marker} is in it)")
+
+
+def prepare_output(out: Path, overwrite: bool, inputs: list[Path]) -> Path:
+    """A fresh temporary folder next to `out`, renamed onto it once complete."""
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists; choose another --out, or pass --overwrite to replace it")
+    for source in inputs:
+        if source.exists() and out.resolve() in (source.resolve(), *source.resolve().parents):
+            raise ExportError(f"--out {out} would replace the input {source}; choose another folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+
+
+def load_merged(adapter: Path, base_source: str):
+    """The base in fp32 with the adapter merged in: one rounding to the saved dtype, after the merge."""
+    from peft import PeftModel
+
+    from .modeling_phi3v import Phi3VForCausalLM
+
+    base = Phi3VForCausalLM.from_pretrained(base_source, dtype=torch.float32, use_safetensors=True)
+    model = PeftModel.from_pretrained(base, adapter)
+    return model.merge_and_unload(progress=True)
+
+
+def export(adapter: str | None, model: str | None, out: str, base: str | None, save_dtype: str | None, overwrite: bool) -> Path:
+    from .modeling_phi3v import Phi3VForCausalLM
+    from .processing_phi3v import Phi3VProcessor
+
+    out_path = Path(out)
+    if adapter:
+        source = Path(adapter)
+        check_input_folder(source, "--adapter", "adapter_config.json")
+        base_source = adapter_base(source, base)
+    else:
+        source = Path(model)
+        check_input_folder(source, "--model", "config.json")
+        base_source = base or str(source)
+    staging = prepare_output(out_path, overwrite, [source, Path(base_source)])
+    try:
+        try:
+            merged = load_merged(source, base_source) if adapter else Phi3VForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
+            # The processor the run saved carries its num_crops; the base's would bring its own.
+            processor = Phi3VProcessor.from_pretrained(source)
+        except OSError as error:
+            raise ExportError(f"could not load {source} (base {base_source}): {error_reason(error)}") from error
+        processor.source = base_source
+        dtype = write_final_model(merged, processor, staging, base_source, SAVE_DTYPES.get(save_dtype))
+        if out_path.exists():
+            shutil.rmtree(out_path)
+        os.replace(staging, out_path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("exported %s (%s weights) to %s", source, dtype_name(dtype), out_path)
+    return out_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m common.export", description=__doc__.split("\n\n")[0])
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--adapter", help="a LoRA/QLoRA run's output folder (adapter_config.json): merged into its base")
+    what.add_argument("--model", help="a full or frozen-vision run's output or checkpoint-N folder")
+    parser.add_argument("--out", required=True, help="folder to write; must not exist unless --overwrite")
+    parser.add_argument("--base", help="base checkpoint (folder or hub id); default: the adapter's base, or --model itself")
+    parser.add_argument("--save_dtype", choices=sorted(SAVE_DTYPES), help="weights dtype (default: the base's, bf16 for the official one)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        out = export(args.adapter, args.model, args.out, args.base, args.save_dtype, args.overwrite)
+    except ExportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
