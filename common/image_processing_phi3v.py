@@ -4,6 +4,7 @@ Each image becomes a grid of at most `num_crops` 336x336 tiles plus one 336x336 
 `hd_transform` for the geometry and `image_to_crops` for the tensors. The order of operations (PIL RGB
 conversion first, PIL bilinear resize, white padding, then normalisation and a torch bicubic global view)
 is what the published weights were trained with; changing any step changes pixels the model sees.
+`to_rgb` is the one conversion of any PIL image to the model's 8-bit RGB.
 """
 
 import math
@@ -50,6 +51,74 @@ def num_image_tokens(height: int, width: int, tokens_per_tile: int = 144) -> int
     return (h * w + 1) * tokens_per_tile + 1 + (h + 1) * per_row
 
 
+# Modes PIL converts to RGB by itself. Their samples are 8-bit, and PIL's plain convert("RGB") (transparency
+# dropped, not composited) is what the published weights were trained with (spec section 3), so these stay
+# exactly that. The others hold wider values that PIL would clip to 0..255 instead of scaling.
+_PIL_RGB_MODES = frozenset({"1", "L", "P", "PA", "LA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
+_UINT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+RGB_CONVERTIBLE_MODES = _PIL_RGB_MODES | _UINT16_MODES | {"La", "I", "F"}
+
+
+def check_rgb_convertible(mode: str) -> None:
+    """Raise ValueError unless `to_rgb` converts images of this PIL mode; needs only the mode, not the pixels."""
+    if mode not in RGB_CONVERTIBLE_MODES:
+        raise ValueError(
+            f"cannot convert an image of PIL mode {mode!r} to RGB (convertible modes: "
+            f"{', '.join(sorted(RGB_CONVERTIBLE_MODES))}); save the image as 8-bit RGB or grayscale, or convert it "
+            "to RGB yourself before it reaches the processor"
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A new, decoded 8-bit RGB copy of any PIL image; transparency is dropped, never composited.
+
+    8-bit modes go through PIL's own ``convert("RGB")``, bit for bit. "La" (premultiplied alpha, which PIL cannot
+    convert to RGB) is un-premultiplied first. Single-channel images with wider samples are scaled to 0..255
+    (see `_scale_to_uint8`) and repeated into the three channels, as PIL does for "L". Any other mode raises
+    ValueError naming it.
+    """
+    check_rgb_convertible(image.mode)
+    if image.mode in _PIL_RGB_MODES:
+        return image.convert("RGB")
+    if image.mode == "La":
+        return image.convert("LA").convert("RGB")
+    return Image.fromarray(_scale_to_uint8(np.asarray(image), image.mode), "L").convert("RGB")
+
+
+def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Wide single-channel samples mapped to 0..255, rounded half up.
+
+    - "I;16*": unsigned 16-bit, so 65535 is white: v * 255 / 65535 (the inverse of the usual v * 257 widening).
+    - "I" (signed 32-bit) carries no bit depth of its own. Pillow decodes 16-bit files into it (16-bit PGM/PPM,
+      some TIFFs, 16-bit PNGs in older Pillow), so values within 0..65535 are read as 16-bit, like "I;16".
+      Reading them by their maximum instead would give each file of a 16-bit data set its own white level.
+      Values outside that range come from a genuinely 32-bit or signed image, which has no standard white
+      level: such an image is stretched from its own minimum (black) to its maximum (white).
+    - "F" (32-bit float): values within 0.0..1.0 are read as the usual float image range (numpy, torch,
+      scikit-image, float TIFF exports), 1.0 white; else within 0..255 as Pillow's own float scale (what
+      ``convert("F")`` of an 8-bit image gives); else stretched from minimum to maximum as for "I". The one
+      image the first two readings confuse is a 0..255 one whose values all lie within 0..1, nearly black
+      either way, which comes out bright.
+      NaN or infinite values raise ValueError: there is no pixel value to give them.
+    """
+    if mode in _UINT16_MODES:
+        return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    values = values.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError(f"the {mode!r} image holds NaN or infinite values, which have no pixel value; replace them")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode == "I" and 0 <= low and high <= 65535:
+        white = 65535.0
+    elif mode == "F" and 0 <= low and high <= 1:
+        white = 1.0
+    elif mode == "F" and 0 <= low and high <= 255:
+        white = 255.0
+    else:
+        # A constant image has no range to stretch; it becomes black rather than dividing by zero.
+        values, white = values - low, (high - low) or 1.0
+    return np.clip(np.floor(values * (255 / white) + 0.5), 0, 255).astype(np.uint8)
+
+
 def _best_scale(ratio: float, num_crops: int) -> int:
     """Largest s with s * ceil(s / ratio) <= num_crops: s tiles across, as many rows as the aspect needs."""
     scale = 1
@@ -61,11 +130,11 @@ def _best_scale(ratio: float, num_crops: int) -> int:
 def hd_transform(image: Image.Image, num_crops: int) -> Image.Image:
     """Resize and pad one image to H x W (multiples of 336) holding at most `num_crops` tiles.
 
-    Returns an RGB PIL image. The conversion is PIL's plain `convert("RGB")`, which drops transparency:
-    compositing on white (as transformers' `convert_to_rgb` does) would give pixels the model never saw.
+    Returns an RGB PIL image. The conversion is `to_rgb`, which drops transparency: compositing on white (as
+    transformers' `convert_to_rgb` does) would give pixels the model never saw.
     """
     check_num_crops(num_crops)
-    image = image.convert("RGB")
+    image = to_rgb(image)
     # Work with the long side horizontal so one code path covers both orientations.
     transposed = image.width < image.height
     if transposed:

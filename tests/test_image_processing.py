@@ -16,6 +16,7 @@ from common.image_processing_phi3v import (
     hd_transform,
     image_to_crops,
     num_image_tokens,
+    to_rgb,
 )
 
 OFFICIAL_PREPROCESSOR_CONFIG = {
@@ -224,3 +225,108 @@ def test_official_config_round_trip(tmp_path):
     assert reloaded.to_dict() == overridden.to_dict()
     image = Image.new("RGB", (500, 200), (1, 2, 3))
     assert torch.equal(reloaded(image)["pixel_values"], overridden(image)["pixel_values"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Conversion to RGB (to_rgb): 8-bit modes exactly as PIL's convert("RGB"), wider samples scaled, not clipped
+
+
+def random_gray(seed: int, shape=(48, 80)) -> np.ndarray:
+    """8-bit gray noise that reaches both 0 and 255, so min..max stretching has nothing to stretch."""
+    values = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    values.flat[:2] = (0, 255)
+    return values
+
+
+def gray_rgb(values: np.ndarray) -> np.ndarray:
+    return np.repeat(values[..., None], 3, axis=2)
+
+
+@pytest.mark.parametrize("file_format, opened_mode", [("PNG", "I;16"), ("PPM", "I")])
+def test_16_bit_scan_gives_the_pixels_of_its_8_bit_version(processor, tmp_path, file_format, opened_mode):
+    # A 16-bit scan whose high byte is the 8-bit version, with unrelated low bytes, as a scanner writes it.
+    eight = random_gray(0, (300, 500))
+    low_bytes = np.random.default_rng(1).integers(0, 256, eight.shape)
+    sixteen = (eight.astype(np.int64) * 256 + low_bytes).astype(np.uint16)
+    path = tmp_path / f"scan.{file_format.lower()}"
+    Image.fromarray(sixteen).save(path, format=file_format)
+    path_8 = tmp_path / "scan-8.png"
+    Image.fromarray(eight).save(path_8)
+    with Image.open(path) as scan, Image.open(path_8) as scan_8:
+        assert scan.mode == opened_mode
+        assert np.abs(np.asarray(to_rgb(scan), dtype=int) - gray_rgb(eight)).max() <= 1
+        wide, narrow = processor(scan, num_crops=4)["pixel_values"], processor(scan_8, num_crops=4)["pixel_values"]
+    level = 1 / 255 / min(CLIP_STD) + 1e-5
+    # Tiles are the normalised pixels themselves: one level at most. The bicubic global view weighs 4 x 4 pixels
+    # with weights whose absolute values sum to at most 1.375 per axis, so it may differ by up to 1.375^2 levels.
+    assert (wide[:, 1:] - narrow[:, 1:]).abs().max() <= level
+    assert (wide[:, 0] - narrow[:, 0]).abs().max() <= 1.375**2 * level
+    # Today's plain convert("RGB") clips every 16-bit value above 255 to white.
+    with Image.open(path) as scan:
+        assert (np.asarray(scan.convert("RGB")) == 255).mean() > 0.99
+
+
+def test_16_bit_modes_of_both_byte_orders_agree():
+    eight = random_gray(2)
+    sixteen = eight.astype(np.uint16) * 257
+    big_endian = Image.frombytes("I;16B", (80, 48), sixteen.astype(">u2").tobytes())
+    little_endian = Image.frombytes("I;16L", (80, 48), sixteen.astype("<u2").tobytes())
+    for image in (big_endian, little_endian, Image.fromarray(sixteen), Image.fromarray(sixteen.astype(np.int32))):
+        assert np.array_equal(np.asarray(to_rgb(image)), gray_rgb(eight)), image.mode
+
+
+def test_float_and_32_bit_images_are_scaled():
+    eight = random_gray(3)
+    cases = {
+        "float 0..1": eight.astype(np.float32) / 255,
+        "float 0..255 (Pillow's scale)": eight.astype(np.float32),
+        "float, another range": eight.astype(np.float32) * 40 - 3000,
+        "32-bit, full range": eight.astype(np.int32) * (2**31 // 256),
+        "signed, like CT numbers": eight.astype(np.int32) * 12 - 1024,
+    }
+    for name, values in cases.items():
+        image = Image.fromarray(values)
+        assert image.mode in ("F", "I"), name
+        assert np.array_equal(np.asarray(to_rgb(image)), gray_rgb(eight)), name
+    with pytest.raises(ValueError, match="'F' image holds NaN or infinite values"):
+        to_rgb(Image.fromarray(np.array([[0.5, np.nan]], dtype=np.float32)))
+
+
+def test_8_bit_modes_convert_exactly_as_pil_convert():
+    rgba = Image.fromarray(np.random.default_rng(4).integers(0, 256, (48, 80, 4), dtype=np.uint8), "RGBA")
+    images = [rgba.convert(mode) for mode in ("1", "L", "LA", "RGB", "RGBa", "RGBX", "CMYK", "YCbCr", "HSV")]
+    images += [rgba, rgba.convert("RGB").quantize(64), Image.frombytes("LAB", rgba.size, rgba.convert("RGB").tobytes())]
+    images.append(Image.merge("PA", (images[-2], rgba.getchannel("A"))))
+    for image in images:
+        assert np.array_equal(np.asarray(to_rgb(image)), np.asarray(image.convert("RGB"))), image.mode
+
+
+def test_palette_transparency_is_dropped_not_composited(tmp_path):
+    palette = Image.new("P", (6, 4))
+    palette.putpalette([200, 10, 10, 0, 0, 255] + [0, 0, 0] * 254)
+    palette.putpixel((0, 0), 1)
+    palette.save(tmp_path / "logo.png", transparency=0)
+    with Image.open(tmp_path / "logo.png") as logo:
+        assert logo.mode == "P" and "transparency" in logo.info
+        pixels = np.asarray(to_rgb(logo))
+    # The transparent entry keeps its own colour, as convert("RGB") gives it; compositing would make it white.
+    assert pixels[0, 0].tolist() == [0, 0, 255] and pixels[1:, :].reshape(-1, 3).tolist() == [[200, 10, 10]] * 18
+
+
+def test_premultiplied_alpha_is_undone_before_the_alpha_is_dropped():
+    # PIL cannot convert "La" to RGB; 100 premultiplied by alpha 128 is a gray of about 199.
+    assert np.asarray(to_rgb(Image.new("La", (2, 2), (100, 128))))[0, 0].tolist() == [199, 199, 199]
+
+
+class ImageOfUnknownMode(Image.Image):
+    """Stands for a mode a future Pillow may add; every mode of Pillow 13 converts."""
+
+    mode = "XYZ;12"
+
+
+def test_unknown_mode_is_a_named_error(processor):
+    image = ImageOfUnknownMode()
+    with pytest.raises(ValueError, match=r"cannot convert an image of PIL mode 'XYZ;12' to RGB .*; save the image as 8-bit"):
+        to_rgb(image)
+    with pytest.raises(ValueError, match="PIL mode 'XYZ;12'"):
+        processor(image, num_crops=1)
