@@ -320,8 +320,11 @@ def write_tokenizer_files(tokenizer, folder: Path, base: BaseCheckpoint | None) 
         config.pop(key, None)
     if config.get("tokenizer_class") in (None, *TRANSFORMERS5_TOKENIZER_CLASSES):
         config["tokenizer_class"] = "LlamaTokenizer"
-    config["add_bos_token"] = bool(getattr(tokenizer, "add_bos_token", True))
-    config["add_eos_token"] = bool(getattr(tokenizer, "add_eos_token", False))
+    # From what encoding does: transformers 5's attributes need not match its post-processor, and 4.x rebuilds
+    # the post-processor from these two flags.
+    probe = tokenizer("a").input_ids
+    config["add_bos_token"] = probe[:1] == [tokenizer.bos_token_id]
+    config["add_eos_token"] = probe[-1:] == [tokenizer.eos_token_id]
     config["added_tokens_decoder"] = {
         str(token_id): {
             "content": token.content,
@@ -421,7 +424,7 @@ def load_merged(adapter: Path, base_source: str):
 
     base = Phi3VForCausalLM.from_pretrained(base_source, dtype=torch.float32, use_safetensors=True)
     model = PeftModel.from_pretrained(base, adapter)
-    return model.merge_and_unload(progress=True)
+    return model.merge_and_unload(progressbar=True)
 
 
 def export(adapter: str | None, model: str | None, out: str, base: str | None, save_dtype: str | None, overwrite: bool) -> Path:
