@@ -1,14 +1,18 @@
 """Batching of examples (common/conversation.py) into model inputs, for training and for generation.
 
 Both collators tokenize and preprocess images themselves, so they run in the DataLoader workers next to the
-image decoding. :func:`example_length` gives the exact token length of a training example from its text and
-image sizes alone, without touching pixels, for length-grouped sampling and for filtering by length.
+image decoding. :func:`example_tokens` gives the exact token length and number of supervised (labelled) tokens
+of a training example from its text and image sizes alone, without touching pixels, for length-grouped
+sampling and for the validation pass. Examples that fail in the training loader raise `LoadingError`, which
+reaches the user as the same one line from a DataLoader worker as from the main process.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -27,12 +31,50 @@ from .image_processing_phi3v import TILE, _best_scale, check_num_crops, num_imag
 from .processing_phi3v import Phi3VProcessor
 
 __all__ = [
+    "LoadingError",
     "Phi3VCollator",
     "Phi3VGenerationCollator",
+    "TokenCounts",
     "example_length",
+    "example_tokens",
     "hd_output_size",
     "image_size",
 ]
+
+
+# How torch re-raises an exception from a DataLoader worker (or its pin-memory thread) in the main process:
+# exc_type("Caught <name> in DataLoader worker process N.\nOriginal Traceback ...") with the worker's whole
+# formatted traceback as the message (torch.utils.data._utils.ExceptionWrapper.reraise).
+_REPORT_FROM_WORKER = re.compile(r"Caught \w+ in .+?\.\nOriginal Traceback")
+
+
+class LoadingError(ExampleError):
+    """An example that fails while the training loader reads, decodes or encodes it.
+
+    Raised in a DataLoader worker, torch re-raises it in the main process as this same type with the worker's
+    traceback as its message; the constructor takes the original one-line message back out of it (the
+    traceback's last line), so the user sees the same line as when the error happens in the main process.
+    """
+
+    def __init__(self, message: str = ""):
+        super().__init__(_message_from_worker_report(message, type(self)))
+
+
+def _message_from_worker_report(message, error_type: type) -> str:
+    if not isinstance(message, str) or not _REPORT_FROM_WORKER.match(message):
+        return message
+    prefix = f"{error_type.__module__}.{error_type.__qualname__}: "
+    for line in reversed(message.splitlines()):
+        if line.startswith(prefix):
+            return line[len(prefix) :]
+    return message
+
+
+class TokenCounts(NamedTuple):
+    """Token counts of one training example: all of them, and those with a label (what the loss learns from)."""
+
+    total: int
+    supervised: int
 
 
 def hd_output_size(size: tuple[int, int], num_crops: int) -> tuple[int, int]:
@@ -62,8 +104,9 @@ def image_size(image) -> tuple[int, int]:
     raise ExampleError(f"an image must be a PIL image or a file path, got {type(image).__name__}")
 
 
-def example_length(processor: Phi3VProcessor, example: dict, num_crops: int) -> int:
-    """Exact `len(encode_conversation(processor, example, num_crops))`, from text and image sizes only.
+def example_tokens(processor: Phi3VProcessor, example: dict, num_crops: int) -> TokenCounts:
+    """The token counts of `encode_conversation(processor, example, num_crops)`, from text and image sizes only:
+    its length, and how many of its labels are not IGNORE_INDEX (the answer tokens of every turn).
 
     Images may be PIL images (a lazily opened file is not decoded: only `.size` is read) or file paths.
     """
@@ -72,14 +115,24 @@ def example_length(processor: Phi3VProcessor, example: dict, num_crops: int) -> 
     check_messages(messages, len(images), for_training=True)
     tokens_per_tile = processor.image_processor.num_img_tokens
     counts = [num_image_tokens(*hd_output_size(image_size(image), num_crops), tokens_per_tile) for image in images]
-    suffix = answer_suffix(processor)
-    length = 0
+    total = supervised = 0
     for turn in range(0, len(messages), 2):
         prompt = prompt_text(processor, messages[turn]["content"])
-        length += len(processor.encode_with_images(prompt, counts if turn == 0 else []))
-        answer = messages[turn + 1]["content"] + suffix
-        length += len(processor.tokenizer(answer, add_special_tokens=False)["input_ids"])
-    return length
+        total += len(processor.encode_with_images(prompt, counts if turn == 0 else []))
+        answer = len(answer_ids(processor, messages[turn + 1]["content"]))
+        total += answer
+        supervised += answer
+    return TokenCounts(total, supervised)
+
+
+def example_length(processor: Phi3VProcessor, example: dict, num_crops: int) -> int:
+    """Exact `len(encode_conversation(processor, example, num_crops))`, from text and image sizes only."""
+    return example_tokens(processor, example, num_crops).total
+
+
+def answer_ids(processor: Phi3VProcessor, content: str) -> list[int]:
+    """The token ids an assistant message is trained on, as `encode_conversation` labels them."""
+    return processor.tokenizer(content + answer_suffix(processor), add_special_tokens=False)["input_ids"]
 
 
 def _describe(example, position: int) -> str:
@@ -135,11 +188,12 @@ class Phi3VCollator:
     ``pixel_values``/``image_sizes`` are as above. The loss equals the padded batch's loss.
 
     ``max_length``: image tokens cannot be cut and a cut answer teaches a wrong ending, so examples are
-    never truncated: an example longer than ``max_length`` tokens raises `ExampleError` naming it and its
-    length. Use `length_of` (exact, reads no pixels) to drop such examples before training. ``None``
-    allows any length.
+    never truncated: an example longer than ``max_length`` tokens raises `LoadingError` naming it and its
+    length. Use `length_of` (exact, reads no pixels) to drop such examples before training. ``None`` or 0
+    (``--max_length 0``) allows any length.
 
-    Any example that cannot be encoded raises `ExampleError` naming its ``id`` (or batch position). With a
+    Any example that cannot be encoded raises `LoadingError` (an `ExampleError`) naming its ``id`` (or batch
+    position), as one line also from a DataLoader worker. With a
     ``skip_log`` (`common.validation.SkipLog`, from ``--skip_bad_examples``) such examples, and the ``None``
     items a `RecipeDataset` with a skip log yields for rows it could not read, are dropped from the batch and
     recorded instead; a batch left with no example still raises.
@@ -153,12 +207,12 @@ class Phi3VCollator:
         padding_free: bool = False,
         skip_log=None,
     ):
-        valid_int = isinstance(max_length, int) and not isinstance(max_length, bool) and max_length >= 1
+        valid_int = isinstance(max_length, int) and not isinstance(max_length, bool) and max_length >= 0
         if max_length is not None and not valid_int:
-            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+            raise ValueError(f"max_length must be a non-negative int (0 or None: no limit), got {max_length!r}")
         self.processor = processor
         self.num_crops = check_num_crops(num_crops)
-        self.max_length = max_length
+        self.max_length = max_length or None
         self.padding_free = bool(padding_free)
         self.pad_token_id = _pad_id(processor)
         self.skip_log = skip_log
@@ -170,16 +224,16 @@ class Phi3VCollator:
     def encode(self, example: dict, position: int = 0) -> EncodedExample:
         """`encode_conversation` with errors that name the example, and the `max_length` check."""
         if not isinstance(example, dict):
-            raise ExampleError(f"batch position {position} holds a {type(example).__name__}, not an example dict")
+            raise LoadingError(f"batch position {position} holds a {type(example).__name__}, not an example dict")
         try:
             encoded = encode_conversation(self.processor, example, self.num_crops)
         except (ValueError, TypeError, OSError) as error:
-            raise ExampleError(
+            raise LoadingError(
                 f"{_describe(example, position)} cannot be encoded: {error}. Fix the example (or the code that "
                 "converts its row), or filter it out before training."
             ) from error
         if self.max_length is not None and len(encoded) > self.max_length:
-            raise ExampleError(
+            raise LoadingError(
                 f"{_describe(example, position)} is {len(encoded)} tokens long, more than max_length="
                 f"{self.max_length}; image tokens cannot be truncated. Raise max_length, lower num_crops "
                 f"(now {self.num_crops}), or drop the examples whose length_of() exceeds max_length."
@@ -200,7 +254,7 @@ class Phi3VCollator:
                     raise
                 self.skip_log.record(str(error), stage="encoding")
         if not encoded:
-            raise ExampleError(
+            raise LoadingError(
                 f"all {len(examples)} examples of this batch were skipped as unusable (see the warnings above); "
                 "the data has too many bad rows to train on"
             )

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.collator import Phi3VCollator, Phi3VGenerationCollator, example_length, hd_output_size
+from common.collator import Phi3VCollator, Phi3VGenerationCollator, example_length, example_tokens, hd_output_size
 from common.conversation import IGNORE_INDEX, ExampleError, encode_conversation, encode_prompt
 from common.image_processing_phi3v import hd_transform
 from common.modeling_phi3v import Phi3VForCausalLM
@@ -169,8 +169,10 @@ def test_max_length_names_the_example(processor):
         Phi3VCollator(processor, NUM_CROPS, max_length=length - 1)([SINGLE, MULTI])
     with pytest.raises(ExampleError, match=r"batch position 0 \(it has no 'id'\) is \d+ tokens long"):
         Phi3VCollator(processor, NUM_CROPS, max_length=10, padding_free=True)([{k: v for k, v in SINGLE.items() if k != "id"}])
-    with pytest.raises(ValueError, match="max_length must be a positive int"):
-        Phi3VCollator(processor, NUM_CROPS, max_length=0)
+    # 0 is --max_length 0: no limit.
+    assert Phi3VCollator(processor, NUM_CROPS, max_length=0)([MULTI])["input_ids"].shape == (1, length)
+    with pytest.raises(ValueError, match=r"max_length must be a non-negative int \(0 or None: no limit\)"):
+        Phi3VCollator(processor, NUM_CROPS, max_length=-1)
 
 
 def test_bad_example_is_named(processor):
@@ -186,6 +188,13 @@ def test_length_of_is_exact_without_pixels(processor):
     assert collator.length_of(SINGLE) == len(expected_rows(processor)[0][0])
     for num_crops in (1, 16):
         assert example_length(processor, MULTI, num_crops) == len(encode_conversation(processor, MULTI, num_crops))
+
+
+def test_token_counts_match_the_labels(processor):
+    for example in (SINGLE, MULTI, TEXT_ONLY):
+        encoded = encode_conversation(processor, example, NUM_CROPS)
+        supervised = sum(label != IGNORE_INDEX for label in encoded.labels)
+        assert example_tokens(processor, example, NUM_CROPS) == (len(encoded), supervised)
 
 
 def test_hd_output_size_matches_hd_transform():
