@@ -1,8 +1,9 @@
 """Rows -> examples: a lazy Dataset over any row source, and the JSONL format for bringing your own data.
 
 `RecipeDataset` turns rows (of a `datasets.Dataset` or a list) into the examples of `common/conversation.py`
-one at a time, inside the DataLoader workers, so image decoding is spread over them. Its `lengths` gives each
-example's exact token length without decoding pixels, for length-grouped batching and length filtering.
+one at a time, inside the DataLoader workers, so image decoding is spread over them. Its `scan` (the validation
+pass) gives each example's exact token counts from image headers, and can check on a thread pool that every
+image file decodes; its `lengths` gives the token lengths alone, for length-grouped batching.
 
 `load_jsonl_conversations` / `jsonl_eval_examples` read the custom-data JSONL format (the format
 `convert_ucf101.py` writes) eagerly, checking every line and image file up front, and leave image decoding to
@@ -15,19 +16,31 @@ import io
 import json
 import operator
 import os
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin
 from tqdm import tqdm
 
-from .collator import example_length
-from .conversation import DataError, ExampleError, check_messages
+from .collator import LoadingError, TokenCounts, example_tokens
+from .conversation import DataError, ExampleError, check_messages, error_reason
+from .image_processing_phi3v import check_rgb_convertible, to_rgb
 from .processing_phi3v import IMAGE_TAG_PATTERN, Phi3VProcessor
 
-__all__ = ["RecipeDataset", "load_image", "load_jsonl_conversations", "jsonl_eval_examples"]
+__all__ = [
+    "RecipeDataset",
+    "ScannedRow",
+    "check_image_decodes",
+    "load_image",
+    "load_jsonl_conversations",
+    "jsonl_eval_examples",
+    "jsonl_prediction_examples",
+]
 
 # Below these sizes a progress bar would only flash by.
 PROGRESS_MIN_ROWS = 1000
@@ -37,12 +50,50 @@ PROGRESS_MIN_BYTES = 1 << 20
 LENGTH_SLICE_ROWS = 256
 # EXIF orientations that swap width and height; `datasets` turns such images upright when it decodes them.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+# Rows the validation pass reads ahead of the oldest row whose images are still being decoded: enough to keep
+# every decoding thread busy, few enough that the raw image bytes held meanwhile stay small.
+SCAN_AHEAD_ROWS = 256
 
 
 def load_image(path) -> Image.Image:
-    """Open an image file and decode it as RGB (PIL's plain convert: transparency is dropped, not composited)."""
+    """Open an image file and decode it as RGB with `to_rgb` (transparency is dropped, not composited)."""
     with Image.open(path) as image:
-        return image.convert("RGB")
+        return to_rgb(image)
+
+
+def check_image_decodes(source) -> None:
+    """Decode enough of one image file (a path, or the file's bytes) to find a truncated or damaged one.
+
+    Raises OSError (or PIL's UnidentifiedImageError) for a file that would fail while training reads it, and
+    ValueError for a PIL mode `to_rgb` cannot convert. A JPEG is decoded at 1/8 scale: libjpeg still reads
+    every byte of the compressed data but skips most of the inverse DCT (~1.6x faster on a page scan). A PNG
+    is checked chunk by chunk against its CRCs without inflating the pixels (~15x faster than decoding):
+    truncation and damaged bytes fail the CRC or the chunk read. Other formats are decoded fully.
+    """
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        check_rgb_convertible(image.mode)
+        if isinstance(image, PngImagePlugin.PngImageFile):
+            image.verify()
+            return
+        if isinstance(image, JpegImagePlugin.JpegImageFile):
+            image.draft(image.mode, (1, 1))
+        image.load()
+
+
+def default_check_workers() -> int:
+    """Threads for the image checks of one process: its CPUs, shared with the other ranks of its node, which
+    run the same validation pass at the same time."""
+    ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, len(os.sched_getaffinity(0)) // ranks_on_node)
+
+
+class ScannedRow(NamedTuple):
+    """One row as the validation pass found it: its token counts, or the ExampleError that makes it unusable."""
+
+    index: int
+    example_id: object
+    tokens: TokenCounts | None
+    error: ExampleError | None
 
 
 ToExample = Callable[[object, int], Mapping]
@@ -112,25 +163,56 @@ class RecipeDataset(torch.utils.data.Dataset):
             return None
         return example
 
-    def scan(self, processor: Phi3VProcessor, num_crops: int) -> Iterator[tuple[int, int | ExampleError]]:
-        """(index, exact token length or the ExampleError of that row) for every row, reading no pixels."""
+    def scan(
+        self, processor: Phi3VProcessor, num_crops: int, decode_images: bool = False, workers: int | None = None
+    ) -> Iterator[ScannedRow]:
+        """Every row in order, with its exact token counts or the ExampleError of that row.
+
+        Token counts come from text and image headers. With `decode_images`, every image given as a file path
+        or stored in an image column of a `datasets.Dataset` is also checked with `check_image_decodes` on
+        `workers` threads (default: `default_check_workers`), so a truncated file stops the run here rather
+        than mid-training; PIL images that `to_example` hands over are taken as they are. The threads only
+        decode, which PIL does without holding the GIL; the tokenizer stays on this thread.
+        """
         rows = self._rows_for_lengths()
         progress = tqdm(range(len(self)), desc=f"{self.name}: checking rows", unit="example", disable=len(self) < PROGRESS_MIN_ROWS)
-        for index in progress:
-            row, opened = None, []
-            try:
-                row, opened = next(rows)
-                if isinstance(row, Exception):
-                    unreadable, row = row, None
-                    raise unreadable
-                example = self._convert(row, index)
-                self._check(example)
-                yield index, example_length(processor, example, num_crops)
-            except Exception as error:
-                yield index, self._error(index, row, error)
-            finally:
-                for image in opened:
-                    image.close()
+        pool = ThreadPoolExecutor(workers or default_check_workers()) if decode_images else None
+        try:
+            pending: deque[tuple[ScannedRow, object, Future | None]] = deque()
+            for index in progress:
+                pending.append(self._scan_row(index, rows, processor, num_crops, pool))
+                while pending and (len(pending) > SCAN_AHEAD_ROWS or pending[0][2] is None or pending[0][2].done()):
+                    yield self._scan_result(*pending.popleft())
+            while pending:
+                yield self._scan_result(*pending.popleft())
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+
+    def _scan_row(self, index, rows, processor, num_crops, pool) -> tuple[ScannedRow, object, Future | None]:
+        """This thread's part of checking one row, and the future of its image checks (None if there are none)."""
+        row, opened = None, {}
+        try:
+            row, opened = next(rows)
+            if isinstance(row, Exception):
+                unreadable, row = row, None
+                raise unreadable
+            example = self._convert(row, index)
+            self._check(example)
+            tokens = example_tokens(processor, example, num_crops)
+            files = _image_files(example["images"], opened) if pool is not None else []
+            future = pool.submit(_check_image_files, files) if files else None
+            return ScannedRow(index, example["id"], tokens, None), row, future
+        except Exception as error:
+            return ScannedRow(index, None, None, self._error(index, row, error)), row, None
+        finally:
+            for image, _ in opened.values():
+                image.close()
+
+    def _scan_result(self, scanned: ScannedRow, row, future: Future | None) -> ScannedRow:
+        if future is not None and future.exception() is not None:
+            return scanned._replace(tokens=None, error=self._error(scanned.index, row, future.exception()))
+        return scanned
 
     def subset(self, indices: list[int]) -> "RecipeDataset":
         """The same dataset restricted to `indices` (in that order), keeping name, conversion and skip log."""
@@ -160,10 +242,10 @@ class RecipeDataset(torch.utils.data.Dataset):
         if cached is not None and cached[0] is processor:
             return list(cached[1])
         result = []
-        for _, length in self.scan(processor, num_crops):
-            if isinstance(length, ExampleError):
-                raise length
-            result.append(length)
+        for scanned in self.scan(processor, num_crops):
+            if scanned.error is not None:
+                raise scanned.error
+            result.append(scanned.tokens.total)
         self._lengths[(id(processor), num_crops)] = (processor, result)
         return list(result)
 
@@ -189,22 +271,24 @@ class RecipeDataset(torch.utils.data.Dataset):
                 raise ExampleError(
                     f"images[{position}] is a {type(image).__name__}; give PIL images or image file paths"
                 )
+            if isinstance(image, Image.Image):
+                check_rgb_convertible(image.mode)
         check_messages(example.get("messages"), len(example["images"]), for_training=self.for_training)
         if not self.for_training:
             references = example.get("references")
             if not isinstance(references, list) or not references or not all(isinstance(r, str) for r in references):
                 raise ExampleError(f"'references' must be a non-empty list of strings, got {references!r:.200}")
 
-    def _error(self, index: int, row, error: Exception) -> ExampleError:
+    def _error(self, index: int, row, error: Exception) -> LoadingError:
         row_id = row.get("id") if isinstance(row, Mapping) else self._stored_id(index)
         where = f"{self.name} row {self.original_index(index)}" + (f" (id {row_id!r})" if row_id is not None else "")
         if isinstance(error, KeyError) and isinstance(row, Mapping):
             # The usual cause is a dataset without a column the recipe reads: name the columns it does have.
-            return ExampleError(
+            return LoadingError(
                 f"{where}: the row has no field {error}; its fields are {sorted(row)}. Point the recipe at data "
                 "in the schema it expects, or adapt its to_example function."
             )
-        return ExampleError(
+        return LoadingError(
             f"{where}: {type(error).__name__}: {error}. Fix this row of the data (or the to_example function "
             "that converts it), or pass --skip_bad_examples to leave such rows out."
         )
@@ -215,18 +299,19 @@ class RecipeDataset(torch.utils.data.Dataset):
             return self.source.with_format("arrow")[index : index + 1].column("id")[0].as_py()
         return None
 
-    def _rows_for_lengths(self) -> Iterator[tuple[object, list[Image.Image]]]:
-        """(row, images opened for it) per index; `datasets` rows come with image columns undecoded, and a row
-        whose images cannot even be opened comes as its exception."""
+    def _rows_for_lengths(self) -> Iterator[tuple[object, dict[int, tuple[Image.Image, bytes | str]]]]:
+        """(row, {id(image): (image, the bytes or path it was opened from)} for the images opened for it) per
+        index; `datasets` rows come with image columns undecoded, and a row whose images cannot even be opened
+        comes as its exception."""
         if not isinstance(self.source, datasets.Dataset):
             for index in range(len(self.source)):
-                yield self.source[index], []
+                yield self.source[index], {}
             return
         features = self.source.features
         raw = self.source.with_format("arrow")
         for start in range(0, len(raw), LENGTH_SLICE_ROWS):
             for values in raw[start : start + LENGTH_SLICE_ROWS].to_pylist():
-                opened: list[Image.Image] = []
+                opened: dict[int, tuple[Image.Image, bytes | str]] = {}
                 try:
                     row = {key: _decode_lazily(value, features[key], opened) for key, value in values.items()}
                 except Exception as error:
@@ -235,7 +320,30 @@ class RecipeDataset(torch.utils.data.Dataset):
                 yield row, opened
 
 
-def _decode_lazily(value, feature, opened: list[Image.Image]):
+def _image_files(images: list, opened: dict) -> list[tuple[str, bytes | str | os.PathLike]]:
+    """(name for errors, path or bytes) of each image of an example that comes from a file not decoded yet."""
+    files = []
+    for position, image in enumerate(images):
+        if isinstance(image, (str, os.PathLike)):
+            files.append((f"image file {image}", image))
+        elif id(image) in opened:
+            source = opened[id(image)][1]
+            files.append((f"images[{position}]" if isinstance(source, bytes) else f"image file {source}", source))
+    return files
+
+
+def _check_image_files(files: list[tuple[str, bytes | str | os.PathLike]]) -> None:
+    for name, source in files:
+        try:
+            check_image_decodes(source)
+        except ValueError as error:
+            # A mode to_rgb cannot convert: the file itself is fine.
+            raise ValueError(f"{name}: {error}") from error
+        except Exception as error:
+            raise OSError(f"{name} does not decode: {error_reason(error)}") from error
+
+
+def _decode_lazily(value, feature, opened: dict):
     """`datasets`' decoding of one raw value, except that images are opened without decoding their pixels."""
     if value is None:
         return None
@@ -252,15 +360,16 @@ def _decode_lazily(value, feature, opened: list[Image.Image]):
     return value
 
 
-def _open_image_lazily(value: dict, feature: datasets.Image, opened: list[Image.Image]) -> Image.Image:
+def _open_image_lazily(value: dict, feature: datasets.Image, opened: dict) -> Image.Image:
     if value.get("bytes") is not None:
         image = Image.open(io.BytesIO(value["bytes"]))
+        opened[id(image)] = image, value["bytes"]
     elif value.get("path") is not None and os.path.isfile(value["path"]):
         image = Image.open(value["path"])
+        opened[id(image)] = image, value["path"]
     else:
         # Remote paths need datasets' own fetching; such rows are rare enough to decode fully.
         return feature.decode_example(value)
-    opened.append(image)
     # A PNG's getexif decodes the pixels unless its EXIF chunk precedes them; EXIF after the pixel data is rare
     # enough to take such a PNG as upright.
     if image.format == "PNG" and "exif" not in image.info:
@@ -329,7 +438,17 @@ def jsonl_eval_examples(jsonl_path, image_root, skip_log=None) -> list[dict]:
     ]
 
 
-def _read_conversations(jsonl_path, image_root, skip_log=None) -> list[dict]:
+def jsonl_prediction_examples(jsonl_path, image_root) -> list[dict]:
+    """Examples to answer (`common.predict`) from a conversations JSONL file (format: `load_jsonl_conversations`).
+
+    Each line gives ``{"id", "source", "images", "messages": [the first user message], "references"}``: the
+    first turn is answered, its ``assistant`` text is optional and, when given, is the one reference; later turns
+    are ignored. The same checks as for training, with ``path:line`` in the message.
+    """
+    return _read_conversations(jsonl_path, image_root, answered=False)
+
+
+def _read_conversations(jsonl_path, image_root, skip_log=None, answered: bool = True) -> list[dict]:
     path = Path(jsonl_path)
     if not path.is_file():
         raise FileNotFoundError(f"conversations JSONL {path} does not exist or is not a file")
@@ -349,7 +468,7 @@ def _read_conversations(jsonl_path, image_root, skip_log=None) -> list[dict]:
         for line_number, raw in enumerate(handle, start=1):
             progress.update(len(raw))
             try:
-                record = _parse_line(raw, f"{path}:{line_number}", root, line_of_id)
+                record = _parse_line(raw, f"{path}:{line_number}", root, line_of_id, answered)
             except (DataError, FileNotFoundError) as error:
                 if skip_log is None:
                     raise
@@ -363,7 +482,7 @@ def _read_conversations(jsonl_path, image_root, skip_log=None) -> list[dict]:
     return records
 
 
-def _parse_line(raw: bytes, where: str, root: Path, line_of_id: dict[str, int]) -> dict | None:
+def _parse_line(raw: bytes, where: str, root: Path, line_of_id: dict[str, int], answered: bool = True) -> dict | None:
     """One line's example, None for a blank line; DataError/FileNotFoundError (naming `where`) if it is bad."""
     try:
         text = raw.decode("utf-8-sig")
@@ -378,7 +497,7 @@ def _parse_line(raw: bytes, where: str, root: Path, line_of_id: dict[str, int]) 
             f"{where}: invalid JSON ({error.msg} at column {error.colno}); every line must be one complete "
             "JSON object like {\"id\": ..., \"conversations\": [...]}"
         ) from None
-    record = _parse_record(record, where, root)
+    record = _parse_record(record, where, root, answered)
     if record["id"] in line_of_id:
         raise DataError(
             f"{where}: id {record['id']!r} is already used on line {line_of_id[record['id']]}; give every line its own id"
@@ -386,7 +505,8 @@ def _parse_line(raw: bytes, where: str, root: Path, line_of_id: dict[str, int]) 
     return record
 
 
-def _parse_record(record, where: str, root: Path) -> dict:
+def _parse_record(record, where: str, root: Path, answered: bool = True) -> dict:
+    """The line's example; with ``answered=False`` only the first turn, whose ``assistant`` may be missing."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object {{...}}, got a JSON {type(record).__name__}")
     for key in ("id", "conversations"):
@@ -402,6 +522,8 @@ def _parse_record(record, where: str, root: Path) -> dict:
             f"{where}: \"conversations\" must be a non-empty list of {{\"images\", \"user\", \"assistant\"}} turns"
         )
 
+    if not answered:
+        conversations = conversations[:1]
     images: list[str] = []
     messages: list[dict] = []
     for turn_index, turn in enumerate(conversations):
@@ -409,11 +531,11 @@ def _parse_record(record, where: str, root: Path) -> dict:
         if not isinstance(turn, dict):
             raise DataError(f"{turn_where} must be an object with \"user\" and \"assistant\", got {turn!r:.100}")
         for key in ("user", "assistant"):
-            if key not in turn:
+            if key not in turn and (answered or key == "user"):
                 raise DataError(
                     f"{turn_where}: missing key {key!r}; every turn needs \"user\" and \"assistant\" strings"
                 )
-            if not isinstance(turn[key], str):
+            if key in turn and not isinstance(turn[key], str):
                 raise DataError(f"{turn_where}: {key!r} must be a string, got {turn[key]!r:.100}")
         turn_images = turn.get("images", [])
         if not isinstance(turn_images, list):
@@ -422,17 +544,22 @@ def _parse_record(record, where: str, root: Path) -> dict:
             resolved = _resolve_image(relative, root, f"{turn_where}.images[{image_index}]")
             if resolved not in images:
                 images.append(resolved)
-        messages += [{"role": "user", "content": turn["user"]}, {"role": "assistant", "content": turn["assistant"]}]
+        messages += [{"role": "user", "content": turn["user"]}, {"role": "assistant", "content": turn.get("assistant", "")}]
 
     if images and not IMAGE_TAG_PATTERN.search(messages[0]["content"]):
         tags = "".join(f"<|image_{k}|>" for k in range(1, len(images) + 1))
         messages[0]["content"] = f"{tags}\n{messages[0]['content']}"
+    if not answered:
+        reference = messages.pop()["content"]
     try:
-        check_messages(messages, len(images), for_training=True)
+        check_messages(messages, len(images), for_training=answered)
     except ExampleError as error:
         # check_messages counts messages, two per turn; the file counts turns.
         raise DataError(f"{where}: {error} (message 2t is conversations[t].user, 2t+1 its assistant)") from None
-    return {"id": example_id, "source": source, "images": images, "messages": messages}
+    example = {"id": example_id, "source": source, "images": images, "messages": messages}
+    if not answered:
+        example["references"] = [reference] if reference.strip() else []
+    return example
 
 
 def _resolve_image(relative, root: Path, where: str) -> str:

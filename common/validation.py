@@ -1,20 +1,24 @@
 """The validation pass before training, and the record of skipped examples.
 
-Every training row is converted and checked before the first step (message structure, image tags against
-images, empty answers, image files that do not open, token length against ``--max_length``) without decoding
-pixels. By default the first problem stops the run with a message naming the row; with
-``--skip_bad_examples`` every bad row is left out, logged and counted, and so is any row that fails later,
-while its pixels are decoded. ``OUTPUT_DIR/skipped_examples.jsonl`` lists them all.
+Every training row is converted and checked before the first step: message structure, image tags against
+images, empty answers, image files that do not open or do not decode (a truncated JPEG, checked on a thread
+pool, see `RecipeDataset.scan`), images of a mode that cannot become RGB, token length against
+``--max_length``, and answers that leave no supervised token (nothing to learn). By default the first problem
+stops the run with a message naming the row; with ``--skip_bad_examples`` every bad row is left out, logged
+and counted, and so is any row that fails later, while its pixels are decoded.
+``OUTPUT_DIR/skipped_examples.jsonl`` lists them all. The pass ends with the token-length distribution of the
+rows kept and the id of the longest.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
-from .conversation import ExampleError
-from .data import RecipeDataset
+from .conversation import DataError, ExampleError
+from .data import RecipeDataset, ScannedRow
 
 logger = logging.getLogger(__name__)
 SKIP_LOG_NAME = "skipped_examples.jsonl"
@@ -47,24 +51,36 @@ class SkipLog:
 
 
 def validate_training_data(
-    dataset: RecipeDataset, processor, num_crops: int, max_length: int | None, skip_log: SkipLog | None
+    dataset: RecipeDataset,
+    processor,
+    num_crops: int,
+    max_length: int | None,
+    skip_log: SkipLog | None,
+    workers: int | None = None,
 ) -> RecipeDataset:
-    """Check every row up front; without a skip log the first bad row raises, with one bad rows are dropped."""
-    keep, problems = [], []
-    for index, length in dataset.scan(processor, num_crops):
-        if isinstance(length, int) and max_length is not None and length > max_length:
-            length = ExampleError(
-                f"{dataset.name} row {dataset.original_index(index)} is {length} tokens long, more than --max_length "
-                f"{max_length}. Image tokens cannot be cut: raise --max_length, lower --num_crops (now {num_crops}), "
-                "or pass --skip_bad_examples to drop such rows."
-            )
-        if isinstance(length, ExampleError):
+    """Check every row up front; without a skip log the first bad row raises, with one bad rows are dropped.
+
+    `max_length` None or 0 allows any length. `workers`: threads decoding images (default: this process's
+    share of the node's CPUs).
+    """
+    if len(dataset) == 0:
+        raise DataError(f"{dataset.name} holds no rows, so there is nothing to train on; check the data path and --max_train_samples")
+    keep: list[int] = []
+    lengths: list[int] = []
+    problems: list[ExampleError] = []
+    longest: ScannedRow | None = None
+    for scanned in dataset.scan(processor, num_crops, decode_images=True, workers=workers):
+        error = scanned.error or _unusable(dataset, scanned, num_crops, max_length)
+        if error is not None:
             if skip_log is None:
-                raise length
-            problems.append(length)
-            skip_log.record(str(length), stage="validation")
-        else:
-            keep.append(index)
+                raise error
+            problems.append(error)
+            skip_log.record(str(error), stage="validation")
+            continue
+        keep.append(scanned.index)
+        lengths.append(scanned.tokens.total)
+        if longest is None or scanned.tokens.total > longest.tokens.total:
+            longest = scanned
     if not keep:
         raise ExampleError(f"{dataset.name}: all {len(dataset)} rows are unusable; the first: {problems[0]}")
     if problems:
@@ -75,4 +91,36 @@ def validate_training_data(
         dataset = dataset.subset(keep)
     dataset.skip_log = skip_log
     logger.info("%s: %d rows checked, %d used for training", dataset.name, len(keep) + len(problems), len(keep))
+    logger.info("%s", length_summary(dataset.name, lengths, longest.example_id, max_length))
     return dataset
+
+
+def length_summary(name: str, lengths: list[int], longest_id, max_length: int | None) -> str:
+    """One line: min, median, p99 and max tokens per example (nearest-rank percentiles) and the longest's id."""
+    ordered = sorted(lengths)
+
+    def percentile(fraction: float) -> int:
+        return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+    limit = f"--max_length {max_length}" if max_length else "no --max_length limit"
+    return (
+        f"{name}: tokens per example: min {ordered[0]}, median {percentile(0.5)}, p99 {percentile(0.99)}, "
+        f"max {ordered[-1]} (id {longest_id!r}); {limit}"
+    )
+
+
+def _unusable(dataset: RecipeDataset, scanned: ScannedRow, num_crops: int, max_length: int | None) -> ExampleError | None:
+    where = f"{dataset.name} row {dataset.original_index(scanned.index)} (id {scanned.example_id!r})"
+    if max_length and scanned.tokens.total > max_length:
+        return ExampleError(
+            f"{where} is {scanned.tokens.total} tokens long, more than --max_length {max_length}. Image tokens cannot "
+            f"be cut: raise --max_length (0 turns the limit off) if the GPU has the memory, lower --num_crops (now "
+            f"{num_crops}), or pass --skip_bad_examples to drop such rows."
+        )
+    if scanned.tokens.supervised == 0:
+        return ExampleError(
+            f"{where} has no supervised token: every label is masked, so there is nothing to learn from it (training "
+            "on it gives loss 0). Check that its answers survive the to_example function and the chat template, or "
+            "pass --skip_bad_examples to drop such rows."
+        )
+    return None

@@ -5,10 +5,13 @@ import json
 import os
 
 import datasets
+import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFile
 
-from common.conversation import ExampleError, encode_conversation
+from common.collator import Phi3VCollator
+from common.conversation import DataError, ExampleError, encode_conversation
 from common.data import RecipeDataset, jsonl_eval_examples, load_jsonl_conversations
 from common.processing_phi3v import Phi3VProcessor
 
@@ -287,3 +290,31 @@ def test_lengths_of_a_hub_style_dataset_are_exact_without_decoding(processor, no
     calls.clear()
     assert dataset.lengths(processor, NUM_CROPS) == lengths
     assert calls == []
+
+
+def test_errors_from_dataloader_workers_are_the_same_one_line(tmp_path, processor):
+    # A truncated JPEG that slipped past validation (e.g. damaged after it), read by a DataLoader worker.
+    pixels = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "frame.jpg")
+    data = (tmp_path / "frame.jpg").read_bytes()
+    (tmp_path / "frame.jpg").write_bytes(data[: len(data) // 2])
+    rows = [{"id": "clip-7", "images": [str(tmp_path / "frame.jpg")],
+             "messages": [user("<|image_1|>\nWhich class?"), assistant("Archery")]}]
+    dataset = RecipeDataset(rows, name="ucf101 train")
+    with pytest.raises(DataError) as in_process:
+        dataset[0]
+
+    collator = Phi3VCollator(processor, NUM_CROPS, max_length=20)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=collator)
+    with pytest.raises(DataError) as from_worker:
+        next(iter(loader))
+    assert type(from_worker.value) is type(in_process.value)
+    assert str(from_worker.value) == str(in_process.value)
+    assert str(from_worker.value).startswith("ucf101 train row 0 (id 'clip-7'): OSError: image file is truncated")
+    assert "\n" not in str(from_worker.value)
+
+    # The collator's errors too (here: an example over max_length).
+    rows[0]["images"] = [Image.fromarray(pixels)]
+    loader = torch.utils.data.DataLoader(RecipeDataset(rows, name="ucf101 train"), batch_size=1, num_workers=1, collate_fn=collator)
+    with pytest.raises(DataError, match=r"^example 'clip-7' \(batch position 0\) is \d+ tokens long, more than max_length=20;[^\n]*$"):
+        next(iter(loader))
