@@ -1,5 +1,6 @@
 """The DocVQA recipe end to end on the tiny checkpoint and synthetic data, in every training mode."""
 
+import json
 import subprocess
 import sys
 
@@ -54,11 +55,18 @@ def test_full_finetuning_zero2_two_processes(tiny_checkpoint, docvqa_data, tmp_p
 
 def test_frozen_vision_keeps_tower_bit_identical(tiny_checkpoint, docvqa_data, tmp_path):
     out = tmp_path / "out"
-    result = run_script(SCRIPT, base_args(tiny_checkpoint, docvqa_data, out, "--freeze_vision_model", "--batch_size", "2"), tmp_path)
+    args = base_args(tiny_checkpoint, docvqa_data, out, "--freeze_vision_model", "--batch_size", "2", "--save_dtype", "bfloat16")
+    result = run_script(SCRIPT, args, tmp_path)
     assert_ok(result)
     before, after = weights(tiny_checkpoint / "model.safetensors"), weights(out / "model.safetensors")
+    # The final model is written in --save_dtype, with exactly the base's weight names; checkpoints stay fp32.
+    assert set(after) == set(before) and {t.dtype for t in after.values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert {t.dtype for t in weights(out / "checkpoint-2" / "model.safetensors").values()} == {torch.float32}
+    assert json.loads((out / "checkpoint-2" / "config.json").read_text())["rope_scaling"]["type"] == "su"
     frozen = [k for k in after if k.startswith(VISION)]
-    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert frozen and all(torch.equal(before[k].to(torch.bfloat16), after[k]) for k in frozen)
+    before = {k: v.to(torch.bfloat16) for k, v in before.items()}
     assert changed(before, after, "model.layers.") and changed(before, after, "model.embed_tokens.")
     assert "vision tower" in result.stderr + result.stdout
     read_eval(out, "before"), read_eval(out, "after")
@@ -74,9 +82,13 @@ def test_lora_two_processes_with_merge(tiny_checkpoint, docvqa_data, tmp_path):
     adapter = weights(out / "adapter_model.safetensors")
     assert any("vision_model.encoder.layers" in k for k in adapter) and any("qkv_proj" in k for k in adapter)
     assert any(k.endswith("lora_B.weight") and torch.count_nonzero(v) for k, v in adapter.items())
+    assert all(".lora_A." in k or ".lora_B." in k for k in adapter), "an adapter holds no copy of base weights"
+    assert all(".lora_" in k for k in weights(out / "checkpoint-2" / "adapter_model.safetensors"))
     merged = Phi3VForCausalLM.from_pretrained(out / "merged")
     base = weights(tiny_checkpoint / "model.safetensors")
     assert changed(base, merged.state_dict(), "model.layers.")
+    assert set(weights(out / "merged" / "model.safetensors")) == set(base)
+    assert json.loads((out / "merged" / "generation_config.json").read_text())["eos_token_id"] == [32007, 32000, 2]
     read_eval(out, "before"), read_eval(out, "after")
 
 
