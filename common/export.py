@@ -460,7 +460,7 @@ def export(adapter: str | None, model: str | None, out: str, base: str | None, s
     return out_path
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m common.export", description=__doc__.split("\n\n")[0])
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--adapter", help="a LoRA/QLoRA run's output folder (adapter_config.json): merged into its base")
@@ -469,7 +469,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", help="base checkpoint (folder or hub id); default: the adapter's base, or --model itself")
     parser.add_argument("--save_dtype", choices=sorted(SAVE_DTYPES), help="weights dtype (default: the base's, bf16 for the official one)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         out = export(args.adapter, args.model, args.out, args.base, args.save_dtype, args.overwrite)

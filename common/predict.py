@@ -1,4 +1,4 @@
-"""Run a fine-tuned Phi-3.5-vision (full, merged, or base + LoRA adapter) on new inputs.
+r"""Run a fine-tuned Phi-3.5-vision (full, merged, or base + LoRA adapter) on new inputs.
 
 One prompt, printing the answer::
 
@@ -10,9 +10,9 @@ Batch mode, one JSON line per example in input order: a conversations JSONL file
 folder of images, each with the same ``--prompt``. Batched, sharded over the ranks under torchrun, with a
 progress bar; killed and started again with the same command, it goes on where it stopped::
 
-    python -m common.predict --model ./output/ucf101-full --jsonl ./data/ucf101/ucf101_test.jsonl \\
+    python -m common.predict --model ./output/ucf101-full --jsonl ./data/ucf101/ucf101_test.jsonl \
         --image_root ./data/ucf101/images --output ./predictions/ucf101_test.jsonl
-    torchrun --nproc_per_node=8 -m common.predict --model ./output/docvqa-full --image_dir ./scans \\
+    torchrun --nproc_per_node=8 -m common.predict --model ./output/docvqa-full --image_dir ./scans \
         --prompt "What is the invoice number? Answer briefly." --output ./predictions/scans.jsonl
 
 ``--model`` may also be a LoRA run's output (its adapter_config.json names the base), or a base checkpoint

@@ -16,6 +16,8 @@ import pytest
 from .recipe_utils import REPO_ROOT, offline_env
 
 SCRIPTS = sorted(path.name for path in REPO_ROOT.glob("finetune_hf_trainer_*.py"))
+# The commands run as modules, and the file whose docstring documents each.
+TOOLS = {"common.export": "common/export.py", "common.predict": "common/predict.py"}
 
 
 def shell_commands(text: str) -> list[str]:
@@ -35,7 +37,7 @@ def shell_commands(text: str) -> list[str]:
 
 def documented_commands() -> list[tuple[str, str]]:
     sources = {"README.md": (REPO_ROOT / "README.md").read_text()}
-    for script in SCRIPTS + ["convert_ucf101.py"]:
+    for script in SCRIPTS + ["convert_ucf101.py", *TOOLS.values()]:
         sources[script] = (REPO_ROOT / script).read_text().split('"""')[1]
     return [(source, command) for source, text in sources.items() for command in shell_commands(text)]
 
@@ -79,3 +81,20 @@ def test_help_answers(script, tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--output_dir" in result.stdout or "--out_dir" in result.stdout
+
+
+def test_documented_export_and_predict_commands_parse():
+    import importlib
+
+    parsed = 0
+    for source, command in COMMANDS:
+        words = shlex.split(command)
+        for module_name in TOOLS:
+            if module_name in words:
+                module = importlib.import_module(module_name)
+                try:
+                    module.parse_args(words[words.index(module_name) + 1 :])
+                except SystemExit as stop:
+                    pytest.fail(f"{source}: `{command}` does not parse (exit {stop.code})")
+                parsed += 1
+    assert parsed >= 8
