@@ -194,9 +194,10 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
                     "positions; the text and the images do not belong together (wrong num_crops or image order?)"
                 )
             inputs_embeds = inputs_embeds.masked_scatter(image_positions.unsqueeze(-1), features.to(inputs_embeds.dtype))
-        elif self.training and torch.is_grad_enabled() and any(
-            p.requires_grad for p in self.vision_embed_tokens.parameters()
-        ):
+        elif self.training:
+            # Every training forward runs the tower once, with or without images and frozen or not: DDP needs its
+            # (zero) gradients, and ZeRO-3 or FSDP gather its weights per module call, collectively, so a rank
+            # that skipped it would leave the others waiting.
             inputs_embeds = inputs_embeds + self.vision_embed_tokens.zero_contribution().to(inputs_embeds.dtype)
         return inputs_embeds
 

@@ -256,6 +256,23 @@ def test_text_only_training_batch_reaches_every_vision_parameter(model):
     assert vision and all(g is not None and torch.count_nonzero(g) == 0 for _, g in vision)
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_every_training_forward_runs_the_tower_once(model, frozen):
+    """Ranks stay in step under ZeRO-3/FSDP: a text-only batch calls each tower layer as often as an image batch."""
+    m = Phi3VForCausalLM.from_pretrained(model.config._name_or_path).train()
+    if frozen:
+        m.model.vision_embed_tokens.requires_grad_(False)
+    calls = []
+    for layer in m.model.vision_embed_tokens.img_processor.vision_model.encoder.layers:
+        layer.register_forward_hook(lambda *_: calls.append(1))
+    text_only = torch.tensor([[1, 32010, 5, 6, 32007, 32001, 9, 32007]])
+    m(input_ids=text_only, labels=text_only).loss.backward()
+    text_calls, calls[:] = len(calls), []
+    ids, pixel_values, image_sizes = random_example([(1, 1)], seed=3)
+    m(input_ids=ids[None], pixel_values=pixel_values, image_sizes=image_sizes, labels=ids.clamp(min=0)[None]).loss.backward()
+    assert text_calls == len(calls) == len(m.model.vision_embed_tokens.img_processor.vision_model.encoder.layers)
+
+
 def test_generate_with_cache_equals_without_and_left_padded_batch(model):
     examples = [random_example([(1, 1)], seed=4), random_example([(1, 2), (1, 1)], prefix=(9, 9, 9), seed=5)]
     input_ids, attention_mask, pixel_values, image_sizes = pad_batch(examples, side="left")
