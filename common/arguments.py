@@ -26,6 +26,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DEEPSPEED_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"
 ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
 SAVE_DTYPE_CHOICES = ("base", "float32", "bfloat16", "float16")
+# pip names of the --report_to integrations whose package name differs from the integration's.
+LOGGER_PACKAGES = {"comet_ml": "comet-ml", "azure_ml": "azureml-core", "flyte": "flytekit"}
 
 
 class ArgumentError(ValueError):
@@ -107,6 +109,13 @@ class FinetuneArguments(TrainingArguments):
     )
     skip_bad_examples: bool = field(
         default=False, metadata={"help": "Log, count and skip unusable examples instead of stopping the run."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a new run in an --output_dir that holds another run's checkpoints or model: they are moved "
+            "into OUTPUT_DIR/previous-run-ID/ first (nothing is deleted)."
+        },
     )
     padding_free: bool = field(
         default=False, metadata={"help": "Pack each per-GPU batch into one row without padding (no padding compute)."}
@@ -205,6 +214,20 @@ class FinetuneArguments(TrainingArguments):
                 raise ArgumentError("--use_liger_kernel needs the liger-kernel package: pip install -r requirements-gpu.txt")
         if self.padding_free and self.attn_implementation == "eager" and not self.use_flash_attention:
             raise ArgumentError("--padding_free needs sdpa or flash attention (eager attention ignores the packing)")
+        self.check_loggers()
+
+    def check_loggers(self) -> None:
+        """A logger whose package is missing fails now, not after the model has loaded."""
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+        requested = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        if not set(requested) - {"none", "all"}:
+            return
+        available = set(get_available_reporting_integrations())
+        for name in requested:
+            if name in INTEGRATION_TO_CALLBACK and name not in available:
+                package = LOGGER_PACKAGES.get(name, name)
+                raise ArgumentError(f"--report_to {name} needs the {package} package: pip install {package}")
 
     @property
     def training_mode(self) -> str:

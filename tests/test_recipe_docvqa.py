@@ -56,9 +56,11 @@ def test_full_finetuning_zero2_two_processes(tiny_checkpoint, docvqa_data, tmp_p
 
 def test_frozen_vision_keeps_tower_bit_identical(tiny_checkpoint, docvqa_data, tmp_path):
     out = tmp_path / "out"
-    args = base_args(tiny_checkpoint, docvqa_data, out, "--freeze_vision_model", "--batch_size", "2", "--save_dtype", "bfloat16")
+    args = base_args(tiny_checkpoint, docvqa_data, out, "--freeze_vision_model", "--batch_size", "2", "--save_dtype", "bfloat16",
+                     "--report_to", "tensorboard")
     result = run_script(SCRIPT, args, tmp_path)
     assert_ok(result)
+    assert any(path.stat().st_size > 0 for path in out.rglob("events.out.tfevents.*")), "--report_to tensorboard writes events"
     before, after = weights(tiny_checkpoint / "model.safetensors"), weights(out / "model.safetensors")
     # The final model is written in --save_dtype, with exactly the base's weight names; checkpoints stay fp32.
     assert set(after) == set(before) and {t.dtype for t in after.values()} == {torch.bfloat16}
@@ -127,6 +129,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_checkpoint, docvqa_data, tmp_p
         (["--num_crops", "17"], "num_crops"),
         (["--batch_size", "3", "--batch_size_per_gpu", "2"], "divisible"),
         (["--merge_lora"], "--merge_lora"),
+        (["--report_to", "wandb"], "pip install wandb"),
     ],
 )
 def test_impossible_flag_combinations_fail_before_loading(tmp_path, flags, reason):
