@@ -269,8 +269,9 @@ def parse_args(*extra_dataclasses, argv: list[str] | None = None, defaults: dict
     except ArgumentError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except ValueError as error:
-        # TrainingArguments' own checks (e.g. an unknown --report_to) say what is wrong in one line too.
-        message = str(error).strip().splitlines()[0]
+        # TrainingArguments' own checks (e.g. an unknown --report_to) in one line too, but whole: their later
+        # lines often hold the values that explain the error.
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 

@@ -130,6 +130,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_checkpoint, docvqa_data, tmp_p
         (["--batch_size", "3", "--batch_size_per_gpu", "2"], "divisible"),
         (["--merge_lora"], "--merge_lora"),
         (["--report_to", "wandb"], "pip install wandb"),
+        (["--load_best_model_at_end", "--eval_strategy", "steps", "--save_strategy", "epoch"], "Save strategy: SaveStrategy.EPOCH"),
     ],
 )
 def test_impossible_flag_combinations_fail_before_loading(tmp_path, flags, reason):
