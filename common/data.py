@@ -2,8 +2,8 @@
 
 `RecipeDataset` turns rows (of a `datasets.Dataset` or a list) into the examples of `common/conversation.py`
 one at a time, inside the DataLoader workers, so image decoding is spread over them. Its `scan` (the validation
-pass) gives each example's exact token counts from image headers, and can check on a thread pool that every
-image file decodes; its `lengths` gives the token lengths alone, for length-grouped batching.
+pass) gives each example's exact token counts from image headers, and can check on a pool of processes that
+every image file decodes; its `lengths` gives the token lengths alone, for length-grouped batching.
 
 `load_jsonl_conversations` / `jsonl_eval_examples` read the custom-data JSONL format (the format
 `convert_ucf101.py` writes) eagerly, checking every line and image file up front, and leave image decoding to
@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import operator
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,6 +37,7 @@ __all__ = [
     "RecipeDataset",
     "ScannedRow",
     "check_image_decodes",
+    "image_check_pool",
     "load_image",
     "load_jsonl_conversations",
     "jsonl_eval_examples",
@@ -50,9 +52,12 @@ PROGRESS_MIN_BYTES = 1 << 20
 LENGTH_SLICE_ROWS = 256
 # EXIF orientations that swap width and height; `datasets` turns such images upright when it decodes them.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
-# Rows the validation pass reads ahead of the oldest row whose images are still being decoded: enough to keep
-# every decoding thread busy, few enough that the raw image bytes held meanwhile stay small.
-SCAN_AHEAD_ROWS = 256
+# The validation pass sends image checks to its pool in chunks of rows, each one task: large enough that a
+# task's round trip between processes costs little next to decoding, small enough that a chunk of a hub
+# dataset's image bytes stays a few MB. At most CHECK_CHUNKS_IN_FLIGHT chunks wait, bounding what is held.
+CHECK_CHUNK_ROWS = 32
+CHECK_CHUNK_BYTES = 8 << 20
+CHECK_CHUNKS_IN_FLIGHT = 32
 
 
 def load_image(path) -> Image.Image:
@@ -80,11 +85,18 @@ def check_image_decodes(source) -> None:
         image.load()
 
 
-def default_check_workers() -> int:
-    """Threads for the image checks of one process: its CPUs, shared with the other ranks of its node, which
-    run the same validation pass at the same time."""
-    ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, len(os.sched_getaffinity(0)) // ranks_on_node)
+def image_check_pool(workers: int | None = None) -> ProcessPoolExecutor:
+    """Processes for the validation pass's image checks; `workers` defaults to this process's CPUs, shared with
+    the other ranks of its node, which run the same pass at the same time.
+
+    Processes, not threads: opening and checking a small image is mostly Python, which threads would run one
+    at a time beside the tokenizing main thread (measured in bench/RESULTS.md, "Validation pass"). Forked, not
+    spawned: a spawned worker imports torch before its first image (seconds), a forked one starts at once;
+    the DataLoader's workers are forked the same way.
+    """
+    if workers is None:
+        workers = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
 
 
 class ScannedRow(NamedTuple):
@@ -163,34 +175,40 @@ class RecipeDataset(torch.utils.data.Dataset):
             return None
         return example
 
-    def scan(
-        self, processor: Phi3VProcessor, num_crops: int, decode_images: bool = False, workers: int | None = None
-    ) -> Iterator[ScannedRow]:
+    def scan(self, processor: Phi3VProcessor, num_crops: int, image_pool: Executor | None = None) -> Iterator[ScannedRow]:
         """Every row in order, with its exact token counts or the ExampleError of that row.
 
-        Token counts come from text and image headers. With `decode_images`, every image given as a file path
-        or stored in an image column of a `datasets.Dataset` is also checked with `check_image_decodes` on
-        `workers` threads (default: `default_check_workers`), so a truncated file stops the run here rather
-        than mid-training; PIL images that `to_example` hands over are taken as they are. The threads only
-        decode, which PIL does without holding the GIL; the tokenizer stays on this thread.
+        Token counts come from text and image headers. With an `image_pool` (`image_check_pool()`), every image
+        given as a file path or stored in an image column of a `datasets.Dataset` is also checked with
+        `check_image_decodes` on that pool, in chunks of rows, while this process converts and tokenizes the
+        rows after them; so a truncated file stops the run here rather than mid-training. PIL images that
+        `to_example` hands over are taken as they are.
         """
         rows = self._rows_for_lengths()
         progress = tqdm(range(len(self)), desc=f"{self.name}: checking rows", unit="example", disable=len(self) < PROGRESS_MIN_ROWS)
-        pool = ThreadPoolExecutor(workers or default_check_workers()) if decode_images else None
-        try:
-            pending: deque[tuple[ScannedRow, object, Future | None]] = deque()
-            for index in progress:
-                pending.append(self._scan_row(index, rows, processor, num_crops, pool))
-                while pending and (len(pending) > SCAN_AHEAD_ROWS or pending[0][2] is None or pending[0][2].done()):
-                    yield self._scan_result(*pending.popleft())
-            while pending:
-                yield self._scan_result(*pending.popleft())
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+        in_flight: deque[tuple[list[tuple[ScannedRow, object]], Future]] = deque()
+        chunk: list[tuple[ScannedRow, object]] = []
+        chunk_files: list[list[tuple[str, bytes | str | os.PathLike]]] = []
+        chunk_bytes = 0
+        for index in progress:
+            scanned, row, files = self._scan_row(index, rows, processor, num_crops, image_pool is not None)
+            if image_pool is None:
+                yield scanned
+                continue
+            chunk.append((scanned, row))
+            chunk_files.append(files)
+            chunk_bytes += sum(len(source) for _, source in files if isinstance(source, bytes))
+            if len(chunk) < CHECK_CHUNK_ROWS and chunk_bytes < CHECK_CHUNK_BYTES and index < len(self) - 1:
+                continue
+            in_flight.append((chunk, image_pool.submit(_check_image_chunk, chunk_files)))
+            chunk, chunk_files, chunk_bytes = [], [], 0
+            while in_flight and (len(in_flight) > CHECK_CHUNKS_IN_FLIGHT or in_flight[0][1].done()):
+                yield from self._checked(*in_flight.popleft())
+        while in_flight:
+            yield from self._checked(*in_flight.popleft())
 
-    def _scan_row(self, index, rows, processor, num_crops, pool) -> tuple[ScannedRow, object, Future | None]:
-        """This thread's part of checking one row, and the future of its image checks (None if there are none)."""
+    def _scan_row(self, index, rows, processor, num_crops, with_files: bool) -> tuple[ScannedRow, object, list]:
+        """One row checked by this process, and the image files the pool is to decode for it."""
         row, opened = None, {}
         try:
             row, opened = next(rows)
@@ -200,19 +218,25 @@ class RecipeDataset(torch.utils.data.Dataset):
             example = self._convert(row, index)
             self._check(example)
             tokens = example_tokens(processor, example, num_crops)
-            files = _image_files(example["images"], opened) if pool is not None else []
-            future = pool.submit(_check_image_files, files) if files else None
-            return ScannedRow(index, example["id"], tokens, None), row, future
+            files = _image_files(example["images"], opened) if with_files else []
+            return ScannedRow(index, example["id"], tokens, None), row, files
         except Exception as error:
-            return ScannedRow(index, None, None, self._error(index, row, error)), row, None
+            return ScannedRow(index, None, None, self._error(index, row, error)), row, []
         finally:
             for image, _ in opened.values():
                 image.close()
 
-    def _scan_result(self, scanned: ScannedRow, row, future: Future | None) -> ScannedRow:
-        if future is not None and future.exception() is not None:
-            return scanned._replace(tokens=None, error=self._error(scanned.index, row, future.exception()))
-        return scanned
+    def _checked(self, chunk: list[tuple[ScannedRow, object]], future: Future) -> Iterator[ScannedRow]:
+        try:
+            problems = future.result()
+        except BrokenExecutor as error:
+            first, last = (self.original_index(scanned.index) for scanned, _ in (chunk[0], chunk[-1]))
+            raise DataError(
+                f"{self.name}: the process checking the images of rows {first} to {last} died ({error_reason(error)}); "
+                "an image among them may crash the image decoder: open those images one by one to find it"
+            ) from error
+        for (scanned, row), error in zip(chunk, problems):
+            yield scanned if error is None else scanned._replace(tokens=None, error=self._error(scanned.index, row, error))
 
     def subset(self, indices: list[int]) -> "RecipeDataset":
         """The same dataset restricted to `indices` (in that order), keeping name, conversion and skip log."""
@@ -332,15 +356,23 @@ def _image_files(images: list, opened: dict) -> list[tuple[str, bytes | str | os
     return files
 
 
-def _check_image_files(files: list[tuple[str, bytes | str | os.PathLike]]) -> None:
-    for name, source in files:
-        try:
-            check_image_decodes(source)
-        except ValueError as error:
-            # A mode to_rgb cannot convert: the file itself is fine.
-            raise ValueError(f"{name}: {error}") from error
-        except Exception as error:
-            raise OSError(f"{name} does not decode: {error_reason(error)}") from error
+def _check_image_chunk(chunk: list[list[tuple[str, bytes | str | os.PathLike]]]) -> list[Exception | None]:
+    """Runs in the pool: per row, None or the first of its images that fails, as a plain exception that pickles."""
+    problems: list[Exception | None] = []
+    for files in chunk:
+        problem = None
+        for name, source in files:
+            try:
+                check_image_decodes(source)
+            except ValueError as error:
+                # A mode to_rgb cannot convert: the file itself is fine.
+                problem = ValueError(f"{name}: {error}")
+            except Exception as error:
+                problem = OSError(f"{name} does not decode: {error_reason(error)}")
+            if problem is not None:
+                break
+        problems.append(problem)
+    return problems
 
 
 def _decode_lazily(value, feature, opened: dict):

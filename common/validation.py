@@ -1,8 +1,8 @@
 """The validation pass before training, and the record of skipped examples.
 
 Every training row is converted and checked before the first step: message structure, image tags against
-images, empty answers, image files that do not open or do not decode (a truncated JPEG, checked on a thread
-pool, see `RecipeDataset.scan`), images of a mode that cannot become RGB, token length against
+images, empty answers, image files that do not open or do not decode (a truncated JPEG, checked on a pool of
+processes, see `RecipeDataset.scan`), images of a mode that cannot become RGB, token length against
 ``--max_length``, and answers that leave no supervised token (nothing to learn). By default the first problem
 stops the run with a message naming the row; with ``--skip_bad_examples`` every bad row is left out, logged
 and counted, and so is any row that fails later, while its pixels are decoded.
@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+from concurrent.futures import Executor
 from pathlib import Path
 
 from .conversation import DataError, ExampleError
-from .data import RecipeDataset, ScannedRow
+from .data import RecipeDataset, ScannedRow, image_check_pool
 
 logger = logging.getLogger(__name__)
 SKIP_LOG_NAME = "skipped_examples.jsonl"
@@ -56,12 +57,12 @@ def validate_training_data(
     num_crops: int,
     max_length: int | None,
     skip_log: SkipLog | None,
-    workers: int | None = None,
+    image_pool: Executor | None = None,
 ) -> RecipeDataset:
     """Check every row up front; without a skip log the first bad row raises, with one bad rows are dropped.
 
-    `max_length` None or 0 allows any length. `workers`: threads decoding images (default: this process's
-    share of the node's CPUs).
+    `max_length` None or 0 allows any length. `image_pool` decodes the images (default: `image_check_pool()`,
+    shut down at the end).
     """
     if len(dataset) == 0:
         raise DataError(f"{dataset.name} holds no rows, so there is nothing to train on; check the data path and --max_train_samples")
@@ -69,18 +70,24 @@ def validate_training_data(
     lengths: list[int] = []
     problems: list[ExampleError] = []
     longest: ScannedRow | None = None
-    for scanned in dataset.scan(processor, num_crops, decode_images=True, workers=workers):
-        error = scanned.error or _unusable(dataset, scanned, num_crops, max_length)
-        if error is not None:
-            if skip_log is None:
-                raise error
-            problems.append(error)
-            skip_log.record(str(error), stage="validation")
-            continue
-        keep.append(scanned.index)
-        lengths.append(scanned.tokens.total)
-        if longest is None or scanned.tokens.total > longest.tokens.total:
-            longest = scanned
+    own_pool = image_check_pool() if image_pool is None else None
+    try:
+        for scanned in dataset.scan(processor, num_crops, image_pool or own_pool):
+            error = scanned.error or _unusable(dataset, scanned, num_crops, max_length)
+            if error is not None:
+                if skip_log is None:
+                    raise error
+                problems.append(error)
+                skip_log.record(str(error), stage="validation")
+                continue
+            keep.append(scanned.index)
+            lengths.append(scanned.tokens.total)
+            if longest is None or scanned.tokens.total > longest.tokens.total:
+                longest = scanned
+    finally:
+        if own_pool is not None:
+            # Stopping at a bad row must not wait for the checks still queued behind it.
+            own_pool.shutdown(cancel_futures=True)
     if not keep:
         raise ExampleError(f"{dataset.name}: all {len(dataset)} rows are unusable; the first: {problems[0]}")
     if problems:

@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import os
 
 import datasets
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 
 from common.arguments import parse_args
 from common.conversation import DataError, ExampleError
-from common.data import RecipeDataset, load_jsonl_conversations
+from common.data import RecipeDataset, image_check_pool, load_jsonl_conversations
 from common.processing_phi3v import Phi3VProcessor
 from common.validation import SkipLog, validate_training_data
 
@@ -61,7 +62,7 @@ def test_truncated_jpeg_stops_the_run_at_validation_naming_row_and_file(jsonl_da
     assert len(dataset.lengths(processor, NUM_CROPS)) == 3
     message = rf"custom train row 2 \(id 'cut'\): OSError: image file {root.resolve()}/cut\.jpg does not decode: image file is truncated"
     with pytest.raises(ExampleError, match=message) as error:
-        validate_training_data(dataset, processor, NUM_CROPS, None, None, workers=2)
+        validate_training_data(dataset, processor, NUM_CROPS, None, None)
     assert "\n" not in str(error.value)
 
 
@@ -69,7 +70,7 @@ def test_truncated_jpeg_is_skipped_with_skip_bad_examples(jsonl_data, processor,
     path, root = jsonl_data
     skip_log = SkipLog(tmp_path / "out")
     dataset = validate_training_data(RecipeDataset(load_jsonl_conversations(path, root), name="custom train"), processor,
-                                     NUM_CROPS, None, skip_log, workers=2)
+                                     NUM_CROPS, None, skip_log)
     assert [dataset[i]["id"] for i in range(len(dataset))] == ["a", "b"]
     skipped = [json.loads(line) for line in skip_log.path.read_text().splitlines()]
     assert len(skipped) == 1 and skipped[0]["stage"] == "validation"
@@ -90,10 +91,20 @@ def test_damaged_images_in_a_hub_dataset_are_caught(processor):
         return {"images": [row["image"]], "messages": [{"role": "user", "content": "<|image_1|>\nq"},
                                                        {"role": "assistant", "content": "a"}]}
 
-    found = {scanned.index: scanned.error for scanned in RecipeDataset(source, to_example, name="hub").scan(
-        processor, NUM_CROPS, decode_images=True, workers=2)}
+    with image_check_pool(2) as pool:
+        found = {scanned.index: scanned.error for scanned in RecipeDataset(source, to_example, name="hub").scan(
+            processor, NUM_CROPS, pool)}
     assert [index for index, error in found.items() if error is not None] == [1, 2, 3]
     assert "hub row 1 (id 'r1'): OSError: images[0] does not decode: image file is truncated" in str(found[1])
+
+
+def test_an_image_that_kills_its_checking_process_is_a_data_error(jsonl_data, processor, monkeypatch):
+    path, root = jsonl_data
+    # As a decoder crash on a hostile file would; the forked check processes inherit this.
+    monkeypatch.setattr("common.data.check_image_decodes", lambda source: os._exit(1))
+    with pytest.raises(DataError, match="custom train: the process checking the images of rows 0 to 2 died"):
+        validate_training_data(RecipeDataset(load_jsonl_conversations(path, root), name="custom train"), processor,
+                               NUM_CROPS, None, None)
 
 
 def test_unconvertible_image_mode_is_caught_without_decoding(processor):
