@@ -38,6 +38,11 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def cuda_available() -> bool:
+    # The one device check behind the precision and CPU rules, so that tests can parse as if on a GPU.
+    return torch.cuda.is_available()
+
+
 @dataclass
 class FinetuneArguments(TrainingArguments):
     # Model and processor
@@ -54,6 +59,26 @@ class FinetuneArguments(TrainingArguments):
     )
     num_crops: int = field(
         default=16, metadata={"help": f"Maximum number of 336x336 tiles per image (1..{MAX_NUM_CROPS})."}
+    )
+    # Precision: one of three flags, or the default chosen in `choose_precision`
+    bf16: bool = field(
+        default=False,
+        metadata={
+            "help": "Train in bf16: bf16 weights and compute, no loss scaling (LoRA adapters, and DeepSpeed's master "
+            "copies, stay fp32). On GPUs with bf16 (A100, H100, ...) and on CPU."
+        },
+    )
+    fp16: bool = field(
+        default=False,
+        metadata={
+            "help": "fp16 mixed precision: fp32 weights, fp16 compute under autocast, dynamic loss scaling (under "
+            "DeepSpeed: its fp16 mode, fp16 weights with fp32 master copies). The default on a CUDA GPU, as in the "
+            "reference recipe; refused on CPU, which has no fp16 autocast or loss scaler."
+        },
+    )
+    fp32: bool = field(
+        default=False,
+        metadata={"help": "Train in plain fp32 (no autocast, no loss scaling) instead of the GPU default of fp16 mixed precision; the default on CPU."},
     )
     allow_pickle_weights: bool = field(
         default=False,
@@ -141,6 +166,10 @@ class FinetuneArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if not cuda_available():
+            # Without this, torchrun on CPU trains unsynchronised ranks with no error (see docs/cpu notes).
+            self.use_cpu = True
+        self.choose_precision()
         self.check_combinations()
         self.use_lora = self.use_lora or self.use_qlora
         if self.use_flash_attention:
@@ -165,9 +194,6 @@ class FinetuneArguments(TrainingArguments):
             self.activation_checkpointing = True
         if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is None:
             self.activation_checkpointing_kwargs = {"use_reentrant": False}
-        if not torch.cuda.is_available():
-            # Without this, torchrun on CPU trains unsynchronised ranks with no error (see docs/cpu notes).
-            self.use_cpu = True
         if self.padding_free and self.attn_implementation != "flash_attention_2":
             # Measured in bench/: sdpa attends over the whole packed row with a block-diagonal mask, which costs
             # more than the padding it removes; flash attention's variable-length kernel does not.
@@ -180,21 +206,35 @@ class FinetuneArguments(TrainingArguments):
             ensure_distributed_env()
         super().__post_init__()
 
+    def choose_precision(self) -> None:
+        """--bf16, --fp16 or --fp32; without any, the reference recipe's `fp16 = not args.bf16` on a CUDA GPU (fp16
+        mixed precision, which the Trainer gets as fp16=True on a model loaded in fp32) and fp32 on CPU."""
+        if self.bf16 + self.fp16 + self.fp32 > 1:
+            raise ArgumentError("--bf16, --fp16 and --fp32 exclude each other; give one (--bf16 on A100/H100, --fp16 on V100)")
+        if self.use_cpu:
+            if self.fp16:
+                # What fp16 would do on CPU depends on the mode: fp32 under DDP, pure fp16 without a loss scaler
+                # under LoRA, DeepSpeed's fp16 under ZeRO; none of them is fp16 mixed precision.
+                raise ArgumentError(
+                    "--fp16 needs a CUDA GPU: on CPU there is no fp16 autocast or loss scaler; use --bf16, or no precision flag for fp32"
+                )
+        elif not (self.bf16 or self.fp32):
+            self.fp16 = True
+
     def check_combinations(self) -> None:
-        low_precision = self.bf16 or self.fp16
-        if self.use_flash_attention and not self.bf16:
-            raise ArgumentError("--use_flash_attention needs --bf16 (flash-attn kernels run in bf16/fp16 only, and fp16 is unstable for this model)")
+        if (self.use_flash_attention or self.attn_implementation == "flash_attention_2") and not self.bf16:
+            # Nothing is lost: every GPU flash-attn 2 supports (Ampere or newer) has bf16, this model's own dtype.
+            flag = "--use_flash_attention" if self.use_flash_attention else "--attn_implementation flash_attention_2"
+            raise ArgumentError(f"{flag} needs --bf16 (flash-attn 2 runs on bf16-capable GPUs only, and fp16 mixed precision keeps fp32 weights)")
         if self.use_flash_attention and self.attn_implementation not in ("sdpa", "flash_attention_2"):
             raise ArgumentError(f"--use_flash_attention contradicts --attn_implementation {self.attn_implementation}; give one of them")
-        if self.attn_implementation == "flash_attention_2" and not low_precision:
-            raise ArgumentError("--attn_implementation flash_attention_2 needs --bf16")
-        if self.bf16 and self.fp16:
-            raise ArgumentError("--bf16 and --fp16 exclude each other; use --bf16 on A100/H100, --fp16 on V100")
         if self.use_qlora:
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise ArgumentError("--use_qlora needs the bitsandbytes package: pip install bitsandbytes")
-            if not low_precision:
-                raise ArgumentError("--use_qlora needs --bf16 or --fp16 (the 4-bit base computes in that dtype)")
+            if self.fp32:
+                raise ArgumentError("--use_qlora contradicts --fp32: the 4-bit base computes in bf16 or fp16 (fp16 mixed precision is the GPU default)")
+            if not (self.bf16 or self.fp16):
+                raise ArgumentError("--use_qlora on CPU needs --bf16: the 4-bit base computes in bf16 or fp16, and fp16 needs a CUDA GPU")
         if not 1 <= self.num_crops <= MAX_NUM_CROPS:
             raise ArgumentError(f"--num_crops must be between 1 and {MAX_NUM_CROPS}, got {self.num_crops}")
         if self.merge_lora and not (self.use_lora or self.use_qlora):
@@ -208,7 +248,7 @@ class FinetuneArguments(TrainingArguments):
         if 0 < self.max_length < 16:
             raise ArgumentError(f"--max_length {self.max_length} is too short for any image example; 0 turns the limit off")
         if self.use_liger_kernel:
-            if not torch.cuda.is_available():
+            if not cuda_available():
                 raise ArgumentError("--use_liger_kernel needs a CUDA GPU (Liger's kernels are Triton kernels)")
             if importlib.util.find_spec("liger_kernel") is None:
                 raise ArgumentError("--use_liger_kernel needs the liger-kernel package: pip install -r requirements-gpu.txt")

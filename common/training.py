@@ -8,11 +8,16 @@ Modes (`FinetuneArguments.training_mode`):
 - ``lora``: a frozen base with LoRA adapters on the decoder's qkv/o/gate_up/down projections and lm_head,
   plus CLIP's q/k/v/out/fc1/fc2 and the image projection unless the vision tower is frozen.
 - ``qlora``: ``lora`` on a 4-bit nf4 base computing in bf16/fp16.
+
+Precision (`FinetuneArguments.choose_precision`, stated in the log by `log_precision`): --bf16 trains bf16
+weights; fp16 mixed precision (the GPU default) and --fp32 train fp32 weights, the first computing in fp16 under
+autocast with a loss scaler. Under DeepSpeed its engine casts the model to its own dtype instead.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +27,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .arguments import FinetuneArguments
 from .conversation import error_reason
+from .export import dtype_name
 from .modeling_phi3v import Phi3VForCausalLM
 from .processing_phi3v import Phi3VProcessor
 
@@ -56,10 +62,65 @@ def load_processor(args: FinetuneArguments) -> Phi3VProcessor:
 
 
 def model_dtype(args: FinetuneArguments) -> torch.dtype:
-    # fp16 training keeps fp32 master weights (AMP); bf16 trains bf16 weights as the reference recipe does.
-    if args.training_mode in ("lora", "qlora"):
-        return args.compute_dtype
+    """bf16 weights under --bf16, as the reference recipe loads them; fp32 otherwise, in every mode.
+
+    Under fp16 mixed precision the fp32 weights are the master weights, and a frozen LoRA/QLoRA base stays fp32
+    too, as in the reference: autocast then runs the matmuls in fp16 while the residual stream and the norms stay
+    fp32. An fp16 base would make those fp16 too, whose range is far narrower than bf16's, the dtype this model
+    was trained in.
+    """
     return torch.bfloat16 if args.bf16 else torch.float32
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run holds, computes and updates its weights."""
+
+    weights: str
+    compute: str
+    master_weights: str
+    loss_scaling: str
+
+    def __str__(self) -> str:
+        return (
+            f"precision: weights {self.weights}; compute {self.compute}; master weights {self.master_weights}; "
+            f"loss scaling {self.loss_scaling}"
+        )
+
+
+def training_precision(args: FinetuneArguments) -> Precision:
+    """What training will run in: read from the arguments, since DeepSpeed recasts the model only when it starts."""
+    if args.deepspeed:
+        # DeepSpeed casts the whole model to its config's dtype ("auto" follows --bf16/--fp16) and keeps fp32
+        # master copies in its optimizer, whatever dtype the model loaded in.
+        config = args.hf_deepspeed_config
+        dtype = config.dtype()
+        if dtype == torch.float32:
+            return Precision("float32", "float32", "none", "none")
+        scaling = "none"
+        if dtype == torch.float16:
+            scale = config.get_value("fp16.loss_scale", 0)
+            scaling = "dynamic" if scale == 0 else f"static ({scale})"
+        return Precision(f"{dtype_name(dtype)} (DeepSpeed)", dtype_name(dtype), "float32 (DeepSpeed)", scaling)
+    lora = args.training_mode in ("lora", "qlora")
+    weights = dtype_name(model_dtype(args))
+    if args.training_mode == "qlora":
+        weights = f"nf4 4-bit linear layers, {weights} elsewhere"
+    if lora:
+        # peft creates the adapters in fp32 on a 16-bit base (get_peft_model's autocast_adapter_dtype).
+        weights += ", LoRA adapters float32"
+    mixed = args.compute_dtype != torch.float32
+    return Precision(
+        weights=weights,
+        compute=f"{dtype_name(args.compute_dtype)} (autocast)" if mixed else "float32",
+        master_weights="float32" if mixed and (lora or model_dtype(args) == torch.float32) else "none",
+        # The Trainer adds a dynamic GradScaler to fp16 mixed precision; bf16 has fp32's range and needs none.
+        loss_scaling="dynamic" if args.fp16 else "none",
+    )
+
+
+def log_precision(args: FinetuneArguments) -> None:
+    logger.info("%s", training_precision(args))
 
 
 def load_model(args: FinetuneArguments, path: str | Path | None = None, quantize: bool | None = None) -> Phi3VForCausalLM:
@@ -127,7 +188,11 @@ def to_device(model, args: FinetuneArguments):
 
 
 def setup_training_mode(model: Phi3VForCausalLM, args: FinetuneArguments):
-    """Freeze, or wrap in LoRA, as the mode says; returns the model to train (maybe a PeftModel)."""
+    """Freeze, or wrap in LoRA, as the mode says; returns the model to train (maybe a PeftModel). Logs the
+    precision first."""
+    if isinstance(args, FinetuneArguments):
+        # bench/bench_train.py passes only the mode's fields and chooses its dtype itself.
+        log_precision(args)
     mode = args.training_mode
     if mode == "frozen_vision":
         model.model.vision_embed_tokens.requires_grad_(False)

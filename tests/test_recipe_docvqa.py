@@ -126,6 +126,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_checkpoint, docvqa_data, tmp_p
     "flags, reason",
     [
         (["--use_flash_attention"], "--bf16"),
+        (["--fp16"], "--fp16 needs a CUDA GPU"),
         (["--num_crops", "17"], "num_crops"),
         (["--batch_size", "3", "--batch_size_per_gpu", "2"], "divisible"),
         (["--merge_lora"], "--merge_lora"),

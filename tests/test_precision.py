@@ -1,0 +1,163 @@
+"""Precision rules at parse time, on CPU, with a GPU faked where the rule is about GPUs.
+
+The GPU rule (fp16 mixed precision unless --bf16 or --fp32) is checked by parsing with `cuda_available` faked;
+what the log states is checked against what the Trainer, DeepSpeed's config and the loaded model really hold.
+"""
+
+import logging
+
+import pytest
+import torch
+from transformers import Trainer
+from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+import common.arguments
+from common.arguments import DEFAULT_DEEPSPEED_CONFIG, parse_args
+from common.training import Precision, load_model, model_dtype, setup_training_mode, training_precision
+
+FP16_AMP = Precision("float32", "float16 (autocast)", "float32", "dynamic")
+BF16 = Precision("bfloat16", "bfloat16 (autocast)", "none", "none")
+FP32 = Precision("float32", "float32", "none", "none")
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """Parse as on a CUDA GPU with bf16 (an A100): our device check, and the Trainer's own bf16 check."""
+    monkeypatch.setattr(common.arguments, "cuda_available", lambda: True)
+    monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda *args, **kwargs: True)
+
+
+def parse(tmp_path, *flags, model="does-not-exist"):
+    args, = parse_args(argv=["--model_name_or_path", str(model), "--output_dir", str(tmp_path), "--deepspeed", "none", *flags])
+    return args
+
+
+def refusal(tmp_path, capsys, *flags) -> str:
+    with pytest.raises(SystemExit) as stop:
+        parse(tmp_path, *flags)
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "flags, mixed_precision, precision",
+    [
+        ([], "fp16", FP16_AMP),
+        (["--fp16"], "fp16", FP16_AMP),
+        (["--fp32"], "no", FP32),
+        (["--bf16"], "bf16", BF16),
+        (["--use_lora"], "fp16", Precision("float32, LoRA adapters float32", "float16 (autocast)", "float32", "dynamic")),
+        (["--use_lora", "--bf16"], "bf16", Precision("bfloat16, LoRA adapters float32", "bfloat16 (autocast)", "float32", "none")),
+        (["--use_qlora"], "fp16",
+         Precision("nf4 4-bit linear layers, float32 elsewhere, LoRA adapters float32", "float16 (autocast)", "float32", "dynamic")),
+    ],
+)
+def test_gpu_precision(gpu, tmp_path, flags, mixed_precision, precision):
+    args = parse(tmp_path, *flags)
+    assert training_precision(args) == precision
+    # What the Trainer is given: fp16=True on fp32 weights is fp16 autocast with a GradScaler on CUDA.
+    assert args.mixed_precision == mixed_precision and not args.use_cpu
+    assert (args.fp16, args.bf16) == (mixed_precision == "fp16", mixed_precision == "bf16")
+    assert model_dtype(args) == (torch.bfloat16 if args.bf16 else torch.float32)
+
+
+class CapturedLoad(Exception):
+    pass
+
+
+def test_gpu_qlora_without_flags_computes_in_fp16_on_fp32_weights(gpu, tmp_path, monkeypatch):
+    def capture(source, **kwargs):
+        raise CapturedLoad(kwargs)
+
+    monkeypatch.setattr("common.training.Phi3VForCausalLM.from_pretrained", capture)
+    with pytest.raises(CapturedLoad) as load:
+        load_model(parse(tmp_path, "--use_qlora"))
+    kwargs = load.value.args[0]
+    assert kwargs["quantization_config"].bnb_4bit_compute_dtype == torch.float16
+    assert kwargs["dtype"] == torch.float32
+
+
+@pytest.mark.parametrize("flags, precision", [([], FP32), (["--fp32"], FP32), (["--bf16"], BF16)])
+def test_cpu_precision(tmp_path, flags, precision):
+    args = parse(tmp_path, *flags)
+    assert args.use_cpu and not args.fp16
+    assert training_precision(args) == precision
+
+
+@pytest.mark.parametrize(
+    "on_gpu, flags, reason",
+    [
+        (False, ["--fp16"], "--fp16 needs a CUDA GPU"),
+        (False, ["--use_qlora"], "--use_qlora on CPU needs --bf16"),
+        (True, ["--use_qlora", "--fp32"], "--use_qlora contradicts --fp32"),
+        (True, ["--use_flash_attention"], "--use_flash_attention needs --bf16"),
+        (True, ["--attn_implementation", "flash_attention_2"], "flash_attention_2 needs --bf16"),
+        (True, ["--bf16", "--fp16"], "exclude each other"),
+        (True, ["--fp16", "--fp32"], "exclude each other"),
+        (False, ["--bf16", "--fp32"], "exclude each other"),
+    ],
+)
+def test_impossible_precision_is_refused_at_parse_time(request, tmp_path, capsys, on_gpu, flags, reason):
+    if on_gpu:
+        request.getfixturevalue("gpu")
+    assert reason in refusal(tmp_path, capsys, *flags)
+
+
+def with_deepspeed(args, config):
+    """What TrainingArguments does with --deepspeed, without the process group a real parse would start."""
+    args.deepspeed = config
+    args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(config)
+    args.hf_deepspeed_config.trainer_config_process(args)
+    return args
+
+
+@pytest.mark.parametrize(
+    "flags, precision",
+    [
+        ([], Precision("float16 (DeepSpeed)", "float16", "float32 (DeepSpeed)", "dynamic")),
+        (["--bf16"], Precision("bfloat16 (DeepSpeed)", "bfloat16", "float32 (DeepSpeed)", "none")),
+        (["--fp32"], FP32),
+    ],
+)
+def test_deepspeed_precision_follows_the_flags(gpu, tmp_path, flags, precision):
+    args = with_deepspeed(parse(tmp_path, *flags), str(DEFAULT_DEEPSPEED_CONFIG))
+    assert training_precision(args) == precision
+
+
+def test_deepspeed_static_loss_scale_is_stated(gpu, tmp_path):
+    config = {"fp16": {"enabled": "auto", "loss_scale": 128}, "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 2}}
+    assert training_precision(with_deepspeed(parse(tmp_path), config)).loss_scaling == "static (128)"
+
+
+@pytest.mark.parametrize(
+    "on_gpu, flags",
+    [(False, ["--bf16"]), (False, ["--use_lora"]), (False, ["--use_lora", "--bf16"]), (False, ["--use_qlora", "--bf16"]), (True, ["--use_lora"])],
+)
+def test_the_logged_precision_is_what_the_model_holds(request, tiny_checkpoint, tmp_path, caplog, on_gpu, flags):
+    if on_gpu:
+        request.getfixturevalue("gpu")
+    args = parse(tmp_path, *flags, model=tiny_checkpoint)
+    with caplog.at_level(logging.INFO, logger="common.training"):
+        model = setup_training_mode(load_model(args), args)
+    messages = [record.getMessage() for record in caplog.records if record.name == "common.training"]
+    precision = training_precision(args)
+    assert messages[0] == str(precision) and messages[1].startswith("training mode:")
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    if args.use_lora:
+        assert trained == {torch.float32}, "LoRA adapters train in fp32"
+        assert frozen == {model_dtype(args), *([torch.uint8] if args.use_qlora else [])}
+    else:
+        assert trained == {model_dtype(args)} and not frozen
+    assert precision.master_weights == ("float32" if args.compute_dtype != torch.float32 and torch.float32 in trained else "none")
+
+
+@pytest.mark.parametrize("flags, autocast", [(["--bf16"], True), ([], False)])
+def test_cpu_bf16_trains_under_cpu_autocast(tiny_checkpoint, tmp_path, flags, autocast):
+    args = parse(tmp_path, *flags, model=tiny_checkpoint)
+    accelerator = Trainer(model=load_model(args), args=args).accelerator
+    assert accelerator.native_amp is autocast and accelerator.scaler is None
+    assert accelerator.mixed_precision == ("bf16" if autocast else "no")
+
