@@ -26,6 +26,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DEEPSPEED_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"
 ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
 SAVE_DTYPE_CHOICES = ("base", "float32", "bfloat16", "float16")
+# The samplers RecipeTrainer builds for a RecipeDataset (common/recipe.py: `_get_train_sampler`).
+TRAIN_SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
 # pip names of the --report_to integrations whose package name differs from the integration's.
 LOGGER_PACKAGES = {"comet_ml": "comet-ml", "azure_ml": "azureml-core", "flyte": "flytekit"}
 
@@ -254,6 +256,12 @@ class FinetuneArguments(TrainingArguments):
                 raise ArgumentError("--use_liger_kernel needs the liger-kernel package: pip install -r requirements-gpu.txt")
         if self.padding_free and self.attn_implementation == "eager" and not self.use_flash_attention:
             raise ArgumentError("--padding_free needs sdpa or flash attention (eager attention ignores the packing)")
+        if self.train_sampling_strategy not in TRAIN_SAMPLING_STRATEGIES:
+            raise ArgumentError(
+                f"--train_sampling_strategy {self.train_sampling_strategy} is not supported: the recipes' trainer builds "
+                f"{', '.join(TRAIN_SAMPLING_STRATEGIES)} samplers only (batch_rebalance measures each example by its "
+                "input_ids, which ours get only in the collator); use group_by_length to batch by length"
+            )
         self.check_loggers()
 
     def check_loggers(self) -> None:

@@ -1,19 +1,26 @@
-"""Precision rules at parse time, on CPU, with a GPU faked where the rule is about GPUs.
+"""Precision and sampling rules at parse time, on CPU, with a GPU faked where the rule is about GPUs.
 
 The GPU rule (fp16 mixed precision unless --bf16 or --fp32) is checked by parsing with `cuda_available` faked;
 what the log states is checked against what the Trainer, DeepSpeed's config and the loaded model really hold.
 """
 
+import dataclasses
 import logging
 
 import pytest
 import torch
-from transformers import Trainer
+from torch.utils.data import RandomSampler, SequentialSampler
+from transformers import Trainer, TrainingArguments
 from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import common.arguments
-from common.arguments import DEFAULT_DEEPSPEED_CONFIG, parse_args
-from common.training import Precision, load_model, model_dtype, setup_training_mode, training_precision
+from common.arguments import DEFAULT_DEEPSPEED_CONFIG, TRAIN_SAMPLING_STRATEGIES, parse_args
+from common.data import RecipeDataset
+from common.recipe import RecipeTrainer
+from common.synthetic import make_docvqa
+from common.training import Precision, load_model, load_processor, model_dtype, setup_training_mode, training_precision
+from finetune_hf_trainer_docvqa import mini_train_example
 
 FP16_AMP = Precision("float32", "float16 (autocast)", "float32", "dynamic")
 BF16 = Precision("bfloat16", "bfloat16 (autocast)", "none", "none")
@@ -161,3 +168,23 @@ def test_cpu_bf16_trains_under_cpu_autocast(tiny_checkpoint, tmp_path, flags, au
     assert accelerator.native_amp is autocast and accelerator.scaler is None
     assert accelerator.mixed_precision == ("bf16" if autocast else "no")
 
+
+SAMPLING_CHOICES = next(f for f in dataclasses.fields(TrainingArguments) if f.name == "train_sampling_strategy").metadata["choices"]
+SAMPLERS = {"random": RandomSampler, "sequential": SequentialSampler, "group_by_length": LengthGroupedSampler}
+
+
+def test_every_supported_sampling_strategy_has_its_sampler():
+    assert set(TRAIN_SAMPLING_STRATEGIES) == set(SAMPLERS) and set(SAMPLERS) < set(SAMPLING_CHOICES)
+
+
+@pytest.mark.parametrize("strategy", SAMPLING_CHOICES)
+def test_every_sampling_strategy_works_or_is_refused_at_parse_time(tiny_checkpoint, tmp_path, capsys, strategy):
+    flags = ["--train_sampling_strategy", strategy, "--num_crops", "1"]
+    if strategy not in SAMPLERS:
+        assert f"--train_sampling_strategy {strategy} is not supported" in refusal(tmp_path, capsys, *flags)
+        return
+    args = parse(tmp_path, *flags, model=tiny_checkpoint)
+    dataset = RecipeDataset(make_docvqa(n=4)["train"], mini_train_example, "docvqa train")
+    trainer = RecipeTrainer(model=load_model(args), args=args, train_dataset=dataset, processing_class=load_processor(args))
+    sampler = trainer._get_train_sampler()
+    assert type(sampler) is SAMPLERS[strategy] and len(sampler) == len(dataset)

@@ -127,6 +127,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_checkpoint, docvqa_data, tmp_p
     [
         (["--use_flash_attention"], "--bf16"),
         (["--fp16"], "--fp16 needs a CUDA GPU"),
+        (["--train_sampling_strategy", "batch_rebalance"], "batch_rebalance is not supported"),
         (["--num_crops", "17"], "num_crops"),
         (["--batch_size", "3", "--batch_size_per_gpu", "2"], "divisible"),
         (["--merge_lora"], "--merge_lora"),
