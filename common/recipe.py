@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -20,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import transformers
+from safetensors import SafetensorError
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arguments import FinetuneArguments
 from .collator import Phi3VCollator
@@ -30,12 +29,35 @@ from .conversation import DataError
 from .data import RecipeDataset
 from .export import SAVE_DTYPES, complete_model_folder, dtype_name, finalize_weights, follow_umask_in, load_merged, write_final_model
 from .plotting import plot_training_curves
+from .preemption import PREEMPTED_EXIT_CODE, StopOnSignal, announce_stop
+from .ranks import any_rank, barrier, from_main, is_main_process, largest
+from .run_folder import (
+    RunFolderError,
+    begin_checkpoint,
+    check_output_dir,
+    claim_run_folder,
+    current_claim,
+    failed_write_message,
+    finish_checkpoint,
+    free_bytes,
+    hash_parts,
+    newest_complete,
+    part_files,
+    resumes,
+    rotate,
+)
 from .training import UnsafeCheckpointError, load_model, to_device
 from .validation import SkipLog, validate_training_data
 
 logger = logging.getLogger(__name__)
 
-COMPLETE_MARKER = "checkpoint_complete.json"
+# What a failed checkpoint write raises: OSError (ENOSPC, EIO, permissions), RuntimeError from torch.save
+# ("PytorchStreamWriter failed writing file"), SafetensorError from safetensors.
+SAVE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written; the message names the folder, the free space and what survives."""
 
 
 def setup_logging(args: FinetuneArguments) -> None:
@@ -46,15 +68,6 @@ def setup_logging(args: FinetuneArguments) -> None:
     logging.getLogger("transformers.trainer").setLevel(level)
 
 
-def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def exit_on_bad_input(main):
     """Wrap a script's main: bad data, a missing file or an unsafe checkpoint ends the run with its message
     and exit code 1 instead of a traceback."""
@@ -63,7 +76,7 @@ def exit_on_bad_input(main):
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except (DataError, FileNotFoundError, UnsafeCheckpointError) as error:
+        except (DataError, FileNotFoundError, UnsafeCheckpointError, RunFolderError, CheckpointWriteError) as error:
             rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() and dist.get_world_size() > 1 else ""
             print(f"{rank}error: {error}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
@@ -83,13 +96,17 @@ def skip_log_for(args: FinetuneArguments) -> SkipLog | None:
     if key not in _skip_logs:
         skip_log = SkipLog(args.output_dir, main_process=is_main_process())
         if not resumes(args):
+            # The folder may hold another run's log: refuse it (or move it aside) before emptying anything.
+            check_output_dir(args)
             skip_log.reset()
         _skip_logs[key] = skip_log
     return _skip_logs[key]
 
 
 def check_training_data(train_set: RecipeDataset, processor, args: FinetuneArguments) -> RecipeDataset:
-    """The validation pass (see `common.validation`), with --skip_bad_examples and --max_length applied."""
+    """Claim the output folder for this run (`common.run_folder`: stops at once if it holds another run), then
+    the validation pass (see `common.validation`), with --skip_bad_examples and --max_length applied."""
+    claim_run_folder(args, train_set)
     return validate_training_data(train_set, processor, args.num_crops, args.max_length, skip_log_for(args))
 
 
@@ -100,12 +117,18 @@ def build_collator(processor, args: FinetuneArguments, train_set: RecipeDataset)
 
 
 class RecipeTrainer(Trainer):
-    """The HF Trainer with length-grouped batches from exact token lengths, and checkpoints that are marked
-    complete only once every rank has written its part.
+    """The HF Trainer with length-grouped batches from exact token lengths, checkpoints that `common.run_folder`
+    can trust, and a clean stop on SIGTERM/SIGUSR1 (`common.preemption`).
 
-    A run killed while writing ``checkpoint-N`` leaves it unmarked; ``--resume_from_checkpoint latest``
-    then takes the newest marked checkpoint and removes the partial one.
+    A checkpoint is marked complete, with a manifest of its files, only once every rank has written its part;
+    rotation then deletes only this run's older checkpoints. A write that fails (a full disk) ends the run with
+    one line saying what survives.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stop_signal = StopOnSignal()
+        self.add_callback(self.stop_signal)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -125,69 +148,52 @@ class RecipeTrainer(Trainer):
             follow_umask_in(folder)
 
     def _save_checkpoint(self, model, trial):
-        limit = self.args.save_total_limit
-        # Rotation must wait for the marker: deleting the previous checkpoint before the new one is complete
-        # could leave nothing to resume from.
-        self.args.save_total_limit = None
+        # `train` claims the folder before training; Trainer.train called directly claims it at the first save.
+        claim = current_claim(self.args) or claim_run_folder(self.args, self.train_dataset)
+        run_dir = Path(self._get_output_dir(trial=trial))
+        step = self.state.global_step
+        checkpoint = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        main = is_main_process()
+        self.stop_signal.saving = True
         try:
-            super()._save_checkpoint(model, trial)
+            self._attempt(checkpoint, begin_checkpoint, checkpoint, claim, step, main_only=True)
+            limit = self.args.save_total_limit
+            # Rotation must wait for the manifest (deleting the previous checkpoint before the new one is
+            # complete could leave nothing to resume from), and must spare other runs' checkpoints.
+            self.args.save_total_limit = None
+            try:
+                self._attempt(checkpoint, super()._save_checkpoint, model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            hashes = hash_parts(checkpoint, from_main(part_files(checkpoint) if main else None))
+            self._attempt(checkpoint, finish_checkpoint, checkpoint, claim, step, hashes, main_only=True)
+            if main:
+                rotate(run_dir, claim.run_id, limit, self.state.best_model_checkpoint)
+            barrier()
         finally:
-            self.args.save_total_limit = limit
-        run_dir = self._get_output_dir(trial=trial)
-        checkpoint = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            write_json_atomic(checkpoint / COMPLETE_MARKER, {"global_step": self.state.global_step})
-            rotate_checkpoints(run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint)
-        self.accelerator.wait_for_everyone()
+            self.stop_signal.saving = False
+        self.stop_signal.newest_complete = str(checkpoint)
 
-
-def write_json_atomic(path: Path, payload) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, path)
-
-
-def is_complete_checkpoint(path: Path) -> bool:
-    return (path / COMPLETE_MARKER).is_file()
-
-
-def resumes(args: FinetuneArguments) -> bool:
-    return args.resume_from_checkpoint not in (None, "", "false", "False")
-
-
-def resolve_resume_checkpoint(args: FinetuneArguments) -> str | None:
-    """Turn --resume_from_checkpoint (a path, `latest` or `true`) into a complete checkpoint folder or None."""
-    if not resumes(args):
-        return None
-    requested = args.resume_from_checkpoint
-    output_dir = Path(args.output_dir)
-    if str(requested).lower() not in ("latest", "true"):
-        path = Path(requested)
-        if not (path / "trainer_state.json").is_file():
-            raise FileNotFoundError(
-                f"--resume_from_checkpoint {requested}: no trainer_state.json there, so it is not a complete "
-                "checkpoint; pass a checkpoint-N folder or `latest`"
-            )
-        return str(path)
-    candidates = sorted(
-        (p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
-    complete = [p for p in candidates if is_complete_checkpoint(p)]
-    latest = complete[-1] if complete else None
-    partial = [p for p in candidates if not is_complete_checkpoint(p)]
-    barrier()
-    if is_main_process():
-        for path in partial:
-            logger.warning("removing %s: its write never completed (the run was stopped while saving)", path)
-            shutil.rmtree(path, ignore_errors=True)
-    barrier()
-    if latest is None:
-        logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s, training from the start", output_dir)
-        return None
-    logger.info("resuming from %s", latest)
-    return str(latest)
+    def _attempt(self, checkpoint: Path, action, *args, main_only: bool = False) -> None:
+        """One part of a checkpoint write, then a vote: if it failed on any rank, every rank stops here together
+        (no rank is left waiting in a collective), and the failing ones say why in one line."""
+        failure = None
+        try:
+            if is_main_process() or not main_only:
+                action(*args)
+        except SAVE_ERRORS as error:
+            failure = error
+        if not any_rank(failure is not None):
+            return
+        # Measured before our partial write is removed: the space the write ran out of.
+        free = free_bytes(checkpoint.parent)
+        if is_main_process():
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        barrier()
+        if failure is None:
+            # Another rank's write failed; its line says why.
+            raise SystemExit(1)
+        raise CheckpointWriteError(failed_write_message(checkpoint, failure, free)) from failure
 
 
 class TrainingCurvesCallback(TrainerCallback):
@@ -210,10 +216,38 @@ def build_trainer(model, args: FinetuneArguments, train_dataset, data_collator, 
 
 
 def train(trainer: RecipeTrainer, args: FinetuneArguments):
-    result = trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(args))
+    """Train from scratch or from the checkpoint `claim_run_folder` chose; on SIGTERM/SIGUSR1 write a checkpoint
+    and exit with PREEMPTED_EXIT_CODE instead of returning."""
+    # Done by check_training_data already; a script that skips the validation pass claims the folder here.
+    claim = claim_run_folder(args, trainer.train_dataset)
+    stop = trainer.stop_signal
+    stop.newest_complete = claim.checkpoint
+    result = trainer.train(resume_from_checkpoint=claim.checkpoint)
+    signum = largest(stop.signum) if stop.stopped_at_step is None else 0
+    if signum:
+        # The signal came after the last step's vote: training is done, but the final save and evaluation may
+        # not fit in the time left, so stop with a checkpoint of the last step, which resume turns into both.
+        stop.signum, stop.stopped_at_step = signum, trainer.state.global_step
+        last = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{stop.stopped_at_step}"
+        if newest_complete(Path(args.output_dir), claim.run_id) != last:
+            trainer._save_checkpoint(trainer.model_wrapped, trial=None)
+    if stop.stopped_at_step is not None:
+        stop_preempted(stop, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{stop.stopped_at_step}")
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     return result
+
+
+def stop_preempted(stop: StopOnSignal, checkpoint: Path) -> None:
+    message = announce_stop(stop, checkpoint)
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
+    # No rank may exit before local rank 0 has left its message for the launcher: torchrun kills the other
+    # workers as soon as one exits with a code other than 0.
+    barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
 def save_final(trainer: RecipeTrainer, args: FinetuneArguments, processor) -> Path:
@@ -330,7 +364,7 @@ __all__ = [
     "train",
     "save_final",
     "load_trained_model",
-    "resolve_resume_checkpoint",
+    "CheckpointWriteError",
     "finish",
     "evaluate_before",
     "evaluate_after",

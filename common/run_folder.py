@@ -1,0 +1,635 @@
+"""Run folders (--output_dir): which run wrote them, which checkpoints are whole, and what resume may take.
+
+A run folder belongs to one run. ``run.json`` records the run's id and its identity: the model, the training
+mode, a fingerprint of the training data and the arguments that change the trained weights (`RESULT_ARGUMENTS`).
+Every checkpoint this project writes holds ``checkpoint_writing.json`` while it is being written and, once
+every rank has written its part, ``checkpoint_complete.json``: the run id, the identity and a SHA-256 of every
+file in the checkpoint (its manifest).
+
+- A new run (no --resume_from_checkpoint) into a folder that holds checkpoints or a final model stops at start,
+  before anything is loaded. With --overwrite_output_dir, the previous run's outputs are moved into
+  ``OUTPUT_DIR/previous-run-ID/`` first; nothing is deleted, and files that no run writes stay where they are.
+- Resume refuses a folder whose run had other settings, a checkpoint of another run, and a checkpoint whose
+  files no longer match its manifest (parts mixed from different checkpoints or runs, or damaged).
+- A checkpoint without our marker (the stock Trainer's, or this project's before markers existed) is resumed
+  if its files are whole; a partial one is moved to ``OUTPUT_DIR/incomplete-checkpoint-N``. Only this run's
+  own interrupted writes are removed.
+- Rotation (--save_total_limit) only deletes this run's checkpoints.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import uuid
+import zipfile
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from .conversation import error_reason
+from .ranks import barrier, from_main, gathered, is_main_process, rank_and_world
+
+logger = logging.getLogger(__name__)
+
+RUN_RECORD = "run.json"
+COMPLETE_MARKER = "checkpoint_complete.json"
+WRITING_MARKER = "checkpoint_writing.json"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+INCOMPLETE_PREFIX = "incomplete-"
+PREVIOUS_RUN_PREFIX = "previous-run-"
+
+# The arguments that change the trained weights. Left out on purpose: where outputs go, logging, how often
+# checkpoints are written, evaluation-only flags, and how the same work is laid out on the hardware (GPU count
+# and examples per GPU for one global batch, attention kernels, activation checkpointing, DeepSpeed, packing,
+# Liger kernels), which change speed and memory, not what is learned.
+RESULT_ARGUMENTS = (
+    "batch_size", "num_train_epochs", "max_steps", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs",
+    "warmup_steps", "optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "max_grad_norm", "label_smoothing_factor", "neftune_noise_alpha", "average_tokens_across_devices", "bf16",
+    "fp16", "seed", "data_seed", "train_sampling_strategy", "dataloader_drop_last", "num_crops", "max_length",
+    "skip_bad_examples",
+)
+LORA_ARGUMENTS = ("lora_rank", "lora_alpha_ratio", "lora_dropout")
+
+# What runs write at the top of an output folder: checkpoints, the final model or adapter with its processor
+# files, results, curves and logs. --overwrite_output_dir moves these; everything else stays. The base's .py
+# code files that a final model carries also stay: the new run's final save writes the same names.
+RUN_OUTPUT_PATTERNS = (
+    "checkpoint-*", f"{INCOMPLETE_PREFIX}checkpoint-*", "merged", RUN_RECORD, "*.safetensors", "*.safetensors.index.json",
+    "*.bin", "config.json", "generation_config.json", "adapter_config.json", "preprocessor_config.json",
+    "processor_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*",
+    "trainer_state.json", "*_results.json", "eval_*.json", "training_curves.png", "skipped_examples.jsonl",
+)
+FINAL_WEIGHT_PATTERNS = ("model*.safetensors", "adapter_model.safetensors", "pytorch_model*.bin", "adapter_model.bin")
+
+
+class RunFolderError(Exception):
+    """A run folder that cannot be used as asked; the message says what is there and what to do."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """This process's run in its output folder: the run id, its identity and the checkpoint to resume (or None)."""
+
+    run_id: str
+    identity: dict
+    checkpoint: str | None
+
+    @property
+    def identity_hash(self) -> str:
+        return identity_hash(self.identity)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Identity
+
+
+def plain(value):
+    """`value` as JSON: enums by their value, anything else JSON cannot hold by its text."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def model_identity(name: str) -> str:
+    """The model as given on the command line; a local folder adds a hash of its config.json."""
+    config = Path(name) / "config.json"
+    if config.is_file():
+        return f"{name} (config.json {hashlib.sha256(config.read_bytes()).hexdigest()[:12]})"
+    return name
+
+
+def _stable(value):
+    """JSON for the odd values a row may hold, the same in every process (no object addresses)."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, bytes):
+        return "bytes:" + hashlib.sha256(value).hexdigest()
+    if hasattr(value, "tobytes") and hasattr(value, "mode"):
+        return f"image:{value.mode}:{value.size}:" + hashlib.sha256(value.tobytes()).hexdigest()
+    return type(value).__name__
+
+
+def data_fingerprint(dataset) -> str:
+    """The training rows, cheaply: a `datasets.Dataset`'s own fingerprint (it follows select and map), or a hash
+    of in-memory rows with their image paths taken relative to the folder they share, so that data copied
+    elsewhere (a node's scratch disk) keeps its fingerprint. Image files are not read."""
+    source = getattr(dataset, "source", dataset)
+    convert = getattr(dataset, "to_example", None)
+    digest = hashlib.sha256()
+    header = [getattr(dataset, "name", None), len(dataset), getattr(convert, "__qualname__", None)]
+    digest.update(json.dumps(header).encode())
+    fingerprint = getattr(source, "_fingerprint", None)
+    if isinstance(fingerprint, str):
+        digest.update(fingerprint.encode())
+        return digest.hexdigest()[:16]
+    rows = [source[index] for index in range(len(source))]
+    paths = [
+        os.fspath(image)
+        for row in rows
+        if isinstance(row, dict)
+        for image in row.get("images") or ()
+        if isinstance(image, (str, os.PathLike)) and os.path.isabs(image)
+    ]
+    root = os.path.commonpath(paths) if paths else None
+    if root and len(set(paths)) == 1:
+        root = os.path.dirname(root)
+    for row in rows:
+        if root and isinstance(row, dict) and row.get("images"):
+            row = {**row, "images": [os.path.relpath(image, root) if isinstance(image, (str, os.PathLike)) and os.path.isabs(image)
+                                     else image for image in row["images"]]}
+        digest.update(json.dumps(row, sort_keys=True, default=_stable).encode())
+    return digest.hexdigest()[:16]
+
+
+def run_identity(args, dataset) -> dict:
+    names = RESULT_ARGUMENTS + (LORA_ARGUMENTS if args.use_lora else ())
+    identity = {"model": model_identity(args.model_name_or_path), "training_mode": args.training_mode, "data": data_fingerprint(dataset)}
+    identity.update({name: plain(getattr(args, name)) for name in names})
+    return identity
+
+
+def identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def differences(old: dict, new: dict, limit: int = 4) -> str:
+    changed = [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
+    return ", ".join(changed[:limit]) + more
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None when it is missing, unreadable or cut short."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(CHECKPOINT_NAME.fullmatch(checkpoint.name).group(1))
+
+
+def checkpoint_folders(folder: Path) -> list[Path]:
+    """The checkpoint-N folders in `folder`, oldest step first."""
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()), key=step_of)
+
+
+def final_weights(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, pattern) for pattern in FINAL_WEIGHT_PATTERNS))
+
+
+def part_files(checkpoint: Path) -> list[str]:
+    """Every file of a checkpoint (relative, with /), our markers excepted: what its manifest covers."""
+    markers = {COMPLETE_MARKER, WRITING_MARKER, COMPLETE_MARKER + ".tmp"}
+    return sorted(p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file() and p.name not in markers)
+
+
+def file_sha256(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def hash_parts(checkpoint: Path, names: list[str]) -> dict[str, str | None]:
+    """SHA-256 of each named file, the files shared out over the ranks (each hashes every world-th one), so
+    the time a checkpoint costs to hash shrinks with the number of processes. Collective: every rank calls it."""
+    rank, world = rank_and_world()
+    mine = {name: file_sha256(checkpoint / name) for name in names[rank::world]}
+    merged: dict[str, str | None] = {}
+    for part in gathered(mine):
+        merged.update(part)
+    return {name: merged[name] for name in names}
+
+
+def whole_file(path: Path) -> bool:
+    """Present and not cut short: a safetensors file as long as its header says, a torch file with its zip
+    directory (written last), JSON that parses. Used for checkpoints that carry no manifest."""
+    if not path.is_file():
+        return False
+    try:
+        if path.suffix == ".safetensors":
+            with open(path, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(length))
+            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+            return path.stat().st_size >= 8 + length + max(ends, default=0)
+        if path.suffix in (".pt", ".pth", ".bin"):
+            return zipfile.is_zipfile(path)
+        if path.suffix == ".json":
+            return read_json(path) is not None
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return False
+    return True
+
+
+def missing_parts(checkpoint: Path, world_size: int, deepspeed: bool) -> list[str]:
+    """What an exact resume needs from `checkpoint` and does not find whole (empty: the checkpoint is complete):
+    weights, optimizer, scheduler, trainer state and one RNG state per rank (rng_state_R.pth with several
+    processes, rng_state.pth with one); with DeepSpeed the global_stepN folder its `latest` file names, with the
+    model states and every rank's optimizer shard, instead of top-level weights and optimizer.pt."""
+    missing = []
+    if deepspeed:
+        tag_file = checkpoint / "latest"
+        tag = tag_file.read_text().strip() if tag_file.is_file() else ""
+        states = checkpoint / tag if tag else None
+        if states is None or not states.is_dir():
+            missing.append("latest" if not tag else tag + "/")
+        else:
+            if not any(whole_file(p) for p in states.glob("*model_states.pt")):
+                missing.append(f"{tag}/*model_states.pt")
+            for rank in range(world_size):
+                if not any(whole_file(p) for p in states.glob(f"*zero_pp_rank_{rank}_mp_rank_*optim_states.pt")):
+                    missing.append(f"{tag}/*zero_pp_rank_{rank}_*optim_states.pt")
+    else:
+        index = checkpoint / "model.safetensors.index.json"
+        shards = sorted(set((read_json(index) or {}).get("weight_map", {}).values())) if index.is_file() else []
+        single = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+        if shards:
+            missing += [shard for shard in shards if not whole_file(checkpoint / shard)]
+        elif not any(whole_file(checkpoint / name) for name in single):
+            missing.append("model weights")
+        if not whole_file(checkpoint / "optimizer.pt"):
+            missing.append("optimizer.pt")
+    if not whole_file(checkpoint / "scheduler.pt"):
+        missing.append("scheduler.pt")
+    state = read_json(checkpoint / "trainer_state.json")
+    if state is None or state.get("global_step") != step_of(checkpoint):
+        missing.append("trainer_state.json")
+    rng_files = [f"rng_state_{rank}.pth" for rank in range(world_size)] if world_size > 1 else ["rng_state.pth"]
+    missing += [name for name in rng_files if not whole_file(checkpoint / name)]
+    return missing
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Free space on the filesystem that holds `folder` (or its nearest existing parent); None if unknown."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
+
+
+def human_size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def unused_name(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... if it is taken."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}-{number}")
+    return candidate
+
+
+def move_aside(checkpoint: Path, why: str) -> Path:
+    target = unused_name(checkpoint.with_name(INCOMPLETE_PREFIX + checkpoint.name))
+    checkpoint.rename(target)
+    logger.warning("%s is incomplete (%s): moved it to %s; delete it once you no longer need it", checkpoint, why, target)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Claiming the folder at start
+
+
+_claims: dict[int, tuple[object, Claim]] = {}
+
+
+def resumes(args) -> bool:
+    return args.resume_from_checkpoint not in (None, "", "false", "False")
+
+
+def _decided_on_main(decide):
+    """Run `decide` on the main process only (it may move or remove files) and give every rank its result, or
+    its error, so that all ranks go on or stop together with the same message."""
+    result = error = None
+    if is_main_process():
+        try:
+            result = decide()
+        except RunFolderError as failure:
+            error = str(failure)
+        except OSError as failure:
+            error = f"could not set up the run folder: {failure}"
+    result, error = from_main((result, error))
+    if error:
+        raise RunFolderError(error)
+    return result
+
+
+def describe_outputs(folder: Path) -> str:
+    checkpoints = [p.name for p in checkpoint_folders(folder)]
+    parts = []
+    if checkpoints:
+        parts.append(", ".join(checkpoints if len(checkpoints) <= 4 else [checkpoints[0], "...", checkpoints[-1]]))
+    if final_weights(folder):
+        parts.append("a final model")
+    return " and ".join(parts)
+
+
+def check_output_dir(args) -> None:
+    """Before anything is loaded: a new run into a folder holding another run's checkpoints or final model stops
+    (or, with --overwrite_output_dir, moves them aside first)."""
+    folder = Path(args.output_dir)
+    if resumes(args):
+        if args.overwrite_output_dir:
+            raise RunFolderError(
+                "--overwrite_output_dir and --resume_from_checkpoint exclude each other: give --resume_from_checkpoint "
+                f"to continue the run in {folder}, or --overwrite_output_dir to start a new one there"
+            )
+        return
+
+    def decide():
+        held = describe_outputs(folder)
+        if not held:
+            return
+        record = read_json(folder / RUN_RECORD)
+        owner = f"run {record['run_id']}" if record and "run_id" in record else "an earlier run"
+        if not args.overwrite_output_dir:
+            raise RunFolderError(
+                f"{folder} already holds {held} of {owner}; to continue that run add --resume_from_checkpoint latest, "
+                "to start a new run there anyway add --overwrite_output_dir (moves its outputs into "
+                f"{folder}/{PREVIOUS_RUN_PREFIX}..., nothing is deleted), or choose another --output_dir"
+            )
+        stamp = record["run_id"] if record and "run_id" in record else datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        target = unused_name(folder / f"{PREVIOUS_RUN_PREFIX}{stamp}")
+        target.mkdir()
+        for entry in sorted(folder.iterdir()):
+            if entry != target and any(fnmatch.fnmatch(entry.name, pattern) for pattern in RUN_OUTPUT_PATTERNS):
+                entry.rename(target / entry.name)
+        logger.warning("--overwrite_output_dir: moved %s of %s (%s) into %s; delete it once you no longer need it",
+                       held, owner, human_size(folder_size(target)), target)
+
+    _decided_on_main(decide)
+
+
+def claim_run_folder(args, dataset) -> Claim:
+    """Make --output_dir this run's: check it as `check_output_dir` does, record a new run in run.json or find
+    the checkpoint to resume and verify that it belongs to this run and is whole. Every rank calls it, before
+    the model is loaded; later calls with the same arguments return the first answer."""
+    if id(args) in _claims:
+        return _claims[id(args)][1]
+    check_output_dir(args)
+    folder = Path(args.output_dir)
+    identity = run_identity(args, dataset)
+    if resumes(args):
+        claim = _claim_for_resume(args, folder, identity)
+    else:
+        claim = Claim(from_main(uuid.uuid4().hex[:12]), identity, None)
+        if is_main_process():
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_record(folder, claim)
+    barrier()
+    _claims[id(args)] = (args, claim)
+    return claim
+
+
+def current_claim(args) -> Claim | None:
+    entry = _claims.get(id(args))
+    return entry[1] if entry else None
+
+
+def _write_record(folder: Path, claim: Claim) -> None:
+    write_json_atomic(folder / RUN_RECORD, {
+        "run_id": claim.run_id,
+        "identity_hash": claim.identity_hash,
+        "identity": claim.identity,
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    })
+
+
+def _claim_for_resume(args, folder: Path, identity: dict) -> Claim:
+    world_size = rank_and_world()[1]
+    deepspeed = bool(args.deepspeed)
+    digest = identity_hash(identity)
+    requested = str(args.resume_from_checkpoint)
+
+    def decide():
+        record = read_json(folder / RUN_RECORD)
+        if record and record.get("identity_hash") != digest:
+            raise RunFolderError(
+                f"{folder} holds run {record.get('run_id')}, trained with other settings "
+                f"({differences(record.get('identity', {}), identity)}); resume it with the settings it started with, or "
+                "start a new run with --overwrite_output_dir instead of --resume_from_checkpoint, or another --output_dir"
+            )
+        run_id = record.get("run_id") if record else None
+        if requested.lower() in ("latest", "true"):
+            return _newest_resumable(folder, run_id, digest, identity, world_size, deepspeed)
+        return _named_checkpoint(Path(requested), run_id, digest, identity, world_size, deepspeed)
+
+    checkpoint, manifest, run_id = _decided_on_main(decide)
+    if manifest is not None:
+        _verify_manifest(Path(checkpoint), manifest)
+    if checkpoint is not None:
+        _check_format(Path(checkpoint), deepspeed)
+    run_id = run_id or from_main(uuid.uuid4().hex[:12])
+    claim = Claim(run_id, identity, checkpoint)
+    if is_main_process() and not (folder / RUN_RECORD).is_file():
+        # A folder from the stock Trainer or an older version of this project: from now on it is this run's.
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_record(folder, claim)
+    if checkpoint is None:
+        logger.warning("--resume_from_checkpoint %s: no checkpoint to resume in %s, training from the start", requested, folder)
+    else:
+        logger.info("resuming from %s", checkpoint)
+    return claim
+
+
+def _owned(marker: dict, run_id: str | None, digest: str, identity: dict, checkpoint: Path) -> None:
+    """Refuse a manifest checkpoint of another run, or of a run with other settings."""
+    if run_id and marker.get("run_id") != run_id:
+        raise RunFolderError(
+            f"{checkpoint} belongs to run {marker.get('run_id')} (its {COMPLETE_MARKER}), not to run {run_id} that "
+            f"{checkpoint.parent / RUN_RECORD} records; move it out of that folder, or resume another checkpoint "
+            "with --resume_from_checkpoint PATH"
+        )
+    if marker.get("identity_hash") != digest:
+        raise RunFolderError(
+            f"{checkpoint} was written by a run with other settings ({differences(marker.get('identity', {}), identity)}); "
+            "resume it with the settings it was trained with, or start a new run in another --output_dir"
+        )
+
+
+def _newest_resumable(folder: Path, run_id, digest, identity, world_size, deepspeed):
+    """(checkpoint, its manifest or None, run id) for `latest`: the newest checkpoint that is ours and whole, or
+    whole by its files. On the way, this run's own interrupted writes are removed and other incomplete
+    checkpoints moved aside."""
+    for checkpoint in reversed(checkpoint_folders(folder)):
+        marker = read_json(checkpoint / COMPLETE_MARKER)
+        writing = read_json(checkpoint / WRITING_MARKER)
+        if marker and "files" in marker:
+            _owned(marker, run_id, digest, identity, checkpoint)
+            return str(checkpoint), marker["files"], marker["run_id"]
+        if writing and run_id and writing.get("run_id") == run_id and not marker:
+            logger.warning("removing %s: this run's write of it never completed (it was stopped while saving)", checkpoint)
+            shutil.rmtree(checkpoint)
+            continue
+        missing = missing_parts(checkpoint, world_size, deepspeed)
+        if missing:
+            move_aside(checkpoint, "no " + ", ".join(missing))
+            continue
+        logger.warning("%s has no manifest (written by the stock Trainer or an older version of this project): its files "
+                       "are whole, but nothing shows that it was trained with these settings", checkpoint)
+        return str(checkpoint), None, run_id
+    return None, None, run_id
+
+
+def _named_checkpoint(checkpoint: Path, run_id, digest, identity, world_size, deepspeed):
+    if not checkpoint.is_dir() or not CHECKPOINT_NAME.fullmatch(checkpoint.name):
+        raise RunFolderError(f"--resume_from_checkpoint {checkpoint}: no such checkpoint-N folder; pass one, or `latest`")
+    marker = read_json(checkpoint / COMPLETE_MARKER)
+    if marker and "files" in marker:
+        _owned(marker, run_id, digest, identity, checkpoint)
+        return str(checkpoint), marker["files"], marker["run_id"]
+    missing = missing_parts(checkpoint, world_size, deepspeed)
+    if missing:
+        raise RunFolderError(
+            f"--resume_from_checkpoint {checkpoint}: not a complete checkpoint (no {', '.join(missing)}); pass a complete "
+            "checkpoint-N folder or `latest`"
+        )
+    return str(checkpoint), None, run_id
+
+
+def _verify_manifest(checkpoint: Path, manifest: dict) -> None:
+    """Every rank: the checkpoint's files must be exactly those its manifest lists, with the same hashes."""
+    names = from_main(part_files(checkpoint))
+    hashes = hash_parts(checkpoint, names)
+    changed = sorted(name for name in set(names) | set(manifest) if hashes.get(name) != manifest.get(name))
+    if changed:
+        shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise RunFolderError(
+            f"{checkpoint} mixes parts: its {COMPLETE_MARKER} recorded other contents for {shown} when it was written "
+            "(copied from another checkpoint or run, changed or removed since); resume an intact checkpoint with "
+            "--resume_from_checkpoint PATH, or move this one out of the folder"
+        )
+
+
+def _check_format(checkpoint: Path, deepspeed: bool) -> None:
+    has_deepspeed_states = (checkpoint / "latest").is_file()
+    if deepspeed and not has_deepspeed_states:
+        raise RunFolderError(f"{checkpoint} was written without DeepSpeed; resume it with --deepspeed none")
+    if not deepspeed and has_deepspeed_states:
+        raise RunFolderError(f"{checkpoint} was written with DeepSpeed; resume it with the same --deepspeed config")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing checkpoints
+
+
+def begin_checkpoint(checkpoint: Path, claim: Claim, step: int) -> None:
+    """Main process, before any rank writes into `checkpoint`: mark the write as this run's and in progress. A
+    folder being written again (resume from an older checkpoint) loses its old complete marker first."""
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    (checkpoint / COMPLETE_MARKER).unlink(missing_ok=True)
+    write_json_atomic(checkpoint / WRITING_MARKER, {"global_step": step, "run_id": claim.run_id})
+
+
+def finish_checkpoint(checkpoint: Path, claim: Claim, step: int, hashes: dict) -> None:
+    """Main process, after every rank wrote its part: the manifest makes the checkpoint complete."""
+    write_json_atomic(checkpoint / COMPLETE_MARKER, {
+        "global_step": step,
+        "run_id": claim.run_id,
+        "identity_hash": claim.identity_hash,
+        "identity": claim.identity,
+        "files": hashes,
+    })
+    (checkpoint / WRITING_MARKER).unlink(missing_ok=True)
+
+
+def newest_complete(folder: Path, run_id: str | None = None) -> Path | None:
+    """The newest checkpoint with our complete marker (of `run_id` when given)."""
+    for checkpoint in reversed(checkpoint_folders(folder)):
+        marker = read_json(checkpoint / COMPLETE_MARKER)
+        if marker and (run_id is None or marker.get("run_id") == run_id):
+            return checkpoint
+    return None
+
+
+def rotate(folder: Path, run_id: str, limit: int | None, keep: str | None) -> None:
+    """Main process: keep the newest `limit` complete checkpoints of this run (and `keep`, the best one when the
+    Trainer tracks it); delete this run's older ones. Checkpoints of other runs are never touched."""
+    if not limit or limit < 1:
+        return
+    ours = [p for p in checkpoint_folders(folder) if (read_json(p / COMPLETE_MARKER) or {}).get("run_id") == run_id]
+    kept = set(ours[-limit:])
+    for checkpoint in ours:
+        if checkpoint not in kept and not (keep and checkpoint.resolve() == Path(keep).resolve()):
+            logger.info("deleting %s (--save_total_limit %d)", checkpoint, limit)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def failed_write_message(checkpoint: Path, error: BaseException, free: int | None) -> str:
+    """One line for a checkpoint write that failed with `error` while `free` bytes were free: the folder, the
+    space, and what survives. torch.save reports a full disk only as "unexpected pos", so a write that failed
+    with less free space than the previous checkpoint takes is called a full disk too."""
+    survivor = newest_complete(checkpoint.parent)
+    needed = folder_size(survivor) if survivor else None
+    full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
+    full = full or (free is not None and needed is not None and free < needed)
+    reason = "no space left on the device" if full else error_reason(error)
+    space = f"{human_size(free)} free on its filesystem" if free is not None else "free space unknown"
+    if needed is not None:
+        space += f", a checkpoint takes {human_size(needed)}"
+    if survivor is None:
+        kept = "no complete checkpoint exists yet, so a rerun starts from the beginning"
+    else:
+        kept = f"{survivor.name} is complete and intact: make room, then rerun with --resume_from_checkpoint latest"
+    return f"could not write {checkpoint}: {reason} ({space}); removed this run's partial {checkpoint.name}; {kept}"
+
+
+__all__ = [
+    "RunFolderError",
+    "Claim",
+    "check_output_dir",
+    "claim_run_folder",
+    "current_claim",
+    "resumes",
+    "missing_parts",
+    "COMPLETE_MARKER",
+    "WRITING_MARKER",
+    "RUN_RECORD",
+]
