@@ -263,6 +263,22 @@ class FinetuneArguments(TrainingArguments):
                 "input_ids, which ours get only in the collator); use group_by_length to batch by length"
             )
         self.check_loggers()
+        self.check_unsupported()
+
+    def check_unsupported(self) -> None:
+        """Trainer options these recipes cannot honour yet fail now, not after the model has loaded or, worse,
+        while something else trains in their place."""
+        if str(self.eval_strategy) not in ("no", "IntervalStrategy.NO") or self.load_best_model_at_end or str(self.save_strategy) in ("best", "SaveStrategy.BEST"):
+            raise ArgumentError(
+                "periodic evaluation (--eval_strategy, --load_best_model_at_end, --save_strategy best) is not supported "
+                "yet: the recipes score by generation before and after training; use --save_steps and score a "
+                "checkpoint-N with `python -m common.predict`"
+            )
+        if self.fsdp:
+            raise ArgumentError(
+                "--fsdp is not supported yet (on CPU accelerate would silently train plain DDP instead); use DeepSpeed: "
+                "--deepspeed ds_configs/zero3.json shards parameters, gradients and optimizer states"
+            )
 
     def check_loggers(self) -> None:
         """A logger whose package is missing fails now, not after the model has loaded."""

@@ -132,7 +132,8 @@ def test_resume_matches_an_uninterrupted_run(tiny_checkpoint, docvqa_data, tmp_p
         (["--batch_size", "3", "--batch_size_per_gpu", "2"], "divisible"),
         (["--merge_lora"], "--merge_lora"),
         (["--report_to", "wandb"], "pip install wandb"),
-        (["--load_best_model_at_end", "--eval_strategy", "steps", "--save_strategy", "epoch"], "Save strategy: SaveStrategy.EPOCH"),
+        (["--eval_strategy", "steps", "--eval_steps", "5"], "periodic evaluation"),
+        (["--fsdp", "full_shard auto_wrap", "--deepspeed", "none"], "--fsdp is not supported"),
     ],
 )
 def test_impossible_flag_combinations_fail_before_loading(tmp_path, flags, reason):
