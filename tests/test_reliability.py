@@ -3,16 +3,22 @@
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+
+from common.data import RecipeDataset
+from common.preemption import PREEMPTED_EXIT_CODE, REPEAT_GRACE_S
+from common.run_folder import check_output_dir, data_fingerprint, file_sha256
 
 from .recipe_utils import DRIVER, REPO_ROOT, assert_ok, offline_env, run_script, weights
 
@@ -208,11 +214,12 @@ def kill_args(checkpoint, data, out):
     return ["--model_name_or_path", checkpoint, "--data_dir", data, "--output_dir", out, "--num_crops", "1",
             "--max_steps", "6", "--save_steps", "2", "--batch_size", "2", "--batch_size_per_gpu", "1", "--deepspeed", "none",
             "--skip_eval_before", "--skip_eval_after", "--dataloader_num_workers", "0", "--learning_rate", "1e-3",
-            "--warmup_steps", "0", "--seed", "3"]
+            "--warmup_steps", "0", "--seed", "3", "--logging_steps", "1"]
 
 
-def start_torchrun(args, tmp_path, env):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(DRIVER),
+def start_torchrun(args, tmp_path, env, launcher="torch.distributed.run"):
+    """2 processes under `launcher` (torchrun, or our `common.launch`), in a session of their own, as a job is."""
+    command = [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node=2", str(DRIVER),
                "finetune_hf_trainer_ucf101.py", *map(str, args)]
     return subprocess.Popen(command, cwd=REPO_ROOT, env=offline_env(tmp_path, **env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -235,18 +242,26 @@ def kill_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def straight_run(tiny_checkpoint, kill_data, tmp_path_factory):
+def straight_run(tiny_checkpoint, kill_data, tmp_path_factory) -> Path:
+    """The output folder of the uninterrupted run every kill test must reproduce (not to be changed by tests)."""
     tmp_path = tmp_path_factory.mktemp("straight")
     out = tmp_path / "out"
     assert_ok(run_script("finetune_hf_trainer_ucf101.py", kill_args(tiny_checkpoint, kill_data, out), tmp_path, nproc=2))
-    return weights(out / "model.safetensors")
+    return out
 
 
-def assert_same_weights(expected, out: Path):
-    actual = weights(out / "model.safetensors")
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
+def assert_same_weights(expected: Path, out: Path):
+    """Bit-equal final weights."""
+    wanted, actual = weights(expected / "model.safetensors"), weights(out / "model.safetensors")
+    assert actual.keys() == wanted.keys()
+    for name in wanted:
+        assert torch.equal(actual[name], wanted[name]), name
+
+
+def step_losses(out: Path) -> list[tuple]:
+    """(step, loss, grad_norm, learning_rate) of every logged step, from the final trainer_state.json."""
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return [(e["step"], e["loss"], e["grad_norm"], e["learning_rate"]) for e in history if "loss" in e]
 
 
 def resume(tiny_checkpoint, jsonl_dir, out, tmp_path):
@@ -285,3 +300,173 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tiny_checkpoint, 
     result = resume(tiny_checkpoint, jsonl_dir, out, tmp_path)
     assert "checkpoint-2" in result.stderr and "never completed" in result.stderr
     assert_same_weights(straight_run, out)
+
+
+def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint_and_resume_is_exact(tiny_checkpoint, kill_data, tmp_path,
+                                                                                   straight_run):
+    # Rank 1 alone gets the signal: rank 0 must stop at the same step, from the vote after every step.
+    out = tmp_path / "preempted"
+    process = start_torchrun(kill_args(tiny_checkpoint, kill_data, out), tmp_path, {"PHI3V_TEST_SLOW_STEPS": "0.5"},
+                             launcher="common.launch")
+    try:
+        wait_for(lambda: (out / "checkpoint-2" / "checkpoint_complete.json").is_file(), process)
+        os.kill(worker_pids(str(out))[1], signal.SIGTERM)
+        output = process.communicate(timeout=240)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == PREEMPTED_EXIT_CODE, output[-4000:]
+    stop_line = output.strip().splitlines()[-1]
+    assert stop_line.startswith("stopped by SIGTERM after step ") and "--resume_from_checkpoint latest" in stop_line
+    step = int(stop_line.split("after step ")[1].split(":")[0])
+    assert 2 < step < 6 and (out / f"checkpoint-{step}" / "checkpoint_complete.json").is_file()
+    assert not (out / "model.safetensors").exists()
+    result = resume(tiny_checkpoint, kill_data, out, tmp_path)
+    assert f"resuming from {out / f'checkpoint-{step}'}" in result.stderr
+    assert_same_weights(straight_run, out)
+    assert step_losses(out) == step_losses(straight_run) and len(step_losses(out)) == 6
+
+
+def test_a_second_signal_during_the_stop_checkpoint_exits_at_once_and_keeps_the_previous_one(tiny_checkpoint, kill_data,
+                                                                                            tmp_path):
+    # As SLURM does: SIGUSR1 to every process of the job (torchrun passes it on once more), later SIGTERM.
+    out = tmp_path / "signalled-twice"
+    env = {"PHI3V_TEST_SLOW_STEPS": "1.0", "PHI3V_TEST_SLOW_SAVE": "3:20"}
+    process = start_torchrun(kill_args(tiny_checkpoint, kill_data, out), tmp_path, env, launcher="common.launch")
+    try:
+        wait_for(lambda: (out / "checkpoint-2" / "checkpoint_complete.json").is_file(), process)
+        os.killpg(process.pid, signal.SIGUSR1)
+        wait_for(lambda: any((out / f"checkpoint-{n}" / "checkpoint_writing.json").is_file() for n in (3, 4, 5)), process)
+        time.sleep(REPEAT_GRACE_S + 0.5)
+        started = time.time()
+        os.killpg(process.pid, signal.SIGTERM)
+        output = process.communicate(timeout=60)[0]
+        exit_seconds = time.time() - started
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert exit_seconds < 15, "the second signal must not wait for the 20 s save"
+    assert process.returncode not in (0, PREEMPTED_EXIT_CODE)
+    assert "SIGTERM again while the checkpoint was being written: stopping now" in output
+    assert f"{out / 'checkpoint-2'} is the newest complete checkpoint" in output
+    stopped = [c for c in out.glob("checkpoint-*") if c.name != "checkpoint-2"]
+    assert len(stopped) == 1 and not (stopped[0] / "checkpoint_complete.json").exists()
+    manifest = json.loads((out / "checkpoint-2" / "checkpoint_complete.json").read_text())["files"]
+    assert {name: file_sha256(out / "checkpoint-2" / name) for name in manifest} == manifest
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Run folders
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def test_a_reused_output_dir_stops_at_start_and_resume_refuses_foreign_or_mixed_checkpoints(tiny_checkpoint, kill_data,
+                                                                                           tmp_path, straight_run, capsys):
+    out = copy_run(straight_run, tmp_path / "out")
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    other_data = relabelled(write_jsonl_data(tmp_path / "other-data"))
+    args = [*kill_args(tiny_checkpoint, other_data, out)]
+    args[args.index("--max_steps") + 1] = "2"
+
+    code, stderr = run_main("finetune_hf_trainer_ucf101", args, capsys)
+    assert code == 1 and "Loading weights" not in stderr
+    error = one_error_line(stderr)
+    assert f"{out} already holds checkpoint-4, checkpoint-6 and a final model of run {run_id}" in error
+    assert "--resume_from_checkpoint latest" in error and "--overwrite_output_dir" in error and "another --output_dir" in error
+
+    code, stderr = run_main("finetune_hf_trainer_ucf101", [*args, "--resume_from_checkpoint", "latest"], capsys)
+    error = one_error_line(stderr)
+    assert code == 1 and f"{out} holds run {run_id}, trained with other settings" in error
+    assert "data " in error and "max_steps 6 -> 2" in error
+
+    # The same settings as the run, but checkpoint-6 took another checkpoint's optimizer.
+    same = [*kill_args(tiny_checkpoint, kill_data, out), "--resume_from_checkpoint", "latest"]
+    shutil.copyfile(out / "checkpoint-4" / "optimizer.pt", out / "checkpoint-6" / "optimizer.pt")
+    code, stderr = run_main("finetune_hf_trainer_ucf101", same, capsys)
+    assert code == 1 and f"{out / 'checkpoint-6'} mixes parts" in one_error_line(stderr) and "optimizer.pt" in stderr
+
+    # A checkpoint of another run copied in.
+    shutil.rmtree(out / "checkpoint-6")
+    marker = out / "checkpoint-4" / "checkpoint_complete.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "run_id": "0123456789ab"}))
+    code, stderr = run_main("finetune_hf_trainer_ucf101", same, capsys)
+    assert code == 1 and f"belongs to run 0123456789ab (its checkpoint_complete.json), not to run {run_id}" in one_error_line(stderr)
+    assert (out / "checkpoint-4" / "optimizer.pt").is_file(), "a refused checkpoint is left as it is"
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+def test_overwrite_output_dir_moves_the_previous_run_aside(straight_run, tmp_path):
+    out = copy_run(straight_run, tmp_path / "out")
+    (out / "my-notes.txt").write_text("mine")
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    check_output_dir(SimpleNamespace(output_dir=str(out), resume_from_checkpoint=None, overwrite_output_dir=True))
+    moved = out / f"previous-run-{run_id}"
+    assert sorted(p.name for p in out.iterdir()) == ["my-notes.txt", moved.name]
+    assert (moved / "checkpoint-6" / "optimizer.pt").is_file() and (moved / "model.safetensors").is_file()
+    assert (moved / "run.json").is_file() and (moved / "trainer_state.json").is_file()
+
+
+def test_resume_takes_a_complete_checkpoint_without_marker_and_moves_a_partial_one_aside(tiny_checkpoint, kill_data,
+                                                                                        tmp_path, straight_run):
+    # As the stock Trainer leaves a folder: no run.json, no markers; checkpoint-6 lost parts in a kill.
+    out = copy_run(straight_run, tmp_path / "out")
+    for name in ("run.json", "model.safetensors", "checkpoint-4/checkpoint_complete.json", "checkpoint-6/checkpoint_complete.json",
+                 "checkpoint-6/optimizer.pt", "checkpoint-6/rng_state_1.pth"):
+        (out / name).unlink()
+    result = resume(tiny_checkpoint, kill_data, out, tmp_path)
+    assert "is incomplete (no optimizer.pt, rng_state_1.pth): moved it to" in result.stderr
+    assert f"{out / 'checkpoint-4'} has no manifest" in result.stderr and f"resuming from {out / 'checkpoint-4'}" in result.stderr
+    assert (out / "incomplete-checkpoint-6" / "model.safetensors").is_file()
+    assert (out / "checkpoint-4" / "optimizer.pt").is_file(), "rotation keeps checkpoints this run did not write"
+    assert_same_weights(straight_run, out)
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_resumes(tiny_checkpoint, kill_data, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # One single-process checkpoint of the tiny model takes ~53 MB: the first fits, the second does not.
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        out = disk / "out"
+        args = [*kill_args(tiny_checkpoint, kill_data, out), "--max_steps", "2", "--save_steps", "1"]
+        result = run_script("finetune_hf_trainer_ucf101.py", args, tmp_path)
+        assert result.returncode == 1
+        error = one_error_line(result.stderr)
+        assert f"could not write {out / 'checkpoint-2'}: no space left on the device (" in error and "free on its filesystem" in error
+        assert "checkpoint-1 is complete and intact" in error and "--resume_from_checkpoint latest" in error
+        assert not (out / "checkpoint-2").exists()
+        subprocess.run(["mount", "-o", "remount,size=400m", str(disk)], check=True)
+        resumed = run_script("finetune_hf_trainer_ucf101.py", [*args, "--resume_from_checkpoint", "latest"], tmp_path)
+        assert_ok(resumed)
+        assert f"resuming from {out / 'checkpoint-1'}" in resumed.stderr
+        assert (out / "model.safetensors").is_file()
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_data_fingerprint_follows_the_rows_not_where_the_data_lies(tmp_path):
+    from common.data import load_jsonl_conversations
+
+    first, second = write_jsonl_data(tmp_path / "a"), write_jsonl_data(tmp_path / "elsewhere" / "b")
+    fingerprint = lambda data: data_fingerprint(RecipeDataset(load_jsonl_conversations(data / "ucf101_train.jsonl", data / "images"),
+                                                              name="ucf101 train"))
+    assert fingerprint(first) == fingerprint(second)
+    assert fingerprint(first) != fingerprint(relabelled(second))
+
+
+def relabelled(data: Path) -> Path:
+    """The same videos, the first one with the other class as its answer: other training data."""
+    turn = {"images": ["train/v0.0.jpg", "train/v0.1.jpg"], "user": CLASS_PROMPT, "assistant": "Blue"}
+    replace_train_line(data, 1, json.dumps({"id": "train-0000000000", "source": "test", "conversations": [turn]}))
+    return data

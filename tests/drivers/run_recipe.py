@@ -9,6 +9,8 @@ interrupted run would.
 PHI3V_TEST_SLOW_STEPS: sleep that many seconds after each step, so a test can kill the run at a chosen point.
 PHI3V_TEST_DIE_IN_SAVE_AT_STEP: rank 0 SIGKILLs itself in the middle of writing that step's checkpoint (weights
 and optimizer written, RNG state and trainer state not yet).
+PHI3V_TEST_SLOW_SAVE=STEP:SECONDS: every checkpoint from that step on sleeps that long in the middle of its write
+(same point), so a test can signal the run while it saves.
 """
 
 import hashlib
@@ -84,8 +86,22 @@ def build_trainer_with_observers(*args, **kwargs):
     return trainer
 
 
+def slow_save_from(step: int, seconds: float):
+    original = common.recipe.RecipeTrainer._save_rng_state
+
+    def save_rng_state(self, output_dir):
+        if self.state.global_step >= step:
+            time.sleep(seconds)
+        return original(self, output_dir)
+
+    common.recipe.RecipeTrainer._save_rng_state = save_rng_state
+
+
 if os.environ.get("PHI3V_TEST_DIE_IN_SAVE_AT_STEP"):
     die_in_save_at(int(os.environ["PHI3V_TEST_DIE_IN_SAVE_AT_STEP"]))
+if os.environ.get("PHI3V_TEST_SLOW_SAVE"):
+    slow_step, slow_seconds = os.environ["PHI3V_TEST_SLOW_SAVE"].split(":")
+    slow_save_from(int(slow_step), float(slow_seconds))
 
 
 common.recipe.build_trainer = build_trainer_with_observers
