@@ -61,11 +61,16 @@ class CheckpointWriteError(Exception):
 
 
 def setup_logging(args: FinetuneArguments) -> None:
-    """Our progress at INFO on the main process; transformers only warns, except the Trainer's run summary."""
+    """Our progress at INFO on the main process; transformers only warns, except the Trainer's run summary.
+
+    Being every script's first step, it also checks that --output_dir can take a new run
+    (`run_folder.check_output_dir`), so that a folder holding another run stops the run before any data is read.
+    """
     level = logging.INFO if args.process_index == 0 else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
     transformers.logging.set_verbosity_warning()
     logging.getLogger("transformers.trainer").setLevel(level)
+    check_output_dir(args)
 
 
 def exit_on_bad_input(main):
@@ -96,8 +101,6 @@ def skip_log_for(args: FinetuneArguments) -> SkipLog | None:
     if key not in _skip_logs:
         skip_log = SkipLog(args.output_dir, main_process=is_main_process())
         if not resumes(args):
-            # The folder may hold another run's log: refuse it (or move it aside) before emptying anything.
-            check_output_dir(args)
             skip_log.reset()
         _skip_logs[key] = skip_log
     return _skip_logs[key]
