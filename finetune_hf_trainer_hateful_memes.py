@@ -37,6 +37,7 @@ from common.data import RecipeDataset
 from common.recipe import (
     build_collator,
     build_trainer,
+    check_evaluation_data,
     check_training_data,
     evaluate_after,
     evaluate_before,
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
 
     processor = load_processor(args)
     train_set = check_training_data(train_set, processor, args)
+    eval_set = check_evaluation_data(eval_set, processor, args)
     model = setup_training_mode(load_model(args), args)
     collator = build_collator(processor, args, train_set)
     trainer = build_trainer(model, args, train_set, collator, processor)

@@ -36,6 +36,7 @@ from common.data import RecipeDataset, jsonl_eval_examples, load_jsonl_conversat
 from common.recipe import (
     build_collator,
     build_trainer,
+    check_evaluation_data,
     check_training_data,
     evaluate_after,
     evaluate_before,
@@ -84,6 +85,10 @@ def main(argv: list[str] | None = None) -> None:
 
     processor = load_processor(args)
     train_set = check_training_data(train_set, processor, args)
+    eval_set = check_evaluation_data(eval_set, processor, args)
+    if data_args.eval_on_test:
+        test_rows = jsonl_eval_examples(split_file(data_dir, "test"), images, skip_log_for(args))
+        test_set = check_evaluation_data(RecipeDataset(test_rows, name="ucf101 test", for_training=False), processor, args)
     model = setup_training_mode(load_model(args), args)
     collator = build_collator(processor, args, train_set)
     trainer = build_trainer(model, args, train_set, collator, processor)
@@ -100,8 +105,6 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_eval_after:
         evaluations["after"] = evaluate_after(processor, eval_set, METRIC, args)
     if data_args.eval_on_test:
-        test_rows = jsonl_eval_examples(split_file(data_dir, "test"), images, skip_log_for(args))
-        test_set = RecipeDataset(test_rows, name="ucf101 test", for_training=False)
         evaluations["test"] = run_evaluation(load_trained_model(args), processor, test_set, METRIC, args, "eval_test.json")
     finish(args, log_history, evaluations)
 

@@ -112,16 +112,18 @@ def example_tokens(processor: Phi3VProcessor, example: dict, num_crops: int) -> 
     """
     images = example.get("images") or []
     messages = example.get("messages")
-    check_messages(messages, len(images), for_training=True)
+    # An evaluation example is its one user message: the prompt's tokens, none supervised.
+    check_messages(messages, len(images), for_training=not (isinstance(messages, list) and len(messages) == 1))
     tokens_per_tile = processor.image_processor.num_img_tokens
     counts = [num_image_tokens(*hd_output_size(image_size(image), num_crops), tokens_per_tile) for image in images]
     total = supervised = 0
     for turn in range(0, len(messages), 2):
         prompt = prompt_text(processor, messages[turn]["content"])
         total += len(processor.encode_with_images(prompt, counts if turn == 0 else []))
-        answer = len(answer_ids(processor, messages[turn + 1]["content"]))
-        total += answer
-        supervised += answer
+        if turn + 1 < len(messages):
+            answer = len(answer_ids(processor, messages[turn + 1]["content"]))
+            total += answer
+            supervised += answer
     return TokenCounts(total, supervised)
 
 

@@ -149,6 +149,8 @@ class RecipeDataset(torch.utils.data.Dataset):
         self.skip_log = skip_log
         # After `subset`, rows keep the index they had in the full data: to_example and errors see that one.
         self.original_indices = original_indices
+        # Rows the validation pass left out of an evaluation split (`validate_evaluation_data`), for its files.
+        self.skipped: list[dict] = []
         self._lengths: dict[tuple[int, int], tuple[Phi3VProcessor, list[int]]] = {}
 
     def __len__(self) -> int:
@@ -221,7 +223,7 @@ class RecipeDataset(torch.utils.data.Dataset):
             files = _image_files(example["images"], opened) if with_files else []
             return ScannedRow(index, example["id"], tokens, None), row, files
         except Exception as error:
-            return ScannedRow(index, None, None, self._error(index, row, error)), row, []
+            return ScannedRow(index, self.row_id(index, row), None, self._error(index, row, error)), row, []
         finally:
             for image, _ in opened.values():
                 image.close()
@@ -303,8 +305,12 @@ class RecipeDataset(torch.utils.data.Dataset):
             if not isinstance(references, list) or not references or not all(isinstance(r, str) for r in references):
                 raise ExampleError(f"'references' must be a non-empty list of strings, got {references!r:.200}")
 
+    def row_id(self, index: int, row=None):
+        """The id a row carries, as far as it can be read even when the row itself failed."""
+        return row.get("id") if isinstance(row, Mapping) else self._stored_id(index)
+
     def _error(self, index: int, row, error: Exception) -> LoadingError:
-        row_id = row.get("id") if isinstance(row, Mapping) else self._stored_id(index)
+        row_id = self.row_id(index, row)
         where = f"{self.name} row {self.original_index(index)}" + (f" (id {row_id!r})" if row_id is not None else "")
         if isinstance(error, KeyError) and isinstance(row, Mapping):
             # The usual cause is a dataset without a column the recipe reads: name the columns it does have.

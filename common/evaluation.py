@@ -198,8 +198,11 @@ def evaluate(
             f"the ranks scored indices {seen}, but each of the {num_examples} examples must be scored exactly once"
         )
     score = sum(record["score"] for record in records) / num_examples
-    summary = {"metric": metric, "score": score, "num_examples": num_examples}
+    # Rows the validation pass left out (--skip_bad_examples) are not scored: the score is over the others.
+    skipped = list(getattr(examples, "skipped", []))
+    summary = {"metric": metric, "score": score, "num_examples": num_examples, "num_skipped": len(skipped)}
     if rank == 0:
-        _write_json_atomically(Path(output_file), {**summary, "examples": records})
-        logger.info("%s: %s = %.4f over %d examples (written to %s)", desc, metric, score, num_examples, output_file)
+        _write_json_atomically(Path(output_file), {**summary, "skipped": skipped, "examples": records})
+        left_out = f" ({len(skipped)} unusable examples skipped, not counted)" if skipped else ""
+        logger.info("%s: %s = %.4f over %d examples%s (written to %s)", desc, metric, score, num_examples, left_out, output_file)
     return summary

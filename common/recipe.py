@@ -47,7 +47,7 @@ from .run_folder import (
     rotate,
 )
 from .training import UnsafeCheckpointError, load_model, to_device
-from .validation import SkipLog, validate_training_data
+from .validation import SkipLog, validate_evaluation_data, validate_training_data
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,11 @@ def skip_log_for(args: FinetuneArguments) -> SkipLog | None:
             skip_log.reset()
         _skip_logs[key] = skip_log
     return _skip_logs[key]
+
+
+def check_evaluation_data(eval_set: RecipeDataset, processor, args: FinetuneArguments) -> RecipeDataset:
+    """The validation pass over an evaluation split, before training, with --skip_bad_examples applied."""
+    return validate_evaluation_data(eval_set, processor, args.num_crops, skip_log_for(args))
 
 
 def check_training_data(train_set: RecipeDataset, processor, args: FinetuneArguments) -> RecipeDataset:
@@ -371,6 +376,7 @@ __all__ = [
     "finish",
     "evaluate_before",
     "evaluate_after",
+    "check_evaluation_data",
     "check_training_data",
     "skip_log_for",
     "build_collator",

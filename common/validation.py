@@ -70,24 +70,17 @@ def validate_training_data(
     lengths: list[int] = []
     problems: list[ExampleError] = []
     longest: ScannedRow | None = None
-    own_pool = image_check_pool() if image_pool is None else None
-    try:
-        for scanned in dataset.scan(processor, num_crops, image_pool or own_pool):
-            error = scanned.error or _unusable(dataset, scanned, num_crops, max_length)
-            if error is not None:
-                if skip_log is None:
-                    raise error
-                problems.append(error)
-                skip_log.record(str(error), stage="validation")
-                continue
-            keep.append(scanned.index)
-            lengths.append(scanned.tokens.total)
-            if longest is None or scanned.tokens.total > longest.tokens.total:
-                longest = scanned
-    finally:
-        if own_pool is not None:
-            # Stopping at a bad row must not wait for the checks still queued behind it.
-            own_pool.shutdown(cancel_futures=True)
+    for scanned, error in _scan(dataset, processor, num_crops, image_pool, lambda row: _unusable(dataset, row, num_crops, max_length)):
+        if error is not None:
+            if skip_log is None:
+                raise error
+            problems.append(error)
+            skip_log.record(str(error), stage="validation")
+            continue
+        keep.append(scanned.index)
+        lengths.append(scanned.tokens.total)
+        if longest is None or scanned.tokens.total > longest.tokens.total:
+            longest = scanned
     if not keep:
         raise ExampleError(f"{dataset.name}: all {len(dataset)} rows are unusable; the first: {problems[0]}")
     if problems:
@@ -100,6 +93,46 @@ def validate_training_data(
     logger.info("%s: %d rows checked, %d used for training", dataset.name, len(keep) + len(problems), len(keep))
     logger.info("%s", length_summary(dataset.name, lengths, longest.example_id, max_length))
     return dataset
+
+
+def validate_evaluation_data(
+    dataset: RecipeDataset, processor, num_crops: int, skip_log: SkipLog | None, image_pool: Executor | None = None
+) -> RecipeDataset:
+    """The same checks over an evaluation split, before training: a bad row stops the run now rather than after
+    all of training. With a skip log bad rows are left out, and the returned dataset's ``skipped`` lists them
+    (``{"index", "id", "reason"}``) for the evaluation files, whose score then counts the rest only."""
+    if len(dataset) == 0:
+        raise DataError(f"{dataset.name} holds no rows, so there is nothing to evaluate on; check the data path and --max_eval_samples")
+    keep: list[int] = []
+    skipped: list[dict] = []
+    for scanned, error in _scan(dataset, processor, num_crops, image_pool, lambda row: None):
+        if error is None:
+            keep.append(scanned.index)
+            continue
+        if skip_log is None:
+            raise error
+        skip_log.record(str(error), stage="validation")
+        skipped.append({"index": dataset.original_index(scanned.index), "id": scanned.example_id, "reason": str(error)})
+    if not keep:
+        raise ExampleError(f"{dataset.name}: all {len(dataset)} rows are unusable; the first: {skipped[0]['reason']}")
+    if skipped:
+        logger.warning("%s: %d of %d rows skipped before training; evaluations score the other %d", dataset.name, len(skipped), len(dataset), len(keep))
+        dataset = dataset.subset(keep)
+        dataset.skipped = skipped
+    logger.info("%s: %d rows checked, %d used for evaluation", dataset.name, len(keep) + len(skipped), len(keep))
+    return dataset
+
+
+def _scan(dataset: RecipeDataset, processor, num_crops: int, image_pool: Executor | None, unusable):
+    """(row, its ExampleError or None) for every row; `unusable(row)` adds the caller's own checks."""
+    own_pool = image_check_pool() if image_pool is None else None
+    try:
+        for scanned in dataset.scan(processor, num_crops, image_pool or own_pool):
+            yield scanned, scanned.error or unusable(scanned)
+    finally:
+        if own_pool is not None:
+            # Stopping at a bad row must not wait for the checks still queued behind it.
+            own_pool.shutdown(cancel_futures=True)
 
 
 def length_summary(name: str, lengths: list[int], longest_id, max_length: int | None) -> str:

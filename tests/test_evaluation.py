@@ -110,7 +110,7 @@ def test_batched_predictions_equal_one_at_a_time_and_score_is_the_mean(model, pr
     scores = [SCORERS["anls"](r["prediction"], example["references"]) for r, example in zip(records, examples)]
     assert [r["score"] for r in records] == scores
     assert all(0 < s < 1 for s in scores[::2]) and scores[1::2] == [0.0, 0.0]
-    assert summary == {"metric": "anls", "score": sum(scores) / 5, "num_examples": 5}
+    assert summary == {"metric": "anls", "score": sum(scores) / 5, "num_examples": 5, "num_skipped": 0}
     assert {k: written[k] for k in summary} == summary
     assert not model.training
     # Written through a temporary file that os.replace removed.
@@ -229,7 +229,7 @@ def test_two_ranks_split_and_gather_every_example_once(tiny_checkpoint, tmp_path
         assert [r["index"] for r in written["examples"]] == list(range(n))
         assert [r["prediction"] for r in written["examples"]] == [f"answer {k}" for k in range(n)]
         assert written["score"] == 1.0 and written["num_examples"] == n
-        expected = {"metric": "accuracy", "score": 1.0, "num_examples": n}
+        expected = {"metric": "accuracy", "score": 1.0, "num_examples": n, "num_skipped": 0}
         assert ranks[0][name]["summary"] == ranks[1][name]["summary"] == expected
 
     # Each rank reads only its own shard: r, r + 2, r + 4, ...
