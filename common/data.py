@@ -2,8 +2,8 @@
 
 `RecipeDataset` turns rows (of a `datasets.Dataset` or a list) into the examples of `common/conversation.py`
 one at a time, inside the DataLoader workers, so image decoding is spread over them. Its `scan` (the validation
-pass) gives each example's exact token counts from image headers, and can check on a pool of processes that
-every image file decodes; its `lengths` gives the token lengths alone, for length-grouped batching.
+pass) gives each example's exact token counts from image headers, and can check on a thread pool that every
+image file decodes; its `lengths` gives the token lengths alone, for length-grouped batching.
 
 `load_jsonl_conversations` / `jsonl_eval_examples` read the custom-data JSONL format (the format
 `convert_ucf101.py` writes) eagerly, checking every line and image file up front, and leave image decoding to
@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import operator
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,9 +51,9 @@ PROGRESS_MIN_BYTES = 1 << 20
 LENGTH_SLICE_ROWS = 256
 # EXIF orientations that swap width and height; `datasets` turns such images upright when it decodes them.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
-# The validation pass sends image checks to its pool in chunks of rows, each one task: large enough that a
-# task's round trip between processes costs little next to decoding, small enough that a chunk of a hub
-# dataset's image bytes stays a few MB. At most CHECK_CHUNKS_IN_FLIGHT chunks wait, bounding what is held.
+# The validation pass sends image checks to its pool in chunks of rows, each one task: large enough that the
+# hand-over of a task costs little next to decoding small images, small enough that a chunk of a hub dataset's
+# image bytes stays a few MB. At most CHECK_CHUNKS_IN_FLIGHT chunks wait, bounding the bytes held.
 CHECK_CHUNK_ROWS = 32
 CHECK_CHUNK_BYTES = 8 << 20
 CHECK_CHUNKS_IN_FLIGHT = 32
@@ -85,18 +84,17 @@ def check_image_decodes(source) -> None:
         image.load()
 
 
-def image_check_pool(workers: int | None = None) -> ProcessPoolExecutor:
-    """Processes for the validation pass's image checks; `workers` defaults to this process's CPUs, shared with
+def image_check_pool(workers: int | None = None) -> ThreadPoolExecutor:
+    """Threads for the validation pass's image checks; `workers` defaults to this process's CPUs, shared with
     the other ranks of its node, which run the same pass at the same time.
 
-    Processes, not threads: opening and checking a small image is mostly Python, which threads would run one
-    at a time beside the tokenizing main thread (measured in bench/RESULTS.md, "Validation pass"). Forked, not
-    spawned: a spawned worker imports torch before its first image (seconds), a forked one starts at once;
-    the DataLoader's workers are forked the same way.
+    Threads, not processes: PIL decodes without holding the GIL, and threads need no copy of the image bytes.
+    Measured in bench/RESULTS.md ("Validation pass"): on document pages threads were faster than forked
+    processes; on small images the two were within noise; spawned processes pay seconds importing torch.
     """
     if workers is None:
         workers = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    return ThreadPoolExecutor(workers, thread_name_prefix="image-check")
 
 
 class ScannedRow(NamedTuple):
@@ -229,15 +227,7 @@ class RecipeDataset(torch.utils.data.Dataset):
                 image.close()
 
     def _checked(self, chunk: list[tuple[ScannedRow, object]], future: Future) -> Iterator[ScannedRow]:
-        try:
-            problems = future.result()
-        except BrokenExecutor as error:
-            first, last = (self.original_index(scanned.index) for scanned, _ in (chunk[0], chunk[-1]))
-            raise DataError(
-                f"{self.name}: the process checking the images of rows {first} to {last} died ({error_reason(error)}); "
-                "an image among them may crash the image decoder: open those images one by one to find it"
-            ) from error
-        for (scanned, row), error in zip(chunk, problems):
+        for (scanned, row), error in zip(chunk, future.result()):
             yield scanned if error is None else scanned._replace(tokens=None, error=self._error(scanned.index, row, error))
 
     def subset(self, indices: list[int]) -> "RecipeDataset":
@@ -363,7 +353,7 @@ def _image_files(images: list, opened: dict) -> list[tuple[str, bytes | str | os
 
 
 def _check_image_chunk(chunk: list[list[tuple[str, bytes | str | os.PathLike]]]) -> list[Exception | None]:
-    """Runs in the pool: per row, None or the first of its images that fails, as a plain exception that pickles."""
+    """Runs in the pool: per row, None or the exception of the first of its images that fails."""
     problems: list[Exception | None] = []
     for files in chunk:
         problem = None

@@ -1,8 +1,8 @@
 """The validation pass before training, and the record of skipped examples.
 
 Every training row is converted and checked before the first step: message structure, image tags against
-images, empty answers, image files that do not open or do not decode (a truncated JPEG, checked on a pool of
-processes, see `RecipeDataset.scan`), images of a mode that cannot become RGB, token length against
+images, empty answers, image files that do not open or do not decode (a truncated JPEG, checked on a thread
+pool, see `RecipeDataset.scan`), images of a mode that cannot become RGB, token length against
 ``--max_length``, and answers that leave no supervised token (nothing to learn). By default the first problem
 stops the run with a message naming the row; with ``--skip_bad_examples`` every bad row is left out, logged
 and counted, and so is any row that fails later, while its pixels are decoded.

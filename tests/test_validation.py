@@ -3,7 +3,6 @@
 import io
 import json
 import logging
-import os
 
 import datasets
 import numpy as np
@@ -96,15 +95,6 @@ def test_damaged_images_in_a_hub_dataset_are_caught(processor):
             processor, NUM_CROPS, pool)}
     assert [index for index, error in found.items() if error is not None] == [1, 2, 3]
     assert "hub row 1 (id 'r1'): OSError: images[0] does not decode: image file is truncated" in str(found[1])
-
-
-def test_an_image_that_kills_its_checking_process_is_a_data_error(jsonl_data, processor, monkeypatch):
-    path, root = jsonl_data
-    # As a decoder crash on a hostile file would; the forked check processes inherit this.
-    monkeypatch.setattr("common.data.check_image_decodes", lambda source: os._exit(1))
-    with pytest.raises(DataError, match="custom train: the process checking the images of rows 0 to 2 died"):
-        validate_training_data(RecipeDataset(load_jsonl_conversations(path, root), name="custom train"), processor,
-                               NUM_CROPS, None, None)
 
 
 def test_unconvertible_image_mode_is_caught_without_decoding(processor):
