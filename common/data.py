@@ -90,7 +90,7 @@ def image_check_pool(workers: int | None = None) -> ThreadPoolExecutor:
 
     Threads, not processes: PIL decodes without holding the GIL, and threads need no copy of the image bytes.
     Measured in bench/RESULTS.md ("Validation pass"): on document pages threads were faster than forked
-    processes; on small images the two were within noise; spawned processes pay seconds importing torch.
+    processes; on small images neither was faster in every run; spawned processes spend seconds importing torch.
     """
     if workers is None:
         workers = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
