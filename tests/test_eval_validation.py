@@ -1,6 +1,7 @@
 """The evaluation split goes through the validation pass before training, with --skip_bad_examples applied."""
 
 import json
+import os
 
 import pytest
 
@@ -30,3 +31,7 @@ def test_a_bad_validation_image_stops_before_training_or_is_skipped_and_reported
         assert payload["num_examples"] == len(payload["examples"]) == 1 and payload["num_skipped"] == 1
         assert payload["skipped"][0]["id"] == "val-0000000001" and "Truncated" in payload["skipped"][0]["reason"]
     assert "1 unusable examples skipped, not counted" in result.stderr
+    mask = os.umask(0)
+    os.umask(mask)
+    for written in (out / "eval_after.json", out / "model.safetensors", out / "checkpoint-1" / "model.safetensors"):
+        assert written.stat().st_mode & 0o777 == 0o666 & ~mask, f"{written} must get the umask's mode"
