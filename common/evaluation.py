@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .collator import Phi3VGenerationCollator
-from .export import follow_umask, stop_token_ids
+from .export import replace_atomically, stop_token_ids
 from .metrics import SCORERS
 
 __all__ = ["AnswerGenerator", "evaluate", "stop_token_ids"]
@@ -72,19 +71,15 @@ def _full_parameters(module, zero3: bool):
 
 def _write_json_atomically(path: Path, payload: dict) -> None:
     # A reader (or a resumed run) never sees a half-written file, even if the job dies mid-write.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
+    def write(temporary: Path) -> None:
+        with open(temporary, "w", encoding="utf-8") as handle:
             json.dump(payload, handle, indent=2, ensure_ascii=False)
             handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())
-        follow_umask(Path(handle.name))
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_atomically(path, write)
 
 
 class AnswerGenerator:
