@@ -102,7 +102,7 @@ def eval_example(row: dict, index: int) -> dict:
 
 @exit_on_bad_input
 def main(argv: list[str] | None = None) -> None:
-    args, data_args = parse_args(DocVQAArguments, argv=argv)
+    args, data_args = parse_args(DocVQAArguments, argv=argv, metric=METRIC)
     setup_logging(args)
 
     if data_args.full_train:
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_set = check_evaluation_data(eval_set, processor, args)
     model = setup_training_mode(load_model(args), args)
     collator = build_collator(processor, args, train_set)
-    trainer = build_trainer(model, args, train_set, collator, processor)
+    trainer = build_trainer(model, args, train_set, collator, processor, eval_set, METRIC)
 
     evaluations = {}
     if not args.skip_eval_before:

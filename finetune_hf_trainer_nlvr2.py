@@ -65,7 +65,7 @@ class NLVR2Arguments:
 
 @exit_on_bad_input
 def main(argv: list[str] | None = None) -> None:
-    args, data_args = parse_args(NLVR2Arguments, argv=argv, defaults={"max_new_tokens": 16})
+    args, data_args = parse_args(NLVR2Arguments, argv=argv, defaults={"max_new_tokens": 16}, metric=METRIC)
     setup_logging(args)
 
     eval_rows, train_rows = split_head(load_split(CAULDRON, "nlvr2", "train", data_args.dataset_path), data_args.num_eval_rows)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_set = check_evaluation_data(eval_set, processor, args)
     model = setup_training_mode(load_model(args), args)
     collator = build_collator(processor, args, train_set)
-    trainer = build_trainer(model, args, train_set, collator, processor)
+    trainer = build_trainer(model, args, train_set, collator, processor, eval_set, METRIC)
 
     evaluations = {}
     if not args.skip_eval_before:

@@ -73,7 +73,7 @@ def split_file(data_dir: Path, split: str) -> Path:
 
 @exit_on_bad_input
 def main(argv: list[str] | None = None) -> None:
-    args, data_args = parse_args(UCF101Arguments, argv=argv, defaults={"num_crops": 4, "max_new_tokens": 16})
+    args, data_args = parse_args(UCF101Arguments, argv=argv, defaults={"num_crops": 4, "max_new_tokens": 16}, metric=METRIC)
     setup_logging(args)
 
     data_dir = Path(data_args.data_dir)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         test_set = check_evaluation_data(RecipeDataset(test_rows, name="ucf101 test", for_training=False), processor, args)
     model = setup_training_mode(load_model(args), args)
     collator = build_collator(processor, args, train_set)
-    trainer = build_trainer(model, args, train_set, collator, processor)
+    trainer = build_trainer(model, args, train_set, collator, processor, eval_set, METRIC)
 
     evaluations = {}
     if not args.skip_eval_before:

@@ -40,6 +40,12 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def evaluates_during_training(args) -> bool:
+    """Whether --eval_strategy or --eval_on_start asks for evaluations during training (the strategy is still a
+    str before TrainingArguments converts it)."""
+    return str(args.eval_strategy) not in ("no", "IntervalStrategy.NO") or bool(args.eval_on_start)
+
+
 def cuda_available() -> bool:
     # The one device check behind the precision and CPU rules, so that tests can parse as if on a GPU.
     return torch.cuda.is_available()
@@ -237,6 +243,13 @@ class FinetuneArguments(TrainingArguments):
                 raise ArgumentError("--use_qlora contradicts --fp32: the 4-bit base computes in bf16 or fp16 (fp16 mixed precision is the GPU default)")
             if not (self.bf16 or self.fp16):
                 raise ArgumentError("--use_qlora on CPU needs --bf16: the 4-bit base computes in bf16 or fp16, and fp16 needs a CUDA GPU")
+            if self.use_cpu and evaluates_during_training(self):
+                # bitsandbytes repacks 4-bit weights for inference after a no-grad forward on CPU, and the LoRA
+                # gradients of every later step come out silently wrong (a UserWarning only).
+                raise ArgumentError(
+                    "--use_qlora with --eval_strategy on CPU: an evaluation would make bitsandbytes repack the 4-bit "
+                    "weights and corrupt the following training steps; on CPU evaluate after training (the default), or use --use_lora"
+                )
         if not 1 <= self.num_crops <= MAX_NUM_CROPS:
             raise ArgumentError(f"--num_crops must be between 1 and {MAX_NUM_CROPS}, got {self.num_crops}")
         if self.merge_lora and not (self.use_lora or self.use_qlora):
@@ -268,12 +281,6 @@ class FinetuneArguments(TrainingArguments):
     def check_unsupported(self) -> None:
         """Trainer options these recipes cannot honour yet fail now, not after the model has loaded or, worse,
         while something else trains in their place."""
-        if str(self.eval_strategy) not in ("no", "IntervalStrategy.NO") or self.load_best_model_at_end or str(self.save_strategy) in ("best", "SaveStrategy.BEST"):
-            raise ArgumentError(
-                "periodic evaluation (--eval_strategy, --load_best_model_at_end, --save_strategy best) is not supported "
-                "yet: the recipes score by generation before and after training; use --save_steps and score a "
-                "checkpoint-N with `python -m common.predict`"
-            )
         if self.fsdp:
             raise ArgumentError(
                 "--fsdp is not supported yet (on CPU accelerate would silently train plain DDP instead); use DeepSpeed: "
@@ -320,16 +327,35 @@ def ensure_distributed_env() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def parse_args(*extra_dataclasses, argv: list[str] | None = None, defaults: dict | None = None):
+def check_best_metric(args: FinetuneArguments, metric: str) -> None:
+    """--metric_for_best_model must name what the recipe's evaluations report: its metric or the loss."""
+    if args.metric_for_best_model is None:
+        return
+    chosen = args.metric_for_best_model.removeprefix("eval_")
+    if chosen not in (metric, "loss"):
+        raise ArgumentError(
+            f"--metric_for_best_model {args.metric_for_best_model}: this recipe's evaluations report {metric} (by "
+            f"generation) and loss; choose one of them"
+        )
+
+
+def parse_args(*extra_dataclasses, argv: list[str] | None = None, defaults: dict | None = None, metric: str | None = None):
     """Parse `FinetuneArguments` plus the script's own dataclasses; a bad combination exits with its reason.
 
-    `defaults` changes shared defaults for one dataset (e.g. `num_crops=4` for video frames).
+    `defaults` changes shared defaults for one dataset (e.g. `num_crops=4` for video frames). `metric` is the
+    recipe's evaluation metric (a `metrics.SCORERS` name): the default --metric_for_best_model, so that
+    --load_best_model_at_end and --save_strategy best keep the checkpoint that scores best on it.
     """
     parser = HfArgumentParser((FinetuneArguments, *extra_dataclasses))
+    if metric:
+        parser.set_defaults(metric_for_best_model=metric)
     if defaults:
         parser.set_defaults(**defaults)
     try:
-        return parser.parse_args_into_dataclasses(args=argv)
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+        if metric:
+            check_best_metric(parsed[0], metric)
+        return parsed
     except ArgumentError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except ValueError as error:

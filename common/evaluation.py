@@ -22,7 +22,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from .collator import Phi3VGenerationCollator
+from .collator import LoadingError, Phi3VGenerationCollator
+from .conversation import ExampleError
 from .export import replace_atomically, stop_token_ids
 from .metrics import SCORERS
 
@@ -107,13 +108,47 @@ class AnswerGenerator:
 
     def __call__(self, examples: list[dict]) -> list[str]:
         batch, _ = self.collate(examples)
-        batch = {key: value.to(self.device) for key, value in batch.items()}
+        return self.generate(batch)
+
+    def generate(self, batch: dict[str, torch.Tensor]) -> list[str]:
+        """Answers for a batch the generation collator already made (in a DataLoader worker, say)."""
+        batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.pixel_dtype)
         output_ids = self.generator.generate(**batch, **self.generation_kwargs)
         prompt_width = batch["input_ids"].shape[1]
         answers = self.tokenizer.batch_decode(output_ids[:, prompt_width:], skip_special_tokens=True)
         return [answer.strip() for answer in answers]
+
+
+class _Shard(torch.utils.data.Dataset):
+    """This rank's examples as ``(index, example)``; a ZeRO-3 filler (index None) reads example 0."""
+
+    def __init__(self, examples, indices: list[int | None]):
+        self.examples, self.indices = examples, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        index = self.indices[position]
+        return index, self.examples[0 if index is None else index]
+
+
+class _CollateWithIndices:
+    """The generation collator, keeping each example's index. An example that cannot be encoded becomes a
+    `LoadingError`, whose message survives the trip out of a DataLoader worker as its one line."""
+
+    def __init__(self, collate: Phi3VGenerationCollator):
+        self.collate = collate
+
+    def __call__(self, items):
+        indices = [index for index, _ in items]
+        try:
+            batch, metadata = self.collate([example for _, example in items])
+        except ExampleError as error:
+            raise LoadingError(str(error)) from error
+        return indices, batch, metadata
 
 
 def evaluate(
@@ -126,12 +161,15 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: int = 64,
     desc: str = "evaluate",
+    num_workers: int = 0,
 ) -> dict:
     """Generate greedily for every example, score with ``metric`` and return the mean.
 
     ``model`` may be a Phi3VForCausalLM, a PEFT model around one, or a DDP/DeepSpeed wrapper of either; it is
     put in eval mode and restored afterwards. ``examples`` is any indexable sequence (a list, a
-    ``datasets.Dataset``): each process reads only the items of its own shard, one batch at a time.
+    ``datasets.Dataset``): each process reads only the items of its own shard, one batch at a time. With
+    ``num_workers`` > 0, that many DataLoader worker processes read, decode and preprocess the next batches
+    while the model generates, as the training loader does; with 0 this process does it between batches.
 
     Every rank must call this. Rank 0 writes ``output_file`` (JSON: metric, score, num_examples and one
     ``{"index", "id", "prediction", "references", "score"}`` record per example, in the original order).
@@ -156,22 +194,28 @@ def evaluate(
 
     scorer = SCORERS[metric]
     answer = AnswerGenerator(model, processor, num_crops, max_new_tokens, synced_gpus=synced_gpus)
+    batches = torch.utils.data.DataLoader(
+        _Shard(examples, shard),
+        batch_size=batch_size,
+        collate_fn=_CollateWithIndices(answer.collate),
+        num_workers=num_workers,
+        prefetch_factor=2 if num_workers else None,
+        pin_memory=answer.device.type == "cuda",
+    )
     records = []
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), _full_parameters(answer.generator, zero3):
-            for start in tqdm(range(0, len(shard), batch_size), desc=desc, disable=rank != 0):
-                indices = shard[start : start + batch_size]
-                batch_examples = [examples[0 if index is None else index] for index in indices]
-                for index, example, prediction in zip(indices, batch_examples, answer(batch_examples)):
+            for indices, batch, metadata in tqdm(batches, desc=desc, disable=rank != 0):
+                predictions = answer.generate(batch)
+                for index, example_id, references, prediction in zip(indices, metadata["ids"], metadata["references"], predictions):
                     if index is None:
                         continue
-                    references = list(example["references"])
                     records.append(
                         {
                             "index": index,
-                            "id": example["id"],
+                            "id": example_id,
                             "prediction": prediction,
                             "references": references,
                             "score": float(scorer(prediction, references)),

@@ -21,6 +21,7 @@ import transformers
 from safetensors import SafetensorError
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arguments import FinetuneArguments
@@ -28,6 +29,7 @@ from .collator import Phi3VCollator
 from .conversation import DataError
 from .data import RecipeDataset
 from .export import SAVE_DTYPES, complete_model_folder, dtype_name, finalize_weights, follow_umask_in, load_merged, write_final_model
+from .periodic_evaluation import GenerationEvaluation, evaluates_during_training
 from .plotting import plot_training_curves
 from .preemption import PREEMPTED_EXIT_CODE, StopOnSignal, announce_stop
 from .ranks import any_rank, barrier, from_main, is_main_process, largest
@@ -43,6 +45,7 @@ from .run_folder import (
     hash_parts,
     newest_complete,
     part_files,
+    read_json,
     resumes,
     rotate,
 )
@@ -133,10 +136,21 @@ class RecipeTrainer(Trainer):
     one line saying what survives.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, generation_evaluation: GenerationEvaluation | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.stop_signal = StopOnSignal()
         self.add_callback(self.stop_signal)
+        self.generation_evaluation = generation_evaluation
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The evaluations --eval_strategy asks for score the recipe's metric by generation, plus eval_loss
+        (`common.periodic_evaluation`); a dataset passed in explicitly gets the Trainer's own loss evaluation."""
+        if self.generation_evaluation is None or eval_dataset is not None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        metrics = self.generation_evaluation(self, metric_key_prefix)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -212,14 +226,25 @@ class TrainingCurvesCallback(TrainerCallback):
             plot_training_curves(state.log_history, Path(args.output_dir) / "training_curves.png")
 
 
-def build_trainer(model, args: FinetuneArguments, train_dataset, data_collator, processor) -> RecipeTrainer:
+def build_trainer(
+    model, args: FinetuneArguments, train_dataset, data_collator, processor, eval_dataset=None, metric: str | None = None
+) -> RecipeTrainer:
+    """The Trainer for a recipe; with --eval_strategy steps|epoch it also scores `metric` on `eval_dataset` (an
+    evaluation split, as for `evaluate_before`) during training."""
+    evaluation = None
+    if evaluates_during_training(args):
+        if eval_dataset is None or metric is None:
+            raise ValueError("--eval_strategy needs the script to pass build_trainer its eval_dataset and metric")
+        evaluation = GenerationEvaluation(eval_dataset, metric, processor, args)
     return RecipeTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
+        eval_dataset=evaluation.loss_set if evaluation else None,
         data_collator=data_collator,
         processing_class=processor,
         callbacks=[TrainingCurvesCallback()],
+        generation_evaluation=evaluation,
     )
 
 
@@ -344,15 +369,24 @@ def run_evaluation(model, processor, eval_dataset, metric: str, args: FinetuneAr
         batch_size=args.eval_batch_size,
         max_new_tokens=args.max_new_tokens,
         desc=file_name.removesuffix(".json"),
+        num_workers=args.dataloader_num_workers,
     )
+
+
+def saved_model_step(args: FinetuneArguments, log_history: list[dict]) -> int:
+    """The step whose weights the final model holds: the last one, or under --load_best_model_at_end the best
+    checkpoint's (the Trainer loaded it back before the final save)."""
+    state = read_json(Path(args.output_dir) / TRAINER_STATE_NAME) or {}
+    if args.load_best_model_at_end and state.get("best_global_step"):
+        return state["best_global_step"]
+    return max((entry.get("step", 0) for entry in log_history), default=0)
 
 
 def finish(args: FinetuneArguments, log_history: list[dict], evaluations: dict[str, dict]) -> None:
     """Redraw the curves with the before/after evaluation scores, print a summary, close the process group."""
     if is_main_process():
         points = []
-        final_step = max((entry.get("step", 0) for entry in log_history), default=0)
-        for name, step in (("before", 0), ("after", final_step)):
+        for name, step in (("before", 0), ("after", saved_model_step(args, log_history))):
             if name in evaluations:
                 points.append({"step": step, f"eval_{evaluations[name]['metric']}": evaluations[name]["score"]})
         plot_training_curves(log_history, Path(args.output_dir) / "training_curves.png", extra_points=points)

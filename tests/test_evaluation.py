@@ -13,6 +13,7 @@ from PIL import Image
 
 from common import Phi3VForCausalLM
 from common import evaluation
+from common.collator import LoadingError
 from common.evaluation import evaluate, stop_token_ids
 from common.metrics import SCORERS
 from common.processing_phi3v import Phi3VProcessor
@@ -115,6 +116,19 @@ def test_batched_predictions_equal_one_at_a_time_and_score_is_the_mean(model, pr
     assert not model.training
     # Written through a temporary file that os.replace removed.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bs1.json", "bs2.json"]
+
+    # DataLoader workers preprocessing the next batches during generation change nothing in what is scored.
+    prefetched = evaluate(model, processor, examples, "anls", tmp_path / "workers.json", num_crops=1, batch_size=2,
+                          max_new_tokens=6, num_workers=2)
+    assert prefetched == summary
+    assert json.loads((tmp_path / "workers.json").read_text())["examples"] == records
+
+
+def test_an_example_failing_in_a_worker_is_one_line_naming_it(model, processor, tmp_path):
+    examples = [make_example(0, 1), {**make_example(1, 0), "references": "not a list"}]
+    with pytest.raises(LoadingError) as failed:
+        evaluate(model, processor, examples, "anls", tmp_path / "e.json", num_crops=1, batch_size=1, num_workers=1)
+    assert "\n" not in str(failed.value) and "ex-1" in str(failed.value) and "'references' must be a list" in str(failed.value)
 
 
 @pytest.mark.parametrize("metric", ["accuracy", "anls"])

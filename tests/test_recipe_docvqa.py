@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,14 +39,46 @@ def changed(before: dict, after: dict, prefix: str) -> bool:
     return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix) and k in after)
 
 
+def periodic_evaluations(output_dir, metric: str = "anls") -> tuple[list[dict], list[int]]:
+    """The evaluations during training in the log history, and the steps at which each became the best so far:
+    a later one replaces the best only when strictly better (lower for the loss), so the last of these steps is
+    the best checkpoint the Trainer must have recorded."""
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    evaluations = [entry for entry in state["log_history"] if f"eval_{metric}" in entry]
+    sign = -1 if metric == "loss" else 1
+    improved, best = [], None
+    for entry in evaluations:
+        if best is None or sign * entry[f"eval_{metric}"] > sign * best:
+            improved.append(entry["step"])
+            best = entry[f"eval_{metric}"]
+    assert state["best_metric"] == best
+    assert Path(state["best_model_checkpoint"]).name == f"checkpoint-{improved[-1]}"
+    assert all("eval_loss" in entry for entry in evaluations)
+    assert all((output_dir / f"eval_step{entry['step']}.json").is_file() for entry in evaluations)
+    return evaluations, improved
+
+
+def predictions(output_dir, evaluation: str) -> list[str]:
+    return [record["prediction"] for record in read_eval(output_dir, evaluation)["examples"]]
+
+
 def test_full_finetuning_zero2_two_processes(tiny_checkpoint, docvqa_data, tmp_path):
     out, digests = tmp_path / "out", tmp_path / "digests"
-    result = run_script(SCRIPT, base_args(tiny_checkpoint, docvqa_data, out, "--batch_size", "4"), tmp_path, nproc=2,
-                        env={"PHI3V_TEST_DIGEST_DIR": digests})
+    args = base_args(tiny_checkpoint, docvqa_data, out, "--batch_size", "4", "--eval_strategy", "steps", "--eval_steps", "1",
+                     "--load_best_model_at_end")
+    result = run_script(SCRIPT, args, tmp_path, nproc=2, env={"PHI3V_TEST_DIGEST_DIR": digests})
     assert_ok(result)
     assert (out / "checkpoint-2" / "global_step2").is_dir(), "the default full fine-tuning must run DeepSpeed ZeRO-2"
     assert_ranks_in_sync(digests)
+    evaluations, improved = periodic_evaluations(out)
+    assert [entry["step"] for entry in evaluations] == [1, 2]
+    # ANLS by default (the recipe's metric); the untrained tiny model scores the same at both steps, so the best
+    # is the first checkpoint, not the last, and the final model must hold its weights.
+    assert improved == [1]
     before, after = weights(tiny_checkpoint / "model.safetensors"), weights(out / "model.safetensors")
+    kept = weights(out / "checkpoint-1" / "model.safetensors")
+    assert all(torch.equal(after[name], kept[name].to(after[name].dtype)) for name in kept), "the final model is the best checkpoint"
+    assert predictions(out, "step1") == predictions(out, "after")
     assert set(after) == set(before), "the final model has exactly the base's weight names"
     assert set(Phi3VForCausalLM.from_pretrained(out).state_dict()) <= set(after)
     assert changed(before, after, "model.layers.") and changed(before, after, VISION)
@@ -78,15 +111,22 @@ def test_frozen_vision_keeps_tower_bit_identical(tiny_checkpoint, docvqa_data, t
 def test_lora_two_processes_with_merge(tiny_checkpoint, docvqa_data, tmp_path):
     out, digests = tmp_path / "out", tmp_path / "digests"
     args = base_args(tiny_checkpoint, docvqa_data, out, "--use_lora", "--lora_rank", "4", "--batch_size", "4",
-                     "--batch_size_per_gpu", "2", "--merge_lora")
+                     "--batch_size_per_gpu", "2", "--merge_lora", "--eval_strategy", "steps", "--eval_steps", "1",
+                     "--save_strategy", "best", "--load_best_model_at_end")
     result = run_script(SCRIPT, args, tmp_path, nproc=2, env={"PHI3V_TEST_DIGEST_DIR": digests})
     assert_ok(result)
     assert_ranks_in_sync(digests)
+    evaluations, improved = periodic_evaluations(out)
+    assert [entry["step"] for entry in evaluations] == [1, 2]
+    # --save_strategy best writes a checkpoint only when the score improves: the untrained model's ANLS does not.
+    assert improved == [1] and sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-1"]
     adapter = weights(out / "adapter_model.safetensors")
     assert any("vision_model.encoder.layers" in k for k in adapter) and any("qkv_proj" in k for k in adapter)
     assert any(k.endswith("lora_B.weight") and torch.count_nonzero(v) for k, v in adapter.items())
     assert all(".lora_A." in k or ".lora_B." in k for k in adapter), "an adapter holds no copy of base weights"
-    assert all(".lora_" in k for k in weights(out / "checkpoint-2" / "adapter_model.safetensors"))
+    kept = weights(out / f"checkpoint-{improved[-1]}" / "adapter_model.safetensors")
+    assert all(".lora_" in k for k in kept)
+    assert kept.keys() == adapter.keys() and all(torch.equal(adapter[k], kept[k]) for k in kept), "the final adapter is the best one"
     merged = Phi3VForCausalLM.from_pretrained(out / "merged")
     base = weights(tiny_checkpoint / "model.safetensors")
     assert changed(base, merged.state_dict(), "model.layers.")
@@ -132,7 +172,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_checkpoint, docvqa_data, tmp_p
         (["--batch_size", "3", "--batch_size_per_gpu", "2"], "divisible"),
         (["--merge_lora"], "--merge_lora"),
         (["--report_to", "wandb"], "pip install wandb"),
-        (["--eval_strategy", "steps", "--eval_steps", "5"], "periodic evaluation"),
+        (["--eval_strategy", "steps", "--metric_for_best_model", "bleu"], "this recipe's evaluations report anls"),
         (["--fsdp", "full_shard auto_wrap", "--deepspeed", "none"], "--fsdp is not supported"),
     ],
 )
@@ -147,8 +187,12 @@ def test_impossible_flag_combinations_fail_before_loading(tmp_path, flags, reaso
 
 def test_full_finetuning_zero3_two_processes_saves_whole_weights(tiny_checkpoint, docvqa_data, tmp_path):
     out = tmp_path / "out"
-    args = base_args(tiny_checkpoint, docvqa_data, out, "--batch_size", "4", "--deepspeed", REPO_ROOT / "ds_configs" / "zero3.json")
+    args = base_args(tiny_checkpoint, docvqa_data, out, "--batch_size", "4", "--deepspeed", REPO_ROOT / "ds_configs" / "zero3.json",
+                     "--eval_strategy", "steps", "--eval_steps", "2")
     assert_ok(run_script(SCRIPT, args, tmp_path, nproc=2))
+    # Generation during training with the ZeRO-3 engine (3 examples on 2 ranks: synced generation) answers as
+    # the saved model does when loaded afresh.
+    assert predictions(out, "step2") == predictions(out, "after")
     before, after = weights(tiny_checkpoint / "model.safetensors"), weights(out / "model.safetensors")
     assert set(after) == set(before), "the final model has exactly the base's weight names"
     assert set(Phi3VForCausalLM.from_pretrained(out).state_dict()) <= set(after)
