@@ -1,5 +1,6 @@
 """Evaluation time with preprocessing in the main process (DataLoader workers 0) against workers that
-preprocess the next batches while the model generates: the demo's evaluation (48 videos of 8 frames, the demo's
+preprocess the next batches while the model generates, next to preprocessing alone and generation alone (on
+batches made beforehand): the demo's evaluation (48 videos of 8 frames, the demo's
 tiny 128-wide checkpoint, num_crops 1, batches of 8, 8 new tokens) on CPU, and preprocessing alone.
 
     .venv/bin/python bench/bench_evaluation.py                 # prints a Markdown table
@@ -28,7 +29,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from common.collator import Phi3VGenerationCollator  # noqa: E402
 from common.data import RecipeDataset, jsonl_eval_examples  # noqa: E402
-from common.evaluation import evaluate  # noqa: E402
+from common.evaluation import AnswerGenerator, evaluate  # noqa: E402
 from common.modeling_phi3v import Phi3VForCausalLM  # noqa: E402
 from common.processing_phi3v import Phi3VProcessor  # noqa: E402
 from common.tiny import build_tiny_checkpoint  # noqa: E402
@@ -44,11 +45,23 @@ def make_demo_data(folder: Path, classes: int, videos_per_class: int) -> Path:
     return data
 
 
-def preprocessing_seconds(processor, examples, num_crops: int, batch_size: int) -> float:
+def preprocessed_batches(processor, examples, num_crops: int, batch_size: int) -> tuple[list[dict], float]:
+    """Every batch read, decoded and preprocessed in this process, and the seconds that took."""
     collate = Phi3VGenerationCollator(processor, num_crops)
     start = time.perf_counter()
-    for first in range(0, len(examples), batch_size):
-        collate([examples[index] for index in range(first, min(first + batch_size, len(examples)))])
+    batches = [
+        collate([examples[index] for index in range(first, min(first + batch_size, len(examples)))])[0]
+        for first in range(0, len(examples), batch_size)
+    ]
+    return batches, time.perf_counter() - start
+
+
+def generation_seconds(model, processor, batches: list[dict], max_new_tokens: int) -> float:
+    answer = AnswerGenerator(model, processor, num_crops=1, max_new_tokens=max_new_tokens)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in batches:
+            answer.generate(batch)
     return time.perf_counter() - start
 
 
@@ -72,9 +85,13 @@ def main(argv: list[str] | None = None) -> None:
         model = Phi3VForCausalLM.from_pretrained(checkpoint).eval()
         examples = RecipeDataset(jsonl_eval_examples(data / "ucf101_val.jsonl", data / "images"), name="val", for_training=False)
 
-        timings: dict[str, list[float]] = {"preprocessing alone": []} | {f"evaluate, {n} workers": [] for n in args.workers}
+        timings: dict[str, list[float]] = {"preprocessing alone": [], "generation alone": []}
+        timings |= {f"evaluate, {n} workers": [] for n in args.workers}
         for _ in range(args.rounds):
-            timings["preprocessing alone"].append(preprocessing_seconds(processor, examples, 1, args.batch_size))
+            batches, seconds = preprocessed_batches(processor, examples, 1, args.batch_size)
+            timings["preprocessing alone"].append(seconds)
+            timings["generation alone"].append(generation_seconds(model, processor, batches, args.max_new_tokens))
+            del batches
             for workers in args.workers:
                 start = time.perf_counter()
                 evaluate(model, processor, examples, "accuracy", folder / "eval.json", num_crops=1, batch_size=args.batch_size,
