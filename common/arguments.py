@@ -8,6 +8,7 @@ is loaded. Dataset scripts add their own dataclass next to this one.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import logging
 import os
@@ -327,15 +328,16 @@ def ensure_distributed_env() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def check_best_metric(args: FinetuneArguments, metric: str) -> None:
-    """--metric_for_best_model must name what the recipe's evaluations report: its metric or the loss."""
-    if args.metric_for_best_model is None:
-        return
-    chosen = args.metric_for_best_model.removeprefix("eval_")
-    if chosen not in (metric, "loss"):
+def check_best_metric(argv: list[str] | None, metric: str) -> None:
+    """--metric_for_best_model must name what the recipe's evaluations report: its metric or the loss. Read from
+    the command line before the full parse, which under DeepSpeed already starts a process group."""
+    reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    reader.add_argument("--metric_for_best_model")
+    chosen = reader.parse_known_args(argv)[0].metric_for_best_model
+    if chosen is not None and chosen.removeprefix("eval_") not in (metric, "loss"):
         raise ArgumentError(
-            f"--metric_for_best_model {args.metric_for_best_model}: this recipe's evaluations report {metric} (by "
-            f"generation) and loss; choose one of them"
+            f"--metric_for_best_model {chosen}: this recipe's evaluations report {metric} (by generation) and loss; "
+            "choose one of them"
         )
 
 
@@ -352,10 +354,9 @@ def parse_args(*extra_dataclasses, argv: list[str] | None = None, defaults: dict
     if defaults:
         parser.set_defaults(**defaults)
     try:
-        parsed = parser.parse_args_into_dataclasses(args=argv)
         if metric:
-            check_best_metric(parsed[0], metric)
-        return parsed
+            check_best_metric(argv, metric)
+        return parser.parse_args_into_dataclasses(args=argv)
     except ArgumentError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except ValueError as error:

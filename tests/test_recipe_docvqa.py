@@ -176,12 +176,24 @@ def test_resume_matches_an_uninterrupted_run(tiny_checkpoint, docvqa_data, tmp_p
         (["--fsdp", "full_shard auto_wrap", "--deepspeed", "none"], "--fsdp is not supported"),
     ],
 )
-def test_impossible_flag_combinations_fail_before_loading(tmp_path, flags, reason):
-    command = [sys.executable, SCRIPT, "--model_name_or_path", str(tmp_path / "does-not-exist"), "--output_dir", str(tmp_path / "o"), *flags]
+def test_impossible_flag_combinations_fail_before_loading(tmp_path, capsys, flags, reason):
+    # In this process: exit 2 comes from the parser, whereas loading the missing model would exit 1.
+    from finetune_hf_trainer_docvqa import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--model_name_or_path", str(tmp_path / "does-not-exist"), "--output_dir", str(tmp_path / "o"), *flags])
+    assert stopped.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and reason in error_lines[0]
+    assert not torch.distributed.is_initialized(), "refused before DeepSpeed started a process group"
+
+
+def test_an_impossible_flag_stops_the_script_before_loading(tmp_path):
+    command = [sys.executable, SCRIPT, "--model_name_or_path", str(tmp_path / "does-not-exist"), "--output_dir", str(tmp_path / "o"), "--fp16"]
     result = subprocess.run(command, cwd=REPO_ROOT, env=offline_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and reason in error_lines[0]
+    assert len(error_lines) == 1 and "--fp16 needs a CUDA GPU" in error_lines[0]
     assert "Loading weights" not in result.stderr
 
 
