@@ -153,6 +153,16 @@ class RecipeTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
+    def _load_best_model(self):
+        if self.stop_signal.stopped_at_step is not None:
+            # Stopped by a signal: the resumed run loads the best checkpoint when it really ends. Forgetting the
+            # best here (its record stays in the checkpoints' trainer_state.json) also keeps the Trainer's
+            # end-of-training cleanup for --save_total_limit 1 from deleting the checkpoint just written to
+            # resume from.
+            self.state.best_model_checkpoint = None
+            return
+        super()._load_best_model()
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, RecipeDataset):

@@ -4,13 +4,22 @@ The end-to-end runs (best checkpoint kept and saved as the final model, --save_s
 with 2 processes in LoRA and ZeRO-2 full modes) are in tests/test_recipe_docvqa.py.
 """
 
+import json
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 from PIL import Image
 
 from common.arguments import parse_args
 from common.collator import Phi3VCollator
 from common.periodic_evaluation import AnswersAsTargets
+from common.preemption import PREEMPTED_EXIT_CODE
 from common.processing_phi3v import Phi3VProcessor
+
+from .recipe_utils import DRIVER, REPO_ROOT, offline_env
 
 
 def parse(tmp_path, *flags, metric="anls"):
@@ -52,3 +61,38 @@ def test_evaluation_examples_become_loss_examples_answered_with_their_first_refe
     answer = processor.tokenizer("a cat", add_special_tokens=False).input_ids
     labels = batch["labels"][0][batch["labels"][0] != -100].tolist()
     assert labels[: len(answer)] == answer
+
+
+@pytest.mark.slow
+def test_a_stop_by_signal_keeps_its_checkpoint_and_the_best_one_under_save_total_limit_1(tiny_checkpoint, tmp_path):
+    # Left alone, the Trainer's end of training would load the best checkpoint and, for --save_total_limit 1,
+    # delete every other one: the checkpoint just written to resume from included.
+    from common.synthetic import make_docvqa
+
+    data, out = tmp_path / "docvqa", tmp_path / "out"
+    make_docvqa(n=8, seed=0).save_to_disk(str(data))
+    command = [sys.executable, str(DRIVER), "finetune_hf_trainer_docvqa.py", "--model_name_or_path", str(tiny_checkpoint),
+               "--dataset_path", str(data), "--output_dir", str(out), "--num_crops", "1", "--max_steps", "8",
+               "--batch_size", "1", "--deepspeed", "none", "--skip_eval_before", "--skip_eval_after", "--max_eval_samples", "2",
+               "--max_new_tokens", "2", "--dataloader_num_workers", "0", "--eval_strategy", "steps", "--eval_steps", "1",
+               "--save_steps", "1", "--save_total_limit", "1", "--load_best_model_at_end", "--warmup_steps", "0"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=offline_env(tmp_path, PHI3V_TEST_SLOW_STEPS="0.5"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "checkpoint-2" / "checkpoint_complete.json").is_file():
+            assert process.poll() is None and time.time() < deadline, "the run ended before step 2"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=240)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == PREEMPTED_EXIT_CODE, output[-4000:]
+    step = int(output.strip().splitlines()[-1].split("after step ")[1].split(":")[0])
+    state = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    best = state["best_model_checkpoint"]
+    # The untrained model's ANLS stays 0: the first evaluation's checkpoint is the best.
+    assert best.endswith("checkpoint-1") and (out / "checkpoint-1" / "checkpoint_complete.json").is_file()
+    assert (out / f"checkpoint-{step}" / "checkpoint_complete.json").is_file()
+    assert not (out / "model.safetensors").exists()
