@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import os
 import socket
@@ -158,6 +159,17 @@ class FinetuneArguments(TrainingArguments):
     output_dir: str | None = field(default="./output/", metadata={"help": "Where checkpoints, the model and evaluations go."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Training epochs."})
     learning_rate: float = field(default=4e-5, metadata={"help": "Peak learning rate."})
+    vision_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak learning rate of the CLIP vision tower (its LoRA adapters under --use_lora); default: "
+            "--learning_rate. Peers report that a lower rate than the decoder's trains better."
+        },
+    )
+    projection_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Peak learning rate of the image projection and separators (their LoRA adapters under --use_lora); default: --learning_rate."},
+    )
     warmup_steps: float = field(default=50, metadata={"help": "Linear warm-up steps (or a fraction of all steps if < 1)."})
     adam_beta2: float = field(default=0.95, metadata={"help": "Adam beta2."})
     adam_epsilon: float = field(default=1e-7, metadata={"help": "Adam epsilon."})
@@ -276,6 +288,25 @@ class FinetuneArguments(TrainingArguments):
                 f"{', '.join(TRAIN_SAMPLING_STRATEGIES)} samplers only (batch_rebalance measures each example by its "
                 "input_ids, which ours get only in the collator); use group_by_length to batch by length"
             )
+        for flag, rate in (("--vision_learning_rate", self.vision_learning_rate), ("--projection_learning_rate", self.projection_learning_rate)):
+            if rate is None:
+                continue
+            if rate <= 0:
+                raise ArgumentError(f"{flag} must be positive, got {rate}")
+            if self.freeze_vision_model:
+                raise ArgumentError(
+                    f"{flag} has nothing to train: --freeze_vision_model freezes the CLIP tower, separators and projection; drop one of the two"
+                )
+            deepspeed = self.deepspeed if isinstance(self.deepspeed, dict) else {}
+            if isinstance(self.deepspeed, str) and Path(self.deepspeed).is_file():
+                deepspeed = json.loads(Path(self.deepspeed).read_text())
+            own = sorted({"optimizer", "scheduler"} & set(deepspeed))
+            if own:
+                # DeepSpeed would build them itself, with one rate for every parameter.
+                raise ArgumentError(
+                    f"{flag} needs the Trainer's optimizer and scheduler, but the DeepSpeed config {self.deepspeed} has "
+                    f"its own ({' and '.join(own)} section); remove that section, as in ds_configs/"
+                )
         self.check_loggers()
         self.check_unsupported()
 

@@ -30,6 +30,7 @@ from .collator import Phi3VCollator
 from .conversation import DataError
 from .data import RecipeDataset
 from .export import SAVE_DTYPES, complete_model_folder, dtype_name, finalize_weights, follow_umask_in, load_merged, write_final_model
+from .optimizer import build_optimizer, log_part_rates, part_groups, separate_rates
 from .periodic_evaluation import GenerationEvaluation, evaluates_during_training
 from .plotting import plot_training_curves
 from .preemption import PREEMPTED_EXIT_CODE, StopOnSignal, announce_stop
@@ -162,6 +163,18 @@ class RecipeTrainer(Trainer):
             self.state.best_model_checkpoint = None
             return
         super()._load_best_model()
+
+    def create_optimizer(self, model=None):
+        """The optimizer --optim names, with a learning rate per part (`common.optimizer`); logs each part's rate."""
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            groups = part_groups(opt_model, self.args, self.get_decay_parameter_names(opt_model))
+            log_part_rates(groups)
+            if not separate_rates(self.args):
+                # One rate for every part: the Trainer's own two groups, the layout of earlier checkpoints.
+                return super().create_optimizer(model)
+            self.optimizer = build_optimizer(self, opt_model, groups)
+        return self.optimizer
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset

@@ -59,6 +59,8 @@ RESULT_ARGUMENTS = (
     "skip_bad_examples",
 )
 LORA_ARGUMENTS = ("lora_rank", "lora_alpha_ratio", "lora_dropout")
+# Per-part learning rates (common/optimizer.py) count only when given, so runs without them keep their identity.
+PART_RATE_ARGUMENTS = ("vision_learning_rate", "projection_learning_rate")
 
 # What runs write at the top of an output folder: checkpoints, the final model or adapter with its processor
 # files, results, curves and logs. --overwrite_output_dir moves these; everything else stays. The base's .py
@@ -161,6 +163,7 @@ def run_identity(args, dataset) -> dict:
     names = RESULT_ARGUMENTS + (LORA_ARGUMENTS if args.use_lora else ())
     identity = {"model": model_identity(args.model_name_or_path), "training_mode": args.training_mode, "data": data_fingerprint(dataset)}
     identity.update({name: plain(getattr(args, name)) for name in names})
+    0 and identity.update({name: getattr(args, name) for name in PART_RATE_ARGUMENTS if getattr(args, name, None) is not None})
     return identity
 
 
