@@ -1,6 +1,7 @@
 """The DocVQA recipe end to end on the tiny checkpoint and synthetic data, in every training mode."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,11 +65,17 @@ def predictions(output_dir, evaluation: str) -> list[str]:
 
 def test_full_finetuning_zero2_two_processes(tiny_checkpoint, docvqa_data, tmp_path):
     out, digests = tmp_path / "out", tmp_path / "digests"
+    rates = {"decoder": 1e-3, "vision tower": 1e-4, "projection": 5e-4}
     args = base_args(tiny_checkpoint, docvqa_data, out, "--batch_size", "4", "--eval_strategy", "steps", "--eval_steps", "1",
-                     "--load_best_model_at_end")
+                     "--load_best_model_at_end", "--vision_learning_rate", "1e-4", "--projection_learning_rate", "5e-4")
     result = run_script(SCRIPT, args, tmp_path, nproc=2, env={"PHI3V_TEST_DIGEST_DIR": digests})
     assert_ok(result)
     assert (out / "checkpoint-2" / "global_step2").is_dir(), "the default full fine-tuning must run DeepSpeed ZeRO-2"
+    assert all(re.search(rf"{part}\s+{rate:g}\s", result.stderr) for part, rate in rates.items()), "each part's rate is logged"
+    # The part groups reached DeepSpeed's optimizer, and one step of linear decay halved each part's own rate.
+    zero_state, = (out / "checkpoint-1" / "global_step1").glob("*zero_pp_rank_0_*optim_states.pt")
+    groups = torch.load(zero_state, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+    assert [(g["part"], g["lr"]) for g in groups] == [(part, pytest.approx(rate / 2)) for part, rate in rates.items() for _ in (0, 1)]
     assert_ranks_in_sync(digests)
     evaluations, improved = periodic_evaluations(out)
     assert [entry["step"] for entry in evaluations] == [1, 2]
