@@ -112,8 +112,13 @@ class Phi3VImageEmbedding(nn.Module):
             ]
         )
 
-    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
-        """Projected features of all images, concatenated in image order: (total image tokens, hidden)."""
+    def forward(self, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None) -> torch.Tensor:
+        """Projected features of all images, concatenated in image order: (total image tokens, hidden); without
+        images, `zero_contribution`."""
+        if pixel_values is None:
+            # Inside forward, so that ZeRO-3 gathers this module's own parameters (glb_GN, sub_GN) on every rank:
+            # its hooks fire per module call, and a rank that only called the children would desynchronise.
+            return self.zero_contribution()
         grids = [(int(h) // CROP_SIZE, int(w) // CROP_SIZE) for h, w in image_sizes.tolist()]
         # Only real crops go through CLIP: the zero padding tiles carry nothing and cost most of the compute.
         real_crops = torch.cat([pixel_values[i, : 1 + h * w] for i, (h, w) in enumerate(grids)])
@@ -198,7 +203,7 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
             # Every training forward runs the tower once, with or without images and frozen or not: DDP needs its
             # (zero) gradients, and ZeRO-3 or FSDP gather its weights per module call, collectively, so a rank
             # that skipped it would leave the others waiting.
-            inputs_embeds = inputs_embeds + self.vision_embed_tokens.zero_contribution().to(inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds + self.vision_embed_tokens(None, None).to(inputs_embeds.dtype)
         return inputs_embeds
 
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, inputs_embeds=None, **kwargs):
