@@ -21,6 +21,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
+from .fsdp import configure_fsdp, fsdp_refusal
 from .image_processing_phi3v import MAX_NUM_CROPS
 
 logger = logging.getLogger(__name__)
@@ -221,9 +222,11 @@ class FinetuneArguments(TrainingArguments):
             logger.warning("--padding_free without flash attention is correct but slower than padded batches")
         if self.deepspeed in ("none", "None", ""):
             self.deepspeed = None
-        elif self.deepspeed is None and self.training_mode in ("full", "frozen_vision"):
+        elif self.deepspeed is None and self.training_mode in ("full", "frozen_vision") and not self.fsdp:
             self.deepspeed = str(DEFAULT_DEEPSPEED_CONFIG)
-        if self.deepspeed:
+        if self.fsdp:
+            configure_fsdp(self)
+        if self.deepspeed or self.fsdp:
             ensure_distributed_env()
         super().__post_init__()
 
@@ -313,11 +316,9 @@ class FinetuneArguments(TrainingArguments):
     def check_unsupported(self) -> None:
         """Trainer options these recipes cannot honour yet fail now, not after the model has loaded or, worse,
         while something else trains in their place."""
-        if self.fsdp:
-            raise ArgumentError(
-                "--fsdp is not supported yet (on CPU accelerate would silently train plain DDP instead); use DeepSpeed: "
-                "--deepspeed ds_configs/zero3.json shards parameters, gradients and optimizer states"
-            )
+        reason = fsdp_refusal(self)
+        if reason:
+            raise ArgumentError(reason)
 
     def check_loggers(self) -> None:
         """A logger whose package is missing fails now, not after the model has loaded."""

@@ -25,6 +25,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from .collator import LoadingError, Phi3VGenerationCollator
 from .conversation import ExampleError
 from .export import replace_atomically, stop_token_ids
+from .fsdp import is_fsdp_sharded
 from .metrics import SCORERS
 
 __all__ = ["AnswerGenerator", "evaluate", "stop_token_ids"]
@@ -185,11 +186,11 @@ def evaluate(
 
     rank, world_size = _rank_and_world_size()
     zero3 = is_deepspeed_zero3_enabled()
-    synced_gpus = zero3 and world_size > 1
+    synced_gpus = (zero3 or is_fsdp_sharded(model)) and world_size > 1
     shard: list[int | None] = list(range(rank, num_examples, world_size))
     if synced_gpus:
-        # Under ZeRO-3 each forward is a collective over all ranks, so every rank must make the same number of
-        # generate calls: shorter shards are filled with example 0 (None here), whose answer is discarded.
+        # Under ZeRO-3 or FSDP each forward is a collective over all ranks, so every rank must make the same number
+        # of generate calls: shorter shards are filled with example 0 (None here), whose answer is discarded.
         shard += [None] * (math.ceil(num_examples / world_size) - len(shard))
 
     scorer = SCORERS[metric]
