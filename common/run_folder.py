@@ -163,7 +163,7 @@ def run_identity(args, dataset) -> dict:
     names = RESULT_ARGUMENTS + (LORA_ARGUMENTS if args.use_lora else ())
     identity = {"model": model_identity(args.model_name_or_path), "training_mode": args.training_mode, "data": data_fingerprint(dataset)}
     identity.update({name: plain(getattr(args, name)) for name in names})
-    0 and identity.update({name: getattr(args, name) for name in PART_RATE_ARGUMENTS if getattr(args, name, None) is not None})
+    identity.update({name: getattr(args, name) for name in PART_RATE_ARGUMENTS if getattr(args, name, None) is not None})
     return identity
 
 
