@@ -1,13 +1,17 @@
-"""Checks that need a CUDA GPU: flash attention and Liger kernels against the reference paths. Skipped on CPU."""
+"""Checks that need a CUDA GPU: flash attention and Liger kernels against the reference paths, and --fsdp through
+the Trainer (accelerate runs FSDP on GPUs only). Skipped on CPU."""
 
 import importlib.util
+import json
 
 import pytest
 import torch
 
 from common import Phi3VForCausalLM
 
+from .recipe_utils import assert_ok, read_eval, run_script, weights
 from .test_modeling import pad_batch, random_example
+from .test_recipe_docvqa import SCRIPT, VISION, base_args, changed, predictions
 
 pytestmark = pytest.mark.gpu
 
@@ -75,3 +79,39 @@ def test_liger_kernels_keep_the_loss(tiny_checkpoint):
     apply_liger_kernels(fused)
     actual, _ = loss_and_logits(fused.bfloat16(), example)
     torch.testing.assert_close(actual, expected, rtol=1e-2, atol=1e-2)
+
+
+def test_fsdp_trains_saves_evaluates_and_resumes_through_the_trainer(tiny_checkpoint, tmp_path):
+    """The DocVQA recipe with --fsdp on up to 2 GPUs (1 GPU: a plain `python` process, as without a launcher):
+    accelerate's FSDP2 trains, every save is the official format, evaluation during training generates with the
+    sharded model as a fresh load of the saved one does, and a run stopped at step 2 resumes to the weights of
+    an uninterrupted one. fp32, so that the runs compare closely."""
+    from common.synthetic import make_docvqa
+
+    data = tmp_path / "docvqa"
+    make_docvqa(n=12, seed=0).save_to_disk(str(data))
+    nproc = min(2, torch.cuda.device_count())
+    flags = ["--fsdp", "--fp32", "--batch_size", str(2 * nproc), "--max_steps", "4", "--save_steps", "2",
+             "--eval_strategy", "steps", "--eval_steps", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert_ok(run_script(SCRIPT, base_args(tiny_checkpoint, data, straight, *flags), tmp_path, nproc=nproc))
+    checkpoint = straight / "checkpoint-2"
+    assert (checkpoint / "pytorch_model_fsdp.bin").is_file() and (checkpoint / "optimizer.bin").is_file(), "accelerate ran FSDP"
+    before, after = weights(tiny_checkpoint / "model.safetensors"), weights(straight / "model.safetensors")
+    assert set(after) == set(before) and all(after[k].shape == before[k].shape for k in after), "whole tensors, the base's names"
+    assert set(weights(checkpoint / "model.safetensors")) <= set(before)
+    assert changed(before, after, "model.layers.") and changed(before, after, VISION)
+    assert json.loads((straight / "config.json").read_text())["architectures"] == ["Phi3VForCausalLM"]
+    assert set(Phi3VForCausalLM.from_pretrained(straight).state_dict()) <= set(after)
+    # 3 evaluation examples on 2 GPUs: the sharded model generates in sync, one rank with a filler.
+    assert predictions(straight, "step4") == predictions(straight, "after")
+    read_eval(straight, "before")
+
+    stopped = run_script(SCRIPT, base_args(tiny_checkpoint, data, resumed, *flags), tmp_path, nproc=nproc, env={"PHI3V_TEST_STOP_AT_STEP": 2})
+    assert_ok(stopped)
+    again = run_script(SCRIPT, base_args(tiny_checkpoint, data, resumed, *flags, "--resume_from_checkpoint", "latest"), tmp_path, nproc=nproc)
+    assert_ok(again)
+    assert "resuming from" in again.stderr + again.stdout
+    final = weights(resumed / "model.safetensors")
+    for name in after:
+        torch.testing.assert_close(final[name], after[name], rtol=0, atol=1e-4, msg=name)
