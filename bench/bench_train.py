@@ -2,6 +2,7 @@
 
     python bench/bench_train.py --model tiny --device cpu --threads 1 --num_crops 4 --loss_memory
     python bench/bench_train.py --model full-size --device cuda --modes full lora --loss_memory   (bench/gpu.sh)
+    torchrun --nproc_per_node=N bench/bench_train.py --fsdp --model full-size --device cuda --modes full   (bench/gpu.sh)
 
 Examples are synthetic token sequences with the DocVQA-like lengths of bench/_lengths.py (image placeholder
 runs of the spec's length, random text ids, labels on the answer only) and random pixels, so neither the
@@ -18,6 +19,10 @@ Peak memory: on CUDA `torch.cuda.max_memory_allocated` over the timed steps (wei
 state, activations). CPU has no allocator statistics, so there it is the bytes of parameters and optimizer
 state plus the peak of the tensor storages allocated during one step of the timed set's largest batch,
 counted by a TorchDispatchMode.
+
+`--fsdp` (under torchrun) shards the model with `common.fsdp.shard_model`, the wrapping --fsdp gets through the
+Trainer, with accelerate's precision rule: trainable weights in fp32 (the master copies), computed in --dtype.
+Every rank trains on the same batches; rank 0 reports.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
@@ -170,7 +176,7 @@ def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
             free_memory(device)
             model = load_quantized(folder, device, dtype, args.attn)
     model.config.use_cache = False
-    if args.activation_checkpointing:
+    if args.activation_checkpointing and not args.fsdp:
         checkpointing = {"use_reentrant": False}
         # transformers 5.24 renamed the method; the GPU machine's 5.17 has only the old name.
         if hasattr(model, "activation_checkpointing_enable"):
@@ -188,12 +194,30 @@ def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
         lora_dropout=0.0,
     )
     model = setup_training_mode(model, mode_args)
+    if args.fsdp:
+        shard(model, args, dtype)
     if args.padding_mask == "keep":
         for module in model.modules():
             if isinstance(module, Phi3VForCausalLM):
                 module.padding_mask_is_redundant = lambda attention_mask, cache: False
     model.train()
     return model, ""
+
+
+def shard(model, args, dtype: torch.dtype) -> None:
+    """FSDP2 as the Trainer's accelerate applies it under --fsdp: under mixed precision the trainable weights are
+    upcast to fp32 and computed in `dtype`; checkpointing is FSDP's own, on the same layers."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from common.fsdp import shard_model
+
+    policy = None
+    if dtype != torch.float32:
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype, output_dtype=dtype)
+    shard_model(model, activation_checkpointing=args.activation_checkpointing, mp_policy=policy)
 
 
 def load_quantized(folder: str, device: torch.device, dtype: torch.dtype, attn: str):
@@ -270,6 +294,8 @@ def static_bytes(model, optimizer) -> int:
     tensors = list(model.parameters()) + [
         value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)
     ]
+    # A sharded (FSDP) tensor counts the shard this rank holds.
+    tensors = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
     return sum(t.untyped_storage().nbytes() for t in {id(t): t for t in tensors}.values())
 
 
@@ -476,6 +502,8 @@ def report(args, device, rows: list[Row], loss_rows: list[dict], header: str) ->
     parts = [
         header,
         f"command: `{' '.join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`",
+        *([f"FSDP2 (common.fsdp.shard_model) over {torch.distributed.get_world_size()} processes, trainable weights "
+           "fp32 computed in the dtype below, FSDP's activation checkpointing; per-rank rates and memory"] if args.fsdp else []),
         f"model: {args.model} random weights (decoder {hidden} x {layers} layers, vision {vision['hidden_size']} x "
         f"{vision['num_hidden_layers']} layers, vocab 32064), {args.dtype}, attention {args.attn} (padding mask: {args.padding_mask}), activation "
         f"checkpointing {'on' if args.activation_checkpointing else 'off'}, fused AdamW (the Trainer's default), LoRA rank {args.lora_rank}; lengths: DocVQA-like at "
@@ -532,6 +560,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="also write the tables (markdown) to this file after every row")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--fsdp", action="store_true",
+        help="shard the model as --fsdp does through the Trainer (FSDP2); run under torchrun; full and frozen_vision only",
+    )
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.pool < (args.warmup + args.steps) * args.batch_size:
@@ -540,6 +572,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--global_batch must be a multiple of --batch_size (gradient accumulation steps are whole)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no GPU; use --device cpu --model tiny for a dry run")
+    if args.fsdp and "LOCAL_RANK" not in os.environ:
+        parser.error("--fsdp runs under torchrun: torchrun --nproc_per_node=N bench/bench_train.py --fsdp ...")
+    if args.fsdp and not set(args.modes) <= {"full", "frozen_vision"}:
+        parser.error("--fsdp benchmarks full and frozen_vision only: the recipes refuse it with LoRA and QLoRA")
     return args
 
 
@@ -549,6 +585,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     device = torch.device(args.device)
+    main_process = True
+    if args.fsdp:
+        torch.distributed.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        main_process = torch.distributed.get_rank() == 0
+        if args.device == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     header = environment(device)
     pool = docvqa_like(args.pool, args.num_crops, args.seed)
@@ -557,10 +600,13 @@ def main(argv: list[str] | None = None) -> None:
     loss_rows: list[dict] = []
 
     def publish():
-        if args.out:
+        if args.out and main_process:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(report(args, device, rows, loss_rows, header))
 
+    if not main_process:
+        # The other ranks only train alongside rank 0, which reports.
+        sys.stdout = open(os.devnull, "w")
     print(header, flush=True)
     for mode in args.modes:
         if args.budget_seconds is not None and time.perf_counter() - started > args.budget_seconds:
@@ -595,6 +641,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(report(args, device, rows, loss_rows, header), end="")
     publish()
+    if args.fsdp:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
