@@ -23,6 +23,7 @@ from transformers.trainer_utils import SaveStrategy
 
 from .fsdp import configure_fsdp, fsdp_refusal
 from .image_processing_phi3v import MAX_NUM_CROPS
+from .trainer_options import refusal as trainer_option_refusal
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +187,8 @@ class FinetuneArguments(TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "Every used parameter gets a gradient; no unused-parameter search."}
     )
+    # Not a command-line flag: what --torch_compile, --torch_compile_backend and --torch_compile_mode asked for.
+    compile_layers: dict | None = field(default=None, init=False)
 
     def __post_init__(self):
         if not cuda_available():
@@ -229,6 +232,11 @@ class FinetuneArguments(TrainingArguments):
         if self.deepspeed or self.fsdp:
             ensure_distributed_env()
         super().__post_init__()
+        if self.torch_compile:
+            # Compiled layer by layer where the model is built (common/compile.py), not by the Trainer, whose
+            # whole-model compile breaks the graph at every data-dependent step between the layers.
+            self.compile_layers = {"backend": self.torch_compile_backend, "mode": self.torch_compile_mode}
+            self.torch_compile, self.torch_compile_backend, self.torch_compile_mode = False, None, None
 
     def choose_precision(self) -> None:
         """--bf16, --fp16 or --fp32; without any, the reference recipe's `fp16 = not args.bf16` on a CUDA GPU (fp16
@@ -312,6 +320,8 @@ class FinetuneArguments(TrainingArguments):
                 )
         self.check_loggers()
         self.check_unsupported()
+        if reason := trainer_option_refusal(self):
+            raise ArgumentError(reason)
 
     def check_unsupported(self) -> None:
         """Trainer options these recipes cannot honour yet fail now, not after the model has loaded or, worse,

@@ -26,6 +26,7 @@ from transformers import BitsAndBytesConfig
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .arguments import FinetuneArguments
+from .compile import compile_layers
 from .conversation import error_reason
 from .export import dtype_name
 from .modeling_phi3v import Phi3VForCausalLM
@@ -188,8 +189,8 @@ def to_device(model, args: FinetuneArguments):
 
 
 def setup_training_mode(model: Phi3VForCausalLM, args: FinetuneArguments):
-    """Freeze, or wrap in LoRA, as the mode says; returns the model to train (maybe a PeftModel). Logs the
-    precision first."""
+    """Freeze, or wrap in LoRA, as the mode says, and compile its layers under --torch_compile; returns the model
+    to train (maybe a PeftModel). Logs the precision first."""
     if isinstance(args, FinetuneArguments):
         # bench/bench_train.py passes only the mode's fields and chooses its dtype itself.
         log_precision(args)
@@ -211,6 +212,8 @@ def setup_training_mode(model: Phi3VForCausalLM, args: FinetuneArguments):
         model = get_peft_model(model, config)
         save_adapter_weights_only(model)
     log_trainable_parameters(model, mode)
+    if getattr(args, "compile_layers", None):
+        compile_layers(model, **args.compile_layers)
     return model
 
 
