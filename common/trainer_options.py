@@ -96,7 +96,7 @@ REFUSED: dict[str, str] = {
         "them; it must stay false"
     ),
     "label_names": (
-        "--label_names: the collator names the labels 'labels'; other names leave the Trainer's evaluation without "
+        "--label_names other than labels: the collator names the labels 'labels'; other names leave the Trainer's evaluation without "
         "labels, and so without eval_loss; drop it"
     ),
     "length_column_name": (
@@ -128,9 +128,12 @@ def _default(args, name: str):
 
 
 def _json_setting(value) -> dict:
-    """--accelerator_config as given: a dict, inline JSON or a JSON file (what TrainingArguments accepts)."""
+    """--accelerator_config as given: a dict, an AcceleratorConfig, inline JSON or a JSON file (what
+    TrainingArguments accepts)."""
     if isinstance(value, dict):
         return value
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
     text = str(value)
     try:
         loaded = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text(encoding="utf-8"))
@@ -140,11 +143,22 @@ def _json_setting(value) -> dict:
     return loaded if isinstance(loaded, dict) else {}
 
 
+def _splits_batches(value) -> bool:
+    setting = _json_setting(value) if value is not None else {}
+    return bool(setting.get("split_batches") or setting.get("dispatch_batches"))
+
+
+# When a refused option counts as given, where that is not "differs from its default".
+_REQUESTED_WHEN = {
+    "accelerator_config": _splits_batches,
+    "label_names": lambda value: value not in (None, ["labels"]),
+}
+
+
 def _requested(args, name: str) -> bool:
     value = getattr(args, name)
-    if name == "accelerator_config":
-        setting = _json_setting(value) if value is not None else {}
-        return bool(setting.get("split_batches") or setting.get("dispatch_batches"))
+    if name in _REQUESTED_WHEN:
+        return _REQUESTED_WHEN[name](value)
     # Against the default of the arguments' own class (FinetuneArguments turns remove_unused_columns off). A value
     # equal to the default cannot be told from no flag, so e.g. --weight_decay 0 still gets --wd's 0.01.
     return value != _default(args, name)

@@ -57,7 +57,7 @@ def test_ucf101_converted_videos_two_processes(tiny_checkpoint, tmp_path):
     assert_ok(converted)
     out, digests = tmp_path / "out", tmp_path / "digests"
     args = ["--model_name_or_path", tiny_checkpoint, "--data_dir", data, "--output_dir", out, "--freeze_vision_model",
-            "--batch_size", "4", "--batch_size_per_gpu", "2", "--eval_on_test", *COMMON]
+            "--batch_size", "4", "--batch_size_per_gpu", "2", "--eval_on_test", "--ddp_backend", "gloo", *COMMON]
     result = run_script("finetune_hf_trainer_ucf101.py", args, tmp_path, nproc=2, env={"PHI3V_TEST_DIGEST_DIR": digests})
     assert_recipe_outputs(out, result)
     assert_ranks_in_sync(digests)
