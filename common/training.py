@@ -103,6 +103,17 @@ def training_precision(args: FinetuneArguments) -> Precision:
             scale = config.get_value("fp16.loss_scale", 0)
             scaling = "dynamic" if scale == 0 else f"static ({scale})"
         return Precision(f"{dtype_name(dtype)} (DeepSpeed)", dtype_name(dtype), "float32 (DeepSpeed)", scaling)
+    mixed = args.compute_dtype != torch.float32
+    if args.fsdp and mixed:
+        # accelerate upcasts the trainable weights of an FSDP2 model to fp32 and has FSDP compute in 16 bits; the
+        # frozen tower of frozen-vision training keeps the dtype it loaded in. (FSDP is refused with LoRA.)
+        frozen = f", frozen vision tower {dtype_name(model_dtype(args))}" if args.training_mode == "frozen_vision" else ""
+        return Precision(
+            weights=f"float32 (trainable, upcast by accelerate for FSDP){frozen}",
+            compute=f"{dtype_name(args.compute_dtype)} (FSDP mixed precision)",
+            master_weights="float32 (the weights themselves)",
+            loss_scaling="dynamic" if args.fp16 else "none",
+        )
     lora = args.training_mode in ("lora", "qlora")
     weights = dtype_name(model_dtype(args))
     if args.training_mode == "qlora":
@@ -110,7 +121,6 @@ def training_precision(args: FinetuneArguments) -> Precision:
     if lora:
         # peft creates the adapters in fp32 on a 16-bit base (get_peft_model's autocast_adapter_dtype).
         weights += ", LoRA adapters float32"
-    mixed = args.compute_dtype != torch.float32
     return Precision(
         weights=weights,
         compute=f"{dtype_name(args.compute_dtype)} (autocast)" if mixed else "float32",

@@ -70,6 +70,22 @@ def test_fsdp_replaces_the_default_zero2_with_fsdp2_settings(gpu, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "flags, weights, compute, scaling",
+    [
+        (["--bf16"], "float32 (trainable, upcast by accelerate for FSDP)", "bfloat16 (FSDP mixed precision)", "none"),
+        ([], "float32 (trainable, upcast by accelerate for FSDP)", "float16 (FSDP mixed precision)", "dynamic"),
+        (["--bf16", "--freeze_vision_model"], "float32 (trainable, upcast by accelerate for FSDP), frozen vision tower bfloat16",
+         "bfloat16 (FSDP mixed precision)", "none"),
+    ],
+)
+def test_the_precision_line_says_what_fsdp_trains_in(gpu, tmp_path, flags, weights, compute, scaling):
+    from common.training import training_precision
+
+    precision = training_precision(parse(tmp_path, "--fsdp", *flags))
+    assert (precision.weights, precision.compute, precision.loss_scaling) == (weights, compute, scaling)
+
+
+@pytest.mark.parametrize(
     "flags, settings",
     [
         (["--fsdp", "shard_grad_op"], {"reshard_after_forward": False}),
