@@ -32,6 +32,7 @@ from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
 
 logger = logging.getLogger(__name__)
 
+
 def decoder_layer_forward(layer, *args, **kwargs):
     # Looked up on the layer's class at each call, so a class that FSDP2 swaps in later (with its own
     # checkpointing wrapper) is the one that runs.
