@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -53,3 +54,13 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def assert_ranks_in_sync(digest_dir: Path, nproc: int = 2) -> None:
     digests = [json.loads((digest_dir / f"rank{rank}.json").read_text()) for rank in range(nproc)]
     assert digests[0] and all(d == digests[0] for d in digests[1:]), "ranks ended with different weights"
+
+
+def parse_refusal(capsys, parse, *args) -> str:
+    """The one error line of a command line the parser refuses (exit 2); `parse(*args)` parses it."""
+    with pytest.raises(SystemExit) as stop:
+        parse(*args)
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0]
+    return lines[0]

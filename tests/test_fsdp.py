@@ -15,7 +15,7 @@ import common.arguments
 from common.arguments import parse_args
 from common.fsdp import WRAPPED_LAYERS
 
-from .recipe_utils import REPO_ROOT, assert_ok, offline_env
+from .recipe_utils import REPO_ROOT, assert_ok, offline_env, parse_refusal
 
 DRIVER = REPO_ROOT / "tests" / "drivers" / "fsdp_step.py"
 
@@ -38,12 +38,7 @@ def parse(tmp_path, *flags):
 
 
 def refusal(tmp_path, capsys, *flags) -> str:
-    with pytest.raises(SystemExit) as stop:
-        parse(tmp_path, *flags)
-    assert stop.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "error:" in lines[0]
-    return lines[0]
+    return parse_refusal(capsys, parse, tmp_path, *flags)
 
 
 @pytest.mark.parametrize("flags", [["--fsdp"], ["--fsdp", "full_shard auto_wrap", "--deepspeed", "none"]])

@@ -22,6 +22,8 @@ from common.synthetic import make_docvqa
 from common.training import Precision, load_model, load_processor, model_dtype, setup_training_mode, training_precision
 from finetune_hf_trainer_docvqa import mini_train_example
 
+from .recipe_utils import parse_refusal
+
 FP16_AMP = Precision("float32", "float16 (autocast)", "float32", "dynamic")
 BF16 = Precision("bfloat16", "bfloat16 (autocast)", "none", "none")
 FP32 = Precision("float32", "float32", "none", "none")
@@ -40,12 +42,7 @@ def parse(tmp_path, *flags, model="does-not-exist"):
 
 
 def refusal(tmp_path, capsys, *flags) -> str:
-    with pytest.raises(SystemExit) as stop:
-        parse(tmp_path, *flags)
-    assert stop.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "error:" in lines[0]
-    return lines[0]
+    return parse_refusal(capsys, parse, tmp_path, *flags)
 
 
 @pytest.mark.parametrize(
