@@ -30,9 +30,17 @@ NOT_APPLICABLE: dict[str, str] = {
     },
     "local_rank": "set by the deprecated torch.distributed.launch; torchrun puts LOCAL_RANK in the environment, which is what is read",
     "do_train": "a switch for scripts that the Trainer never reads; these recipes always train",
+    "prediction_loss_only": "evaluations during training compute only the loss through the Trainer's loop (their answers "
+    "come from generation, common/periodic_evaluation.py), so it holds whatever the flag says",
+    "eval_accumulation_steps": "moves gathered predictions to the CPU every N steps; the evaluations during training gather "
+    "no predictions from the Trainer's loop, only the loss",
 }
 
 REFUSED: dict[str, str] = {
+    "per_device_eval_batch_size": (
+        "--per_device_eval_batch_size is set from --eval_batch_size here (the batch of generation and of eval_loss); "
+        "give that instead"
+    ),
     "per_device_train_batch_size": "--per_device_train_batch_size is set from --batch_size_per_gpu here; give that instead",
     "gradient_accumulation_steps": (
         "--gradient_accumulation_steps follows from --batch_size (the global batch) / (GPUs x --batch_size_per_gpu); "

@@ -32,6 +32,9 @@ def test_the_recipes_metric_is_the_default_for_best_model(tmp_path):
     assert args.metric_for_best_model == "anls" and args.greater_is_better is True
     args = parse(tmp_path, "--eval_strategy", "steps", "--metric_for_best_model", "eval_loss", "--save_strategy", "best")
     assert args.metric_for_best_model == "eval_loss" and args.greater_is_better is False
+    # The Trainer's own evaluation timing and comparison options reach it as given.
+    args = parse(tmp_path, "--eval_strategy", "steps", "--eval_delay", "4", "--greater_is_better", "false")
+    assert args.eval_delay == 4 and args.greater_is_better is False
 
 
 @pytest.mark.parametrize(
