@@ -183,16 +183,20 @@ def test_resume_matches_an_uninterrupted_run(tiny_checkpoint, docvqa_data, tmp_p
         (["--fsdp", "full_shard auto_wrap"], "--fsdp needs CUDA GPUs: on CPU accelerate ignores it and would train plain DDP"),
     ],
 )
-def test_impossible_flag_combinations_fail_before_loading(tmp_path, capsys, flags, reason):
+def test_impossible_flag_combinations_fail_before_loading(tmp_path, capsys, monkeypatch, flags, reason):
     # In this process: exit 2 comes from the parser, whereas loading the missing model would exit 1.
+    import common.arguments
     from finetune_hf_trainer_docvqa import main
 
+    def deepspeed_setup():
+        raise AssertionError("the refusal must come before the default ZeRO-2 sets up a process group")
+
+    monkeypatch.setattr(common.arguments, "ensure_distributed_env", deepspeed_setup)
     with pytest.raises(SystemExit) as stopped:
         main(["--model_name_or_path", str(tmp_path / "does-not-exist"), "--output_dir", str(tmp_path / "o"), *flags])
     assert stopped.value.code == 2
     error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and reason in error_lines[0]
-    assert not torch.distributed.is_initialized(), "refused before DeepSpeed started a process group"
 
 
 def test_an_impossible_flag_stops_the_script_before_loading(tmp_path):
