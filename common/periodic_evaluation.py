@@ -13,17 +13,14 @@ rank as `common.evaluation.evaluate` does, and writes its per-example answers to
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 from transformers.trainer_utils import speed_metrics
 
-from .arguments import evaluates_during_training
 from .collator import Phi3VCollator
-from .evaluation import evaluate
 from .metrics import SCORERS
 
-__all__ = ["AnswersAsTargets", "GenerationEvaluation", "evaluates_during_training"]
+__all__ = ["AnswersAsTargets", "GenerationEvaluation"]
 
 
 class AnswersAsTargets(torch.utils.data.Dataset):
@@ -60,20 +57,16 @@ class GenerationEvaluation:
         loss = trainer.evaluation_loop(
             self.loss_batches(trainer), description="eval loss", prediction_loss_only=True, metric_key_prefix=metric_key_prefix
         )
+        # The recipe's before/after evaluation, run with the model being trained; `common.recipe` imports this
+        # module, hence the import here.
+        from .recipe import run_evaluation
+
         step = trainer.state.global_step
         # Under fp16 or bf16 mixed precision the weights are fp32: generate under the same autocast as training.
         with trainer.accelerator.autocast():
-            summary = evaluate(
-                trainer.model_wrapped,
-                self.processor,
-                self.eval_set,
-                metric=self.metric,
-                output_file=Path(self.args.output_dir) / f"eval_step{step}.json",
-                num_crops=self.args.num_crops,
-                batch_size=self.args.eval_batch_size,
-                max_new_tokens=self.args.max_new_tokens,
+            summary = run_evaluation(
+                trainer.model_wrapped, self.processor, self.eval_set, self.metric, self.args, f"eval_step{step}.json",
                 desc=f"eval at step {step}",
-                num_workers=self.args.dataloader_num_workers,
             )
         metrics = {key: value for key, value in loss.metrics.items() if key == f"{metric_key_prefix}_loss"}
         metrics[f"{metric_key_prefix}_{self.metric}"] = summary["score"]

@@ -25,13 +25,13 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .arguments import FinetuneArguments
+from .arguments import FinetuneArguments, evaluates_during_training
 from .collator import Phi3VCollator
 from .conversation import DataError
 from .data import RecipeDataset
 from .export import SAVE_DTYPES, complete_model_folder, dtype_name, finalize_weights, follow_umask_in, load_merged, write_final_model
 from .optimizer import build_optimizer, log_part_rates, part_groups, separate_rates
-from .periodic_evaluation import GenerationEvaluation, evaluates_during_training
+from .periodic_evaluation import GenerationEvaluation
 from .plotting import plot_training_curves
 from .preemption import PREEMPTED_EXIT_CODE, StopOnSignal, announce_stop
 from .ranks import any_rank, barrier, from_main, is_main_process, largest
@@ -388,7 +388,9 @@ def generation_autocast(args: FinetuneArguments):
     return contextlib.nullcontext()
 
 
-def run_evaluation(model, processor, eval_dataset, metric: str, args: FinetuneArguments, file_name: str) -> dict:
+def run_evaluation(
+    model, processor, eval_dataset, metric: str, args: FinetuneArguments, file_name: str, desc: str | None = None
+) -> dict:
     from .evaluation import evaluate
 
     with generation_autocast(args):
@@ -401,7 +403,7 @@ def run_evaluation(model, processor, eval_dataset, metric: str, args: FinetuneAr
             num_crops=args.num_crops,
             batch_size=args.eval_batch_size,
             max_new_tokens=args.max_new_tokens,
-            desc=file_name.removesuffix(".json"),
+            desc=desc or file_name.removesuffix(".json"),
             num_workers=args.dataloader_num_workers,
         )
 
