@@ -9,11 +9,13 @@ is loaded. Dataset scripts add their own dataclass next to this one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,12 +25,17 @@ from transformers.trainer_utils import SaveStrategy
 
 from .fsdp import configure_fsdp, fsdp_refusal
 from .image_processing_phi3v import MAX_NUM_CROPS
+from .trainer_options import REFUSED, command_line_refusal
 from .trainer_options import refusal as trainer_option_refusal
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DEEPSPEED_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"
 ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
+# The reference recipe's defaults of the flags that have a Hugging Face synonym (`resolve_synonyms`).
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_EVAL_BATCH_SIZE = 8
+DEFAULT_WEIGHT_DECAY = 0.01
 SAVE_DTYPE_CHOICES = ("base", "float32", "bfloat16", "float16")
 # The samplers RecipeTrainer builds for a RecipeDataset (common/recipe.py: `_get_train_sampler`).
 TRAIN_SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
@@ -116,20 +123,42 @@ class FinetuneArguments(TrainingArguments):
             "choices": SAVE_DTYPE_CHOICES,
         },
     )
-    # The reference recipe's batch and optimiser flags
-    batch_size: int = field(default=64, metadata={"help": "Global batch size (all GPUs, all accumulation steps)."})
+    # The reference recipe's batch and optimiser flags. Each has a Hugging Face synonym (below, among the Trainer
+    # options); both default to None so that `resolve_synonyms` can tell a flag given from one left out.
+    batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Global batch size (all GPUs, all accumulation steps). Default: {DEFAULT_BATCH_SIZE}, or GPUs x "
+            "examples per GPU x --gradient_accumulation_steps when that is given."
+        },
+    )
     batch_size_per_gpu: int | None = field(
         default=None,
         metadata={
-            "help": "Examples per GPU per step. Default: 1 for full and frozen-vision training (a 4.2B model with "
-            "~2.4k-token examples fills a 40 GB card), 4 for LoRA/QLoRA (frozen weights leave room for activations)."
+            "help": "Examples per GPU per step (Hugging Face's name: --per_device_train_batch_size). Default: 1 for "
+            "full and frozen-vision training (a 4.2B model with ~2.4k-token examples fills a 40 GB card), 4 for "
+            "LoRA/QLoRA (frozen weights leave room for activations)."
         },
     )
-    wd: float = field(default=0.01, metadata={"help": "Weight decay."})
+    wd: float | None = field(
+        default=None, metadata={"help": f"Weight decay (Hugging Face's name: --weight_decay). Default: {DEFAULT_WEIGHT_DECAY}."}
+    )
     no_tqdm: bool = field(default=False, metadata={"help": "Disable progress bars.", "aliases": ["--no-tqdm"]})
     # Evaluation by generation, before and after training
-    eval_batch_size: int = field(default=8, metadata={"help": "Examples per GPU per generation batch."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Longest generated answer in evaluation."})
+    eval_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Examples per GPU per generation batch and eval_loss batch (Hugging Face's name: "
+            f"--per_device_eval_batch_size). Default: {DEFAULT_EVAL_BATCH_SIZE}."
+        },
+    )
+    max_new_tokens: int = field(
+        default=64,
+        metadata={
+            "help": "Longest generated answer in evaluation; at most the model's max_position_embeddings minus "
+            "--max_length (the longest prompt the run allows)."
+        },
+    )
     skip_eval_before: bool = field(default=False, metadata={"help": "Do not evaluate before training."})
     skip_eval_after: bool = field(default=False, metadata={"help": "Do not evaluate after training."})
     # Data policy
@@ -156,6 +185,21 @@ class FinetuneArguments(TrainingArguments):
     )
     padding_free: bool = field(
         default=False, metadata={"help": "Pack each per-GPU batch into one row without padding (no padding compute)."}
+    )
+    # Hugging Face's names of the recipe's batch and weight-decay flags: synonyms, resolved in `resolve_synonyms`.
+    per_device_train_batch_size: int | None = field(
+        default=None, metadata={"help": "Examples per GPU per step: the same setting as --batch_size_per_gpu."}
+    )
+    per_device_eval_batch_size: int | None = field(
+        default=None, metadata={"help": "Examples per GPU per evaluation batch: the same setting as --eval_batch_size."}
+    )
+    weight_decay: float | None = field(default=None, metadata={"help": "Weight decay: the same setting as --wd."})
+    gradient_accumulation_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Steps accumulated per optimizer step. Default: --batch_size / (GPUs x examples per GPU); "
+            "without --batch_size it sets the global batch instead."
+        },
     )
     # TrainingArguments defaults changed to the reference recipe's, plus periodic checkpoints it lacked
     output_dir: str | None = field(default="./output/", metadata={"help": "Where checkpoints, the model and evaluations go."})
@@ -199,19 +243,7 @@ class FinetuneArguments(TrainingArguments):
         self.use_lora = self.use_lora or self.use_qlora
         if self.use_flash_attention:
             self.attn_implementation = "flash_attention_2"
-        if self.batch_size_per_gpu is None:
-            self.batch_size_per_gpu = 4 if self.use_lora else 1
-        world = world_size_from_env()
-        per_step = world * self.batch_size_per_gpu
-        if self.batch_size % per_step:
-            raise ArgumentError(
-                f"--batch_size {self.batch_size} is not divisible by world size {world} x --batch_size_per_gpu "
-                f"{self.batch_size_per_gpu} = {per_step}; choose a global batch that is a multiple of {per_step}"
-            )
-        self.per_device_train_batch_size = self.batch_size_per_gpu
-        self.per_device_eval_batch_size = self.eval_batch_size
-        self.gradient_accumulation_steps = self.batch_size // per_step
-        self.weight_decay = self.wd
+        self.resolve_synonyms()
         if self.no_tqdm:
             self.disable_tqdm = True
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
@@ -238,6 +270,41 @@ class FinetuneArguments(TrainingArguments):
             self.compile_layers = {"backend": self.torch_compile_backend, "mode": self.torch_compile_mode}
             self.torch_compile, self.torch_compile_backend, self.torch_compile_mode = False, None, None
 
+    def resolve_synonyms(self) -> None:
+        """The recipe's batch and weight-decay flags and Hugging Face's names for them set the same fields: either
+        name works, both with different values are refused, and the global batch follows from
+        --gradient_accumulation_steps when only that is given."""
+        self.batch_size_per_gpu = self.per_device_train_batch_size = same_setting(
+            ("--batch_size_per_gpu", self.batch_size_per_gpu),
+            ("--per_device_train_batch_size", self.per_device_train_batch_size),
+            4 if self.use_lora else 1,
+        )
+        self.eval_batch_size = self.per_device_eval_batch_size = same_setting(
+            ("--eval_batch_size", self.eval_batch_size),
+            ("--per_device_eval_batch_size", self.per_device_eval_batch_size),
+            DEFAULT_EVAL_BATCH_SIZE,
+        )
+        self.wd = self.weight_decay = same_setting(("--wd", self.wd), ("--weight_decay", self.weight_decay), DEFAULT_WEIGHT_DECAY)
+        world = world_size_from_env()
+        per_step = world * self.batch_size_per_gpu
+        if self.gradient_accumulation_steps is not None:
+            implied = per_step * self.gradient_accumulation_steps
+            if self.batch_size is not None and self.batch_size != implied:
+                raise ArgumentError(
+                    f"--batch_size {self.batch_size} contradicts --gradient_accumulation_steps "
+                    f"{self.gradient_accumulation_steps}, which with {world} GPU(s) x {self.batch_size_per_gpu} examples "
+                    f"per GPU gives a global batch of {implied}; give one of the two"
+                )
+            self.batch_size = implied
+        elif self.batch_size is None:
+            self.batch_size = DEFAULT_BATCH_SIZE
+        if self.batch_size % per_step:
+            raise ArgumentError(
+                f"--batch_size {self.batch_size} is not divisible by world size {world} x --batch_size_per_gpu "
+                f"{self.batch_size_per_gpu} = {per_step}; choose a global batch that is a multiple of {per_step}"
+            )
+        self.gradient_accumulation_steps = self.batch_size // per_step
+
     def choose_precision(self) -> None:
         """--bf16, --fp16 or --fp32; without any, the reference recipe's `fp16 = not args.bf16` on a CUDA GPU (fp16
         mixed precision, which the Trainer gets as fp16=True on a model loaded in fp32) and fp32 on CPU."""
@@ -260,6 +327,14 @@ class FinetuneArguments(TrainingArguments):
             raise ArgumentError(f"{flag} needs --bf16 (flash-attn 2 runs on bf16-capable GPUs only, and fp16 mixed precision keeps fp32 weights)")
         if self.use_flash_attention and self.attn_implementation not in ("sdpa", "flash_attention_2"):
             raise ArgumentError(f"--use_flash_attention contradicts --attn_implementation {self.attn_implementation}; give one of them")
+        self.check_flash_attention()
+        if str(self.save_strategy) in ("best", "SaveStrategy.BEST") and str(self.eval_strategy) in ("no", "IntervalStrategy.NO"):
+            # The Trainer saves under "best" only after an evaluation that improves the metric: with none, never.
+            raise ArgumentError(
+                "--save_strategy best writes a checkpoint only at an evaluation that improves the metric, and this run "
+                "evaluates only before and after training; add --eval_strategy steps --eval_steps N (or epoch), or "
+                "use --save_strategy steps"
+            )
         if self.use_qlora:
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise ArgumentError("--use_qlora needs the bitsandbytes package: pip install bitsandbytes")
@@ -278,8 +353,10 @@ class FinetuneArguments(TrainingArguments):
             raise ArgumentError(f"--num_crops must be between 1 and {MAX_NUM_CROPS}, got {self.num_crops}")
         if self.merge_lora and not (self.use_lora or self.use_qlora):
             raise ArgumentError("--merge_lora only applies to --use_lora or --use_qlora training")
-        if self.batch_size < 1 or (self.batch_size_per_gpu is not None and self.batch_size_per_gpu < 1):
-            raise ArgumentError("--batch_size and --batch_size_per_gpu must be positive")
+        for flag in ("batch_size", "batch_size_per_gpu", "per_device_train_batch_size", "eval_batch_size",
+                     "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, flag) is not None and getattr(self, flag) < 1:
+                raise ArgumentError(f"--{flag} must be positive, got {getattr(self, flag)}")
         if self.lora_rank < 1:
             raise ArgumentError(f"--lora_rank must be positive, got {self.lora_rank}")
         if self.max_length < 0:
@@ -318,10 +395,51 @@ class FinetuneArguments(TrainingArguments):
                     f"{flag} needs the Trainer's optimizer and scheduler, but the DeepSpeed config {self.deepspeed} has "
                     f"its own ({' and '.join(own)} section); remove that section, as in ds_configs/"
                 )
+        self.check_generation_budget()
         self.check_loggers()
         self.check_unsupported()
         if reason := trainer_option_refusal(self):
             raise ArgumentError(reason)
+
+    def check_flash_attention(self) -> None:
+        """flash-attn 2 kernels need the package and a CUDA GPU; without either the model load would fail on every
+        rank after the validation pass."""
+        if not (self.use_flash_attention or self.attn_implementation == "flash_attention_2"):
+            return
+        flag = "--use_flash_attention" if self.use_flash_attention else "--attn_implementation flash_attention_2"
+        if not cuda_available():
+            raise ArgumentError(
+                f"{flag} needs a CUDA GPU (flash-attn has no CPU kernels) and none is visible; drop the flag to run here "
+                "with the default sdpa attention"
+            )
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ArgumentError(
+                f"{flag} needs the flash-attn package, which is not installed: pip install -r requirements-gpu.txt "
+                "--no-build-isolation, or drop the flag (the default sdpa attention uses PyTorch's flash kernels on "
+                "recent GPUs)"
+            )
+
+    def check_generation_budget(self) -> None:
+        """Evaluation generates up to --max_new_tokens after a prompt, inside the model's context: a prompt may be as
+        long as --max_length (the longest example the run accepts), so at most max_position_embeddings minus that
+        are left for the answer. Checked when the checkpoint's config.json is on disk (a local folder, or the hub
+        cache): nothing is downloaded at parse time."""
+        if self.max_new_tokens < 1:
+            raise ArgumentError(f"--max_new_tokens must be positive, got {self.max_new_tokens}")
+        context = model_context(self.model_name_or_path)
+        if context is None:
+            return
+        prompt = self.max_length or 1
+        if self.max_new_tokens > context - prompt:
+            if self.max_length:
+                room = (f"{context} - --max_length {self.max_length} = {context - prompt}; lower --max_new_tokens, "
+                        "or --max_length to leave more room")
+            else:
+                room = f"at most {context - 1} with no --max_length; lower --max_new_tokens"
+            raise ArgumentError(
+                f"--max_new_tokens {self.max_new_tokens} does not fit in the context of {self.model_name_or_path} "
+                f"(max_position_embeddings {context}) after a prompt of up to --max_length tokens: {room}"
+            )
 
     def check_unsupported(self) -> None:
         """Trainer options these recipes cannot honour yet fail now, not after the model has loaded or, worse,
@@ -334,7 +452,12 @@ class FinetuneArguments(TrainingArguments):
         """A logger whose package is missing fails now, not after the model has loaded."""
         from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
-        requested = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        # A comma-separated list is one string to TrainingArguments, which would hand "tensorboard,wandb" on as
+        # one unknown integration that fails only when the Trainer is built: split it here.
+        given = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        requested = [name.strip() for item in given for name in item.split(",") if name.strip()]
+        if len(requested) > 1 or requested != given:
+            self.report_to = requested
         if not set(requested) - {"none", "all"}:
             return
         available = set(get_available_reporting_integrations())
@@ -360,6 +483,41 @@ class FinetuneArguments(TrainingArguments):
         return torch.float32
 
 
+def model_context(model_name_or_path: str) -> int | None:
+    """max_position_embeddings of a checkpoint whose config.json is on disk (a folder, or the hub cache); None
+    when it is not, or does not say."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    config = Path(model_name_or_path) / "config.json"
+    if not config.is_file():
+        try:
+            cached = try_to_load_from_cache(model_name_or_path, "config.json")
+        except HFValidationError:
+            # Neither a folder nor a hub id: the model load reports that.
+            return None
+        if not isinstance(cached, str):
+            return None
+        config = Path(cached)
+    try:
+        value = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        # A damaged config.json is the model load's to report, with its own message.
+        return None
+    return value if isinstance(value, int) else None
+
+
+def same_setting(recipe: tuple[str, object], hugging_face: tuple[str, object], default):
+    """The value of a setting that has two names, each (flag, value or None when not given)."""
+    (recipe_flag, recipe_value), (hf_flag, hf_value) = recipe, hugging_face
+    if recipe_value is not None and hf_value is not None and recipe_value != hf_value:
+        raise ArgumentError(
+            f"{recipe_flag} {recipe_value} and {hf_flag} {hf_value} are two names of one setting with different "
+            "values; give one of them"
+        )
+    return next((value for value in (recipe_value, hf_value) if value is not None), default)
+
+
 def ensure_distributed_env() -> None:
     """Let DeepSpeed run in a plain `python` process: it otherwise looks for MPI when no launcher set these."""
     if "RANK" in os.environ:
@@ -383,6 +541,73 @@ def check_best_metric(argv: list[str] | None, metric: str) -> None:
         )
 
 
+# Options that transformers 5 removed and that have an equivalent here: an unknown option that names one gets it.
+RENAMED_OPTIONS = {
+    "--warmup_ratio": "--warmup_steps {value} (below 1, --warmup_steps is a fraction of all steps)",
+    "--evaluation_strategy": "--eval_strategy {value}",
+    "--per_gpu_train_batch_size": "--per_device_train_batch_size {value}",
+    "--per_gpu_eval_batch_size": "--per_device_eval_batch_size {value}",
+    "--no_cuda": "--use_cpu",
+}
+# Marks the fields a command line does not set, in `given_fields`.
+_NOT_GIVEN = object()
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except None: the recipe's own options say in words what their default depends on."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def build_parser(*dataclass_types) -> HfArgumentParser:
+    """The parser of `FinetuneArguments` plus a script's dataclasses, with a --help that lists the recipe's own
+    options first, then the Trainer options that work here; the refused ones are named at the end, without a
+    default, since each stops the run."""
+    parser = HfArgumentParser((FinetuneArguments, *dataclass_types), formatter_class=HelpFormatter)
+    trainer_fields = {spec.name for spec in dataclasses.fields(TrainingArguments)}
+    recipe = parser.add_argument_group("recipe options")
+    trainer = parser.add_argument_group(
+        "Trainer options (transformers.TrainingArguments; the recipe's defaults where they differ)"
+    )
+    for action in list(parser._optionals._group_actions):
+        if action.dest in REFUSED:
+            action.help = argparse.SUPPRESS
+        parser._optionals._group_actions.remove(action)
+        (trainer if action.dest in trainer_fields else recipe)._group_actions.append(action)
+    parser._action_groups = [recipe, trainer, *(g for g in parser._action_groups if g not in (recipe, trainer))]
+    parser.usage = "%(prog)s [recipe options] [Trainer options]"
+    parser.epilog = (
+        "Refused Trainer options (each stops the run at start with its reason and what to use instead): "
+        + ", ".join(f"--{name}" for name in REFUSED)
+        + ". --remove_unused_columns false, --label_names labels and an --accelerator_config without split_batches "
+        "or dispatch_batches, what the recipes use, pass."
+    )
+    return parser
+
+
+def given_fields(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[set[str], list[str]]:
+    """The fields the command line sets (whatever their values, a default included) and what the parser does
+    not know. Parsed into a namespace that already holds a marker for every field, which argparse keeps where
+    no flag overwrites it."""
+    namespace = argparse.Namespace(**{a.dest: _NOT_GIVEN for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parsed, unknown = parser.parse_known_args(argv, namespace=namespace)
+    return {name for name, value in vars(parsed).items() if value is not _NOT_GIVEN}, unknown
+
+
+def renamed_option_hint(unknown: list[str], argv: list[str]) -> str | None:
+    """For the first unknown option that transformers 5 removed in favour of another form: what to give instead."""
+    for token in unknown:
+        name, _, value = token.partition("=")
+        if name not in RENAMED_OPTIONS:
+            continue
+        if not value and token in argv:
+            following = argv[argv.index(token) + 1 : argv.index(token) + 2]
+            value = following[0] if following and not following[0].startswith("--") else "VALUE"
+        return f"{name} is not an option of transformers 5 or these recipes: use {RENAMED_OPTIONS[name].format(value=value)}"
+    return None
+
+
 def parse_args(*extra_dataclasses, argv: list[str] | None = None, defaults: dict | None = None, metric: str | None = None):
     """Parse `FinetuneArguments` plus the script's own dataclasses; a bad combination exits with its reason.
 
@@ -390,12 +615,19 @@ def parse_args(*extra_dataclasses, argv: list[str] | None = None, defaults: dict
     recipe's evaluation metric (a `metrics.SCORERS` name): the default --metric_for_best_model, so that
     --load_best_model_at_end and --save_strategy best keep the checkpoint that scores best on it.
     """
-    parser = HfArgumentParser((FinetuneArguments, *extra_dataclasses))
+    parser = build_parser(*extra_dataclasses)
     if metric:
         parser.set_defaults(metric_for_best_model=metric)
     if defaults:
         parser.set_defaults(**defaults)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        given, unknown = given_fields(parser, argv)
+        hint = renamed_option_hint(unknown, argv)
+        if hint:
+            raise ArgumentError(hint)
+        if reason := command_line_refusal(given):
+            raise ArgumentError(reason)
         if metric:
             check_best_metric(argv, metric)
         return parser.parse_args_into_dataclasses(args=argv)
@@ -408,4 +640,4 @@ def parse_args(*extra_dataclasses, argv: list[str] | None = None, defaults: dict
         parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
-__all__ = ["FinetuneArguments", "ArgumentError", "parse_args", "DEFAULT_DEEPSPEED_CONFIG"]
+__all__ = ["FinetuneArguments", "ArgumentError", "build_parser", "parse_args", "DEFAULT_DEEPSPEED_CONFIG"]

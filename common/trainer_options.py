@@ -37,16 +37,6 @@ NOT_APPLICABLE: dict[str, str] = {
 }
 
 REFUSED: dict[str, str] = {
-    "per_device_eval_batch_size": (
-        "--per_device_eval_batch_size is set from --eval_batch_size here (the batch of generation and of eval_loss); "
-        "give that instead"
-    ),
-    "per_device_train_batch_size": "--per_device_train_batch_size is set from --batch_size_per_gpu here; give that instead",
-    "gradient_accumulation_steps": (
-        "--gradient_accumulation_steps follows from --batch_size (the global batch) / (GPUs x --batch_size_per_gpu); "
-        "set those instead"
-    ),
-    "weight_decay": "--weight_decay is set from the reference recipe's --wd here; give --wd instead",
     "label_smoothing_factor": (
         "--label_smoothing_factor: the Trainer's label smoother shifts labels only for model classes in transformers' "
         "own causal-LM table, which ours is not, so each position would be trained to predict its own token; drop it"
@@ -156,10 +146,11 @@ def _splits_batches(value) -> bool:
     return bool(setting.get("split_batches") or setting.get("dispatch_batches"))
 
 
-# When a refused option counts as given, where that is not "differs from its default".
+# Refused options that have harmless values, the ones these recipes use: refused only when another value is given.
 _REQUESTED_WHEN = {
     "accelerator_config": _splits_batches,
     "label_names": lambda value: value not in (None, ["labels"]),
+    "remove_unused_columns": bool,
 }
 
 
@@ -167,18 +158,25 @@ def _requested(args, name: str) -> bool:
     value = getattr(args, name)
     if name in _REQUESTED_WHEN:
         return _REQUESTED_WHEN[name](value)
-    # Against the default of the arguments' own class (FinetuneArguments turns remove_unused_columns off). A value
-    # equal to the default cannot be told from no flag, so e.g. --weight_decay 0 still gets --wd's 0.01.
+    # Against the default of the arguments' own class; on a command line `command_line_refusal` has already
+    # refused the option whatever its value.
     return value != _default(args, name)
 
 
+def command_line_refusal(given: set[str]) -> str | None:
+    """The message of the first refused option named on the command line (`given`: the fields it sets), whatever
+    its value, even its default: none of them does here what its name says. Options with harmless values are left
+    to `refusal`, which looks at the value."""
+    return next((message for name, message in REFUSED.items() if name in given and name not in _REQUESTED_WHEN), None)
+
+
 def refusal(args) -> str | None:
-    """The first refused Trainer option given in `args` (a FinetuneArguments at parse time, before its own defaults
-    overwrite batch size, accumulation and weight decay), as its one-line message; None if there is none."""
+    """The first refused Trainer option set in `args` (a FinetuneArguments at parse time), as its one-line
+    message; None if there is none."""
     for name, message in REFUSED.items():
         if _requested(args, name):
             return message
     return compile_refusal(args)
 
 
-__all__ = ["NOT_APPLICABLE", "REFUSED", "refusal"]
+__all__ = ["NOT_APPLICABLE", "REFUSED", "command_line_refusal", "refusal"]
