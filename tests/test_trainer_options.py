@@ -25,10 +25,6 @@ THIS_FILE = __file__
 FIELDS = [field.name for field in dataclasses.fields(TrainingArguments)]
 # How each refused option is given on a command line; None: it cannot be (argparse has no type for it).
 REQUESTS = {
-    "per_device_eval_batch_size": ["--per_device_eval_batch_size", "3"],
-    "per_device_train_batch_size": ["--per_device_train_batch_size", "4"],
-    "gradient_accumulation_steps": ["--gradient_accumulation_steps", "8"],
-    "weight_decay": ["--weight_decay", "0.1"],
     "label_smoothing_factor": ["--label_smoothing_factor", "0.1"],
     "optim_target_modules": ["--optim_target_modules", "attn"],
     "liger_kernel_config": None,
