@@ -27,7 +27,7 @@ from .conversation import (
     encode_prompt,
     prompt_text,
 )
-from .image_processing_phi3v import TILE, _best_scale, check_num_crops, num_image_tokens
+from .image_processing_phi3v import TILE, _best_scale, check_num_crops, num_image_tokens, upright_size
 from .processing_phi3v import Phi3VProcessor
 
 __all__ = [
@@ -95,12 +95,13 @@ def hd_output_size(size: tuple[int, int], num_crops: int) -> tuple[int, int]:
 
 
 def image_size(image) -> tuple[int, int]:
-    """(width, height) of a PIL image or an image file, reading only the file header."""
+    """(width, height) of a PIL image, or of an image file as `load_image` turns it upright, reading only the file
+    header."""
     if isinstance(image, Image.Image):
         return image.size
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as opened:
-            return opened.size
+            return upright_size(opened)
     raise ExampleError(f"an image must be a PIL image or a file path, got {type(image).__name__}")
 
 

@@ -24,12 +24,12 @@ from typing import NamedTuple
 
 import datasets
 import torch
-from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin
+from PIL import Image, JpegImagePlugin, PngImagePlugin
 from tqdm import tqdm
 
 from .collator import LoadingError, TokenCounts, example_tokens
 from .conversation import DataError, ExampleError, check_messages, error_reason
-from .image_processing_phi3v import check_rgb_convertible, to_rgb
+from .image_processing_phi3v import TRANSPOSING_ORIENTATIONS, check_rgb_convertible, exif_orientation, to_rgb, upright
 from .processing_phi3v import IMAGE_TAG_PATTERN, Phi3VProcessor
 
 __all__ = [
@@ -49,8 +49,6 @@ PROGRESS_MIN_BYTES = 1 << 20
 # Rows read per Arrow slice when computing lengths: large enough to amortise the slicing, small enough that a
 # slice of big documents stays a few MB.
 LENGTH_SLICE_ROWS = 256
-# EXIF orientations that swap width and height; `datasets` turns such images upright when it decodes them.
-_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 # The validation pass sends image checks to its pool in chunks of rows, each one task: large enough that the
 # hand-over of a task costs little next to decoding small images, small enough that a chunk of a hub dataset's
 # image bytes stays a few MB. At most CHECK_CHUNKS_IN_FLIGHT chunks wait, bounding the bytes held.
@@ -60,9 +58,11 @@ CHECK_CHUNKS_IN_FLIGHT = 32
 
 
 def load_image(path) -> Image.Image:
-    """Open an image file and decode it as RGB with `to_rgb` (transparency is dropped, not composited)."""
+    """Open an image file and decode it as RGB with `to_rgb` (transparency is dropped, not composited), turned
+    upright by its EXIF orientation as an image viewer shows it (`upright`: the rule of every path, hub rows
+    included, which `datasets` turns upright when it decodes them)."""
     with Image.open(path) as image:
-        return to_rgb(image)
+        return to_rgb(upright(image))
 
 
 def check_image_decodes(source) -> None:
@@ -402,8 +402,9 @@ def _open_image_lazily(value: dict, feature: datasets.Image, opened: dict) -> Im
     # enough to take such a PNG as upright.
     if image.format == "PNG" and "exif" not in image.info:
         return image
-    if image.getexif().get(Image.ExifTags.Base.Orientation) in _TRANSPOSING_ORIENTATIONS:
-        return ImageOps.exif_transpose(image)
+    # Only a change of size matters to the token count, and only these orientations change it.
+    if exif_orientation(image) in TRANSPOSING_ORIENTATIONS:
+        return upright(image)
     return image
 
 

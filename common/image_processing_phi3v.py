@@ -4,7 +4,8 @@ Each image becomes a grid of at most `num_crops` 336x336 tiles plus one 336x336 
 `hd_transform` for the geometry and `image_to_crops` for the tensors. The order of operations (PIL RGB
 conversion first, PIL bilinear resize, white padding, then normalisation and a torch bicubic global view)
 is what the published weights were trained with; changing any step changes pixels the model sees.
-`to_rgb` is the one conversion of any PIL image to the model's 8-bit RGB.
+`to_rgb` is the one conversion of any PIL image to the model's 8-bit RGB; `upright` the one rule for EXIF
+orientation (applied, as an image viewer shows the photo).
 """
 
 import math
@@ -13,7 +14,7 @@ from typing import TypedDict
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 TILE = 336
@@ -67,6 +68,27 @@ def check_rgb_convertible(mode: str) -> None:
             f"{', '.join(sorted(RGB_CONVERTIBLE_MODES))}); save the image as 8-bit RGB or grayscale, or convert it "
             "to RGB yourself before it reaches the processor"
         )
+
+
+# EXIF orientations that swap width and height (the 90 and 270 degree ones, plain or mirrored).
+TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation tag, 1 (upright) when it has none."""
+    return image.getexif().get(Image.ExifTags.Base.Orientation, 1)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as an image viewer shows it: its EXIF orientation applied. The result carries no orientation
+    tag, so an image already turned upright (as `datasets` decodes hub images) is returned unchanged."""
+    return image if exif_orientation(image) == 1 else ImageOps.exif_transpose(image)
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of `upright(image)`, from the header alone."""
+    width, height = image.size
+    return (height, width) if exif_orientation(image) in TRANSPOSING_ORIENTATIONS else (width, height)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
