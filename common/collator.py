@@ -25,6 +25,7 @@ from .conversation import (
     check_messages,
     encode_conversation,
     encode_prompt,
+    error_reason,
     prompt_text,
 )
 from .image_processing_phi3v import TILE, _best_scale, check_num_crops, num_image_tokens, upright_size
@@ -100,8 +101,12 @@ def image_size(image) -> tuple[int, int]:
     if isinstance(image, Image.Image):
         return image.size
     if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as opened:
-            return upright_size(opened)
+        try:
+            with Image.open(image) as opened:
+                return upright_size(opened)
+        except (OSError, Image.DecompressionBombError) as error:
+            # PIL's header errors ("Truncated File Read") do not say which of an example's files failed.
+            raise OSError(f"image file {image} does not open: {error_reason(error)}") from error
     raise ExampleError(f"an image must be a PIL image or a file path, got {type(image).__name__}")
 
 

@@ -65,6 +65,14 @@ def load_image(path) -> Image.Image:
         return to_rgb(upright(image))
 
 
+def _load_file(path) -> Image.Image:
+    """`load_image` inside a row, whose error names the file: a row may hold several (8 video frames)."""
+    try:
+        return load_image(path)
+    except (OSError, Image.DecompressionBombError) as error:
+        raise OSError(f"image file {path} does not decode: {error_reason(error)}") from error
+
+
 def check_image_decodes(source) -> None:
     """Decode enough of one image file (a path, or the file's bytes) to find a truncated or damaged one.
 
@@ -165,7 +173,7 @@ class RecipeDataset(torch.utils.data.Dataset):
             example = self._convert(row, index)
             self._check(example)
             example["images"] = [
-                load_image(image) if isinstance(image, (str, os.PathLike)) else image for image in example["images"]
+                _load_file(image) if isinstance(image, (str, os.PathLike)) else image for image in example["images"]
             ]
         except Exception as error:
             wrapped = self._error(index, row, error)
