@@ -26,7 +26,11 @@ yields (containers' frame counts are only trusted when decoding agrees).
 
 Rerunning into the same --out_dir resumes: videos whose frames are all present and decode completely are
 reused, the rest are converted (a warning names any frame that was present but empty, truncated or
-undecodable), and each JSONL is replaced atomically once its split is done. --overwrite starts afresh.
+undecodable), and each JSONL is replaced atomically once every split is done. --overwrite starts afresh.
+
+The prompt lists the classes that some converted video has as its answer (and those of split folders left out
+by --splits, whose videos are not decoded then); a class whose videos all fail to decode, or whose folders
+hold none, is left out with a warning.
 """
 
 from __future__ import annotations
@@ -116,6 +120,8 @@ class SplitSummary:
     converted: int = 0
     reused: int = 0
     skipped: list[str] = field(default_factory=list)
+    # The videos whose frames are written, in order: the split's JSONL rows.
+    usable: list[VideoJob] = field(default_factory=list)
 
 
 def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
@@ -367,12 +373,7 @@ def _results(
 
 
 def _convert_split(
-    split: str,
-    jobs: list[VideoJob],
-    prompt: str,
-    out_dir: Path,
-    num_frames: int,
-    pool: ProcessPoolExecutor | None,
+    split: str, jobs: list[VideoJob], out_dir: Path, num_frames: int, pool: ProcessPoolExecutor | None
 ) -> SplitSummary:
     images_dir = out_dir / "images"
     summary = SplitSummary()
@@ -387,17 +388,48 @@ def _convert_split(
             failures[job] = problem
             summary.skipped.append(str(job.path))
             logger.warning("skipping %s: %s", job.path, problem)
+    summary.usable = [job for job in jobs if job not in failures]
+    return summary
+
+
+def answerable_classes(
+    classes: list[str], jobs: dict[str, list[VideoJob]], summaries: dict[str, SplitSummary], root: Path
+) -> list[str]:
+    """The classes some video can be answered with: one of the converted splits has a usable video of it, or a
+    split folder this run does not convert holds videos of it (not decoded now; kept so that each split's prompt
+    is the one a conversion of every split gives). A class without either would be an answer option no video
+    has; it is left out with a warning."""
+    usable = {job.class_name for summary in summaries.values() for job in summary.usable}
+    elsewhere = {
+        class_dir.name
+        for split in STANDARD_SPLITS
+        if split not in summaries and (root / split).is_dir()
+        for class_dir in _subfolders(root / split)
+        if any(path.suffix.lower() == ".avi" for path in class_dir.iterdir())
+    }
+    kept = []
+    for name in classes:
+        if name in usable or name in elsewhere:
+            kept.append(name)
+            continue
+        found = [str(root / split / name) for split in summaries if any(job.class_name == name for job in jobs[split])]
+        logger.warning(
+            "class %s has no video that decodes (%s): left out of the classes and of every prompt",
+            name, "its videos in " + ", ".join(found) + " were all skipped" if found else "no video of it was found",
+        )
+    return kept
+
+
+def _write_split(split: str, summary: SplitSummary, prompt: str, out_dir: Path, num_frames: int) -> None:
     records = [
         {
             "id": f"{split}-{job.index:010d}",
             "source": "ucf101",
             "conversations": [{"images": job.frame_names(num_frames), "user": prompt, "assistant": job.class_name}],
         }
-        for job in jobs
-        if job not in failures
+        for job in summary.usable
     ]
     _write_jsonl(out_dir / f"ucf101_{split}.jsonl", records)
-    return summary
 
 
 def convert(args: ConvertArguments) -> dict[str, SplitSummary]:
@@ -419,9 +451,8 @@ def convert(args: ConvertArguments) -> dict[str, SplitSummary]:
         else:
             archive = Path(args.archive) if args.archive else _download_archive()
             source = extract_dir = _extract(archive, out_dir)
-        classes, jobs = find_videos(locate_root(source, args.splits), args.splits)
-        prompt = build_prompt(classes)
-        logger.info("%d classes: %s", len(classes), ", ".join(classes))
+        root = locate_root(source, args.splits)
+        classes, jobs = find_videos(root, args.splits)
         # spawn, not fork: the parent may hold threads (tqdm's monitor, torch pools in a test run) that a
         # forked child would inherit in an undefined state.
         pool = (
@@ -430,13 +461,17 @@ def convert(args: ConvertArguments) -> dict[str, SplitSummary]:
             else None
         )
         try:
-            return {
-                split: _convert_split(split, jobs[split], prompt, out_dir, args.num_frames, pool)
-                for split in args.splits
-            }
+            summaries = {split: _convert_split(split, jobs[split], out_dir, args.num_frames, pool) for split in args.splits}
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
+        # The prompt lists the classes only once the videos are decoded: a class whose videos all fail is no answer.
+        classes = answerable_classes(classes, jobs, summaries, root)
+        logger.info("%d classes: %s", len(classes), ", ".join(classes))
+        prompt = build_prompt(classes)
+        for split, summary in summaries.items():
+            _write_split(split, summary, prompt, out_dir, args.num_frames)
+        return summaries
     finally:
         if extract_dir is not None:
             shutil.rmtree(extract_dir, ignore_errors=True)
