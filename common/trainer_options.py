@@ -6,8 +6,9 @@ transformers (a field that a new version adds fails that test until it is classi
 
 - works: a test under tests/ sets it (on a command line the recipes parse, or on TrainingArguments) and checks it;
 - `NOT_APPLICABLE`: options with nothing to act on in these recipes, with the reason;
-- `REFUSED`: options that would do something other than what they say here, silently; `refusal` stops the run
-  at parse time with the message, which says why and what to use instead.
+- `REFUSED`: options that would do something other than what they say here, silently; named on a command line
+  (whatever the value, `command_line_refusal`) or set in code (`refusal`), they stop the run at parse time with
+  the message, which says why and what to use instead.
 """
 
 from __future__ import annotations
