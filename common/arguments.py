@@ -223,7 +223,7 @@ class FinetuneArguments(TrainingArguments):
     save_strategy: SaveStrategy | str = field(default="steps", metadata={"help": "When to write checkpoints: steps, epoch or no."})
     save_steps: float = field(default=200, metadata={"help": "Write a checkpoint every N optimiser steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
-    report_to: None | str | list[str] = field(default="none", metadata={"help": "Loggers: none, tensorboard, wandb, ..."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Loggers, comma-separated: none, tensorboard, wandb, ..."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the collator needs the raw examples."}
     )
@@ -456,7 +456,7 @@ class FinetuneArguments(TrainingArguments):
         # one unknown integration that fails only when the Trainer is built: split it here.
         given = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
         requested = [name.strip() for item in given for name in item.split(",") if name.strip()]
-        if len(requested) > 1 or requested != given:
+        if requested != given:
             self.report_to = requested
         if not set(requested) - {"none", "all"}:
             return
