@@ -406,10 +406,6 @@ def _open_image_lazily(value: dict, feature: datasets.Image, opened: dict) -> Im
     else:
         # Remote paths need datasets' own fetching; such rows are rare enough to decode fully.
         return feature.decode_example(value)
-    # A PNG's getexif decodes the pixels unless its EXIF chunk precedes them; EXIF after the pixel data is rare
-    # enough to take such a PNG as upright.
-    if image.format == "PNG" and "exif" not in image.info:
-        return image
     # Only a change of size matters to the token count, and only these orientations change it.
     if exif_orientation(image) in TRANSPOSING_ORIENTATIONS:
         return upright(image)

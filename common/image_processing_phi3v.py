@@ -76,6 +76,10 @@ TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 
 def exif_orientation(image: Image.Image) -> int:
     """The image's EXIF orientation tag, 1 (upright) when it has none."""
+    # A PNG's getexif decodes the pixels unless its EXIF chunk precedes them, which header-only token counting
+    # must not; EXIF after the pixel data is rare enough to take such a PNG as upright, here and when decoding.
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
     return image.getexif().get(Image.ExifTags.Base.Orientation, 1)
 
 
