@@ -136,9 +136,9 @@ def _resize_landscape(image: Image.Image, num_crops: int) -> tuple[Image.Image, 
     # convert("RGB") of an RGB image is only a copy, and the transpose or resize below makes a new image anyway.
     if image.mode != "RGB":
         image = to_rgb(image)
-    # Work with the long side horizontal so one code path covers both orientations. PIL's resize runs its two
-    # passes in an order it picks from the sizes, rounding to 8 bits in between, so resizing the portrait image
-    # itself would not give the same pixels.
+    # Work with the long side horizontal so one code path covers both orientations. This transpose stays even
+    # though it costs time: PIL's resize rounds to 8 bits between its horizontal and vertical pass and picks
+    # their order from the sizes, so resizing a portrait image untransposed gives other pixels at some sizes.
     transposed = image.width < image.height
     if transposed:
         image = image.transpose(Image.Transpose.TRANSPOSE)
@@ -194,7 +194,7 @@ def write_crops(image: Image.Image, crops: torch.Tensor, image_mean=CLIP_MEAN, i
 
     The same pixels as normalising `hd_transform`'s output, with fewer copies: the channels are split by PIL
     into 8-bit planes that already hold the white padding, and the normalisation runs in place on contiguous
-    float32 planes (reading interleaved or transposed 8-bit pixels into float32 is several times slower).
+    float32 planes (converting interleaved or transposed 8-bit pixels to float32 is slower than PIL's split).
     """
     resized, transposed = _resize_landscape(image, crops.shape[0] - 1)
     new_w, new_h = resized.size
