@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{load_before[0]:.1f} before, {load_after[0]:.1f} after; {rounds} rounds",
         f"command: `{' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`",
         "",
-        "| num_crops | images | sizes (w x h) | tiles/image | images/s | ms/image | images/CPU-s | pixel_values/image |",
+        "| num_crops | images | sizes (w x h) | tiles/image | images/s | ms/image | images/CPU-s "
+        "| pixel_values/image |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for num_crops in args.num_crops:
