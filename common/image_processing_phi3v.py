@@ -153,15 +153,18 @@ def _best_scale(ratio: float, num_crops: int) -> int:
     return scale
 
 
-def hd_transform(image: Image.Image, num_crops: int) -> Image.Image:
-    """Resize and pad one image to H x W (multiples of 336) holding at most `num_crops` tiles.
+def _resize_landscape(image: Image.Image, num_crops: int) -> tuple[Image.Image, bool]:
+    """Steps 1-3 of the HD transform: `image` in RGB, long side horizontal, resized to `scale` tiles across.
 
-    Returns an RGB PIL image. The conversion is `to_rgb`, which drops transparency: compositing on white (as
-    transformers' `convert_to_rgb` does) would give pixels the model never saw.
+    Returns the resized image, still transposed if the input was portrait, and whether it is.
     """
     check_num_crops(num_crops)
-    image = to_rgb(image)
-    # Work with the long side horizontal so one code path covers both orientations.
+    # convert("RGB") of an RGB image is only a copy, and the transpose or resize below makes a new image anyway.
+    if image.mode != "RGB":
+        image = to_rgb(image)
+    # Work with the long side horizontal so one code path covers both orientations. This transpose stays even
+    # though it costs time: PIL's resize rounds to 8 bits between its horizontal and vertical pass and picks
+    # their order from the sizes, so resizing a portrait image untransposed gives other pixels at some sizes.
     transposed = image.width < image.height
     if transposed:
         image = image.transpose(Image.Transpose.TRANSPOSE)
@@ -172,12 +175,26 @@ def hd_transform(image: Image.Image, num_crops: int) -> Image.Image:
     # The reference computes int(new_w / ratio); at extreme aspect ratios that is 0, which PIL cannot
     # resize to, so one row is kept instead.
     new_h = max(1, int(new_w / ratio))
-    image = image.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
+    return image.resize((new_w, new_h), resample=Image.Resampling.BILINEAR), transposed
 
-    padded_h = math.ceil(new_h / TILE) * TILE
-    top = int((padded_h - new_h) / 2)
+
+def _padded_height(height: int) -> tuple[int, int]:
+    """Step 4: the height padded to whole tiles, and the white rows above the image (the rest go below)."""
+    padded = math.ceil(height / TILE) * TILE
+    return padded, int((padded - height) / 2)
+
+
+def hd_transform(image: Image.Image, num_crops: int) -> Image.Image:
+    """Resize and pad one image to H x W (multiples of 336) holding at most `num_crops` tiles.
+
+    Returns an RGB PIL image. The conversion is `to_rgb`, which drops transparency: compositing on white (as
+    transformers' `convert_to_rgb` does) would give pixels the model never saw.
+    """
+    resized, transposed = _resize_landscape(image, num_crops)
+    new_w, new_h = resized.size
+    padded_h, top = _padded_height(new_h)
     canvas = Image.new("RGB", (new_w, padded_h), (255, 255, 255))
-    canvas.paste(image, (0, top))
+    canvas.paste(resized, (0, top))
     if transposed:
         canvas = canvas.transpose(Image.Transpose.TRANSPOSE)
     return canvas
@@ -194,21 +211,42 @@ def image_to_crops(
     Returns `(crops, (H, W))`: `crops` is float32 (num_crops + 1, 3, 336, 336) holding the global view, the
     row-major tiles, then all-zero tiles up to num_crops + 1 entries; (H, W) is the size after `hd_transform`.
     """
-    padded = hd_transform(image, num_crops)
-    width, height = padded.size
-    pixels = torch.from_numpy(np.array(padded)).permute(2, 0, 1).to(torch.float32).div(255)
-    mean = torch.as_tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.as_tensor(image_std, dtype=torch.float32).view(3, 1, 1)
-    pixels = (pixels - mean) / std
+    crops = torch.empty(num_crops + 1, 3, TILE, TILE, dtype=torch.float32)
+    return crops, write_crops(image, crops, image_mean, image_std)
 
-    global_view = F.interpolate(pixels[None], size=(TILE, TILE), mode="bicubic", align_corners=False)[0]
+
+def write_crops(image: Image.Image, crops: torch.Tensor, image_mean=CLIP_MEAN, image_std=CLIP_STD) -> tuple[int, int]:
+    """`image_to_crops` into `crops`, a float32 (num_crops + 1, 3, 336, 336) tensor; returns (H, W).
+
+    The same pixels as normalising `hd_transform`'s output, with fewer copies: the channels are split by PIL
+    into 8-bit planes that already hold the white padding, and the normalisation runs in place on contiguous
+    float32 planes (converting interleaved or transposed 8-bit pixels to float32 is slower than PIL's split).
+    """
+    resized, transposed = _resize_landscape(image, crops.shape[0] - 1)
+    new_w, new_h = resized.size
+    padded_h, top = _padded_height(new_h)
+    if transposed:
+        resized = resized.transpose(Image.Transpose.TRANSPOSE)
+        planes = np.full((3, new_w, padded_h), 255, dtype=np.uint8)
+        image_part = planes[:, :, top : top + new_h]
+    else:
+        planes = np.full((3, padded_h, new_w), 255, dtype=np.uint8)
+        image_part = planes[:, top : top + new_h]
+    for plane, band in zip(image_part, resized.split()):
+        plane[...] = np.asarray(band)
+    _, height, width = planes.shape
+
+    # The spec's ToTensor and Normalize, operation for operation in float32: x / 255, - mean, / std.
+    pixels = torch.from_numpy(planes).to(torch.float32).div_(255)
+    pixels.sub_(torch.as_tensor(image_mean, dtype=torch.float32).view(3, 1, 1))
+    pixels.div_(torch.as_tensor(image_std, dtype=torch.float32).view(3, 1, 1))
+
+    crops[0] = F.interpolate(pixels[None], size=(TILE, TILE), mode="bicubic", align_corners=False)[0]
     rows, cols = height // TILE, width // TILE
-    tiles = pixels.reshape(3, rows, TILE, cols, TILE).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, TILE, TILE)
-
-    crops = torch.zeros(num_crops + 1, 3, TILE, TILE, dtype=torch.float32)
-    crops[0] = global_view
-    crops[1 : 1 + rows * cols] = tiles
-    return crops, (height, width)
+    tiles = crops[1 : 1 + rows * cols].view(rows, cols, 3, TILE, TILE)
+    tiles.copy_(pixels.view(3, rows, TILE, cols, TILE).permute(1, 3, 0, 2, 4))
+    crops[1 + rows * cols :].zero_()
+    return height, width
 
 
 class Phi3VImageProcessorKwargs(TypedDict, total=False):
@@ -276,10 +314,12 @@ class Phi3VImageProcessor(BaseImageProcessor):
             if not isinstance(image, Image.Image):
                 raise TypeError(f"images[{i}] is a {type(image).__name__}; Phi3VImageProcessor takes PIL images")
 
-        crops, sizes = zip(*(image_to_crops(im, num_crops, self.image_mean, self.image_std) for im in images))
+        # Written in place: stacking per-image tensors would copy every pixel once more.
+        pixel_values = torch.empty(len(images), num_crops + 1, 3, TILE, TILE, dtype=torch.float32)
+        sizes = [write_crops(im, crops, self.image_mean, self.image_std) for im, crops in zip(images, pixel_values)]
         return BatchFeature(
             {
-                "pixel_values": torch.stack(crops),
+                "pixel_values": pixel_values,
                 "image_sizes": torch.tensor(sizes, dtype=torch.int64),
                 "num_img_tokens": [num_image_tokens(h, w, self.num_img_tokens) for h, w in sizes],
             }
