@@ -158,7 +158,7 @@ def detect_format(path: Path) -> str:
         if count + 1 == DETECT_ROWS:
             break
     if not seen:
-        raise DataError(f"{path} holds no rows; write one conversation per line or a JSON array of them")
+        raise DataError(f"{path} holds no examples (no row); write one conversation per line or a JSON array of them")
     if "jsonl" in seen and _is_array(path):
         raise DataError(f"{path}: this project's format is JSONL, one object per line, not a JSON array; write one row per line")
     return next(iter(seen))
@@ -341,7 +341,7 @@ def read_conversations(path, image_root, file_format: str = "auto", system_promp
         conversation["messages"] = with_system(conversation["messages"], system_prompt)
         conversations.append(conversation)
     if not conversations:
-        raise DataError(f"{path} holds no usable rows")
+        raise DataError(f"{path} holds no usable examples")
     return conversations, file_format
 
 
@@ -626,14 +626,17 @@ class CustomData:
         self.eval = first_rows(self.eval, options.max_eval_samples)
 
     def datasets(self) -> tuple[RecipeDataset, RecipeDataset]:
-        turn = self.options.eval_turn
+        options, turn = self.options, self.options.eval_turn
         if self.columns is None:
+            train_name = Path(options.train_file).name
+            eval_name = Path(options.eval_file).name if options.eval_file else f"{train_name} held out"
             eval_source = [example for conversation in self.eval for example in evaluation_examples(conversation, turn)]
         else:
-            counts = answered_turns(self.eval, self.options.messages_column, f"{self.name} eval")
-            eval_source = EvaluationTurns(self.eval, self.columns, turn, counts)
-        train_set = RecipeDataset(self.train, self.columns, f"{self.name} train")
-        eval_set = RecipeDataset(eval_source, name=f"{self.name} eval ({turn} turn{'s' if turn == 'all' else ''})", for_training=False)
+            train_name = f"{self.name} {options.split}"
+            eval_name = f"{self.name} {options.eval_split}" if options.eval_split else f"{train_name} held out"
+            eval_source = EvaluationTurns(self.eval, self.columns, turn, answered_turns(self.eval, options.messages_column, eval_name))
+        train_set = RecipeDataset(self.train, self.columns, train_name)
+        eval_set = RecipeDataset(eval_source, name=f"{eval_name} ({turn} turn{'s' if turn == 'all' else ''})", for_training=False)
         return train_set, eval_set
 
     def warn(self, train_set: RecipeDataset, args) -> None:
