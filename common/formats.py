@@ -588,7 +588,7 @@ def data_warnings(train_rows: int, train_summaries: list, eval_summaries: list, 
 def optimizer_steps(rows: int, args) -> int:
     if args.max_steps and args.max_steps > 0:
         return args.max_steps
-    return math.ceil(rows / args.batch_size) * math.ceil(args.num_train_epochs)
+    return math.ceil(math.ceil(rows / args.batch_size) * args.num_train_epochs)
 
 
 def warn_about_data(train_set, train_summaries: list, eval_summaries: list, args) -> None:
@@ -640,7 +640,7 @@ class CustomData:
         return train_set, eval_set
 
     def warn(self, train_set: RecipeDataset, args) -> None:
-        columns = (self.options.messages_column, self.options.images_column) if self.columns else ()
+        columns = (self.options.messages_column, self.options.images_column) if self.columns is not None else ()
         warn_about_data(train_set, row_summaries(self.train, *columns), row_summaries(self.eval, *columns), args)
 
 

@@ -264,7 +264,9 @@ def build_trainer(
     loss_set = None
     if metric is None and eval_dataset is not None:
         loss_set = AnswersAsTargets(eval_dataset)
-        args.eval_on_start = args.eval_on_start or not args.skip_eval_before
+        # Not under QLoRA on CPU: a no-grad forward before training would corrupt the 4-bit weights (evaluate_before).
+        if not args.skip_eval_before and not (args.training_mode == "qlora" and args.device.type == "cpu"):
+            args.eval_on_start = True
     elif evaluates_during_training(args):
         if eval_dataset is None or metric is None:
             raise ValueError("--eval_strategy needs the script to pass build_trainer its eval_dataset and metric")

@@ -286,3 +286,39 @@ def test_synthetic_llava_rows_read_back(tmp_path):
     path.write_text(json.dumps(rows))
     conversations, found = read_conversations(path, tmp_path)
     assert found == "llava" and [len(c["images"]) for c in conversations] == [1, 2, 0, 1, 2, 0]
+
+
+def custom_script():
+    import importlib
+
+    return importlib.import_module("finetune_hf_trainer_custom")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--train_file", "t.json"], "give exactly one of --eval_file, --eval_split and --eval_fraction (got none)"),
+        (["--train_file", "t.json", "--dataset_path", "d", "--eval_fraction", "0.1"], "give exactly one of --train_file, --dataset_name"),
+        (["--dataset_path", "d", "--eval_fraction", "0.1", "--format", "llava"], "--format is the format of --train_file"),
+        (["--train_file", "t.json", "--eval_fraction", "1.5"], "--eval_fraction must be between 0 and 1"),
+    ],
+)
+def test_custom_recipe_refuses_impossible_data_options_at_parse_time(capsys, flags, message):
+    from tests.recipe_utils import parse_refusal
+
+    script = custom_script()
+    line = parse_refusal(capsys, lambda argv: script.parse_args(script.CustomArguments, argv=argv), [*flags, "--output_dir", "o", "--deepspeed", "none"])
+    assert message in line
+
+
+def test_custom_recipe_stops_on_a_bad_row_before_loading_anything(images, tmp_path, capsys):
+    bad = write_jsonl(images / "train.jsonl", [
+        {"id": "a", "image": "a.png", "conversations": [{"from": "human", "value": "<image>?"}, {"from": "gpt", "value": "x"}]},
+        {"id": "b", "image": "a.png", "conversations": [{"from": "human", "value": "<image><image>?"}, {"from": "gpt", "value": "x"}]},
+    ])
+    with pytest.raises(SystemExit) as stopped:
+        custom_script().main(["--train_file", str(bad), "--eval_fraction", "0.5", "--output_dir", str(tmp_path / "out"),
+                              "--deepspeed", "none", "--model_name_or_path", str(tmp_path / "no-model")])
+    assert stopped.value.code == 1
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert f"{bad}:2: 2 <image> placeholder(s) but 1 image(s)" in line
