@@ -205,24 +205,23 @@ def chat_messages(turns, row_images: list, resolve) -> tuple[list[dict], list]:
         if isinstance(content, str):
             text = re.sub(re.escape(PLACEHOLDER), lambda _: take(f"{what}: an {PLACEHOLDER} placeholder"), content)
         elif isinstance(content, list):
-            pieces = []
+            pieces: list[tuple[str, bool]] = []
             for part_index, part in enumerate(content):
                 part_what = f"{what}.content[{part_index}]"
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text":
-                    pieces.append(_string(part.get("text"), f"{part_what}.text"))
+                    pieces.append((_string(part.get("text"), f"{part_what}.text"), False))
                 elif kind == "image":
                     path = part.get("image", part.get("path"))
                     if path is None:
-                        pieces.append(take(part_what) + "\n")
+                        pieces.append((take(part_what), True))
                     else:
                         images.append(resolve(path, part_what))
-                        pieces.append(_tag(len(images)) + "\n")
+                        pieces.append((_tag(len(images)), True))
                 else:
                     raise ExampleError(f"{part_what} must be {{\"type\": \"text\", \"text\"}} or {{\"type\": \"image\", \"image\" | \"path\"}}, got {part!r:.100}")
-            text = "".join(pieces)
-            if pieces and pieces[-1].endswith(">\n") and isinstance(content[-1], dict) and content[-1].get("type") == "image":
-                text = text[:-1]
+            # An image tag is followed by a newline, as in the Phi-3.5-vision prompts, unless it ends the message.
+            text = "".join(piece + ("\n" if is_image and position < len(pieces) - 1 else "") for position, (piece, is_image) in enumerate(pieces))
         else:
             raise ExampleError(f"{what}.content must be a string or a list of parts, got {content!r:.100}")
         messages.append({"role": turn["role"], "content": text})
