@@ -2,8 +2,8 @@
 
 Data: run `convert_ucf101.py` first; it writes `DATA_DIR/ucf101_{train,val,test}.jsonl` and the sampled frames
 under `DATA_DIR/images`. Every JSONL line is one video: 8 frames as 8 images in one prompt that lists the
-classes, the class name as the answer. This JSONL layout is also how you bring your own data to any recipe
-(see `common/data.py: load_jsonl_conversations`). Frames use num_crops 4 by default (8 images x 4 tiles).
+classes, the class name as the answer. `finetune_hf_trainer_custom.py` trains on files of this layout (and on
+LLaVA and chat-messages files) without code changes (see `common/data.py: load_jsonl_conversations`). Frames use num_crops 4 by default (8 images x 4 tiles).
 Validation scores before and after training; `--eval_on_test` also scores the test split after training.
 
 Launch commands (one node with 8 GPUs; multi-node: add `--nnodes N --node_rank R --rdzv_backend c10d

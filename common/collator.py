@@ -27,6 +27,7 @@ from .conversation import (
     encode_prompt,
     error_reason,
     prompt_text,
+    split_system,
 )
 from .image_processing_phi3v import TILE, _best_scale, check_num_crops, num_image_tokens, upright_size
 from .processing_phi3v import Phi3VProcessor
@@ -118,16 +119,18 @@ def example_tokens(processor: Phi3VProcessor, example: dict, num_crops: int) -> 
     """
     images = example.get("images") or []
     messages = example.get("messages")
-    # An evaluation example is its one user message: the prompt's tokens, none supervised.
-    check_messages(messages, len(images), for_training=not (isinstance(messages, list) and len(messages) == 1))
+    # An evaluation example ends with the user message to answer: its tokens are a prompt, none supervised.
+    prompt_only = isinstance(messages, list) and bool(messages) and isinstance(messages[-1], dict) and messages[-1].get("role") == "user"
+    check_messages(messages, len(images), for_training=not prompt_only)
+    system, turns = split_system(messages)
     tokens_per_tile = processor.image_processor.num_img_tokens
     counts = [num_image_tokens(*hd_output_size(image_size(image), num_crops), tokens_per_tile) for image in images]
     total = supervised = 0
-    for turn in range(0, len(messages), 2):
-        prompt = prompt_text(processor, messages[turn]["content"])
+    for turn in range(0, len(turns), 2):
+        prompt = prompt_text(processor, turns[turn]["content"], system if turn == 0 else None)
         total += len(processor.encode_with_images(prompt, counts if turn == 0 else []))
-        if turn + 1 < len(messages):
-            answer = len(answer_ids(processor, messages[turn + 1]["content"]))
+        if turn + 1 < len(turns):
+            answer = len(answer_ids(processor, turns[turn + 1]["content"]))
             total += answer
             supervised += answer
     return TokenCounts(total, supervised)
@@ -171,7 +174,7 @@ class Phi3VCollator:
     """Training collator: a list of training examples -> one batch of tensors for `Phi3VForCausalLM`.
 
     Input: training examples as defined in `common/conversation.py`, ``{"images": [PIL images],
-    "messages": [user, assistant, ...], "id": optional}``. Each is encoded with `encode_conversation` at
+    "messages": [system (optional), user, assistant, ...], "id": optional}``. Each is encoded with `encode_conversation` at
     `num_crops` (1..16).
 
     Output (a dict; all integer tensors int64):
@@ -298,8 +301,8 @@ class Phi3VCollator:
 class Phi3VGenerationCollator:
     """Evaluation collator: a list of evaluation examples -> ``(model_inputs, metadata)``.
 
-    Input: evaluation examples (`common/conversation.py`), ``{"id", "images", "messages": [user message],
-    "references": [str, ...]}``, each encoded with `encode_prompt` at `num_crops`, so every prompt ends with
+    Input: evaluation examples (`common/conversation.py`), ``{"id", "images", "messages": [..., the user message
+    to answer], "references": [str, ...]}``, each encoded with `encode_prompt` at `num_crops`, so every prompt ends with
     the generation prompt ``<|assistant|>\\n``.
 
     ``model_inputs`` (for ``model.generate(**model_inputs, ...)``): ``input_ids`` (B, L) int64, left-padded

@@ -10,6 +10,8 @@ Two metrics are used by the recipes:
   published numbers in spec section 7 we compare against) does not lowercase. The official
   DocVQA leaderboard lowercases both sides; pass ``ignore_case=True`` to get that variant.
 * Accuracy (hateful memes, NLVR2, UCF-101): exact match after :func:`normalize_answer`.
+* Strict exact match (``exact_match`` in :data:`SCORERS`, for `finetune_hf_trainer_custom.py`): the answer
+  equals a reference once whitespace at either end is stripped; case and dots count.
 
 Every per-example scorer has the signature ``(prediction: str, references: list[str]) -> float``
 and every aggregate metric ``(predictions: list[str], references: list[list[str]]) -> float``,
@@ -28,6 +30,7 @@ __all__ = [
     "anls",
     "mean_anls",
     "exact_match",
+    "strict_match",
     "accuracy",
     "multi_reference_accuracy",
     "SCORERS",
@@ -140,12 +143,26 @@ def multi_reference_accuracy(
     return total / len(predictions)
 
 
+def strict_match(prediction: str, references: Sequence[str]) -> float:
+    """1.0 when the prediction equals any reference, whitespace at either end aside, else 0.0."""
+    _check_references(references)
+    return float(any(prediction.strip() == ref.strip() for ref in references))
+
+
 SCORERS: dict[str, Callable[[str, Sequence[str]], float]] = {
     "anls": anls,
     "accuracy": exact_match,
+    "exact_match": strict_match,
 }
+
+def mean_strict_match(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> float:
+    """`strict_match` averaged over examples."""
+    _check_lengths(predictions, references_list)
+    return sum(strict_match(p, refs) for p, refs in zip(predictions, references_list)) / len(predictions)
+
 
 METRICS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]], float]] = {
     "anls": mean_anls,
     "accuracy": multi_reference_accuracy,
+    "exact_match": mean_strict_match,
 }

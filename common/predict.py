@@ -5,9 +5,11 @@ One prompt, printing the answer::
     python -m common.predict --model ./output/docvqa-full --image scan.png --prompt "What is the date? Answer briefly."
     python -m common.predict --model ./output/nlvr2-lora --image left.jpg right.jpg --prompt "Is there a dog in both images?"
 
-Batch mode, one JSON line per example in input order: a conversations JSONL file (the recipes' data format,
-`common/data.py`; the first turn is answered, its ``assistant`` text, if any, is kept as the reference) or a
-folder of images, each with the same ``--prompt``. Batched, sharded over the ranks under torchrun, with a
+Batch mode, one JSON line per example in input order: a conversations file in any format the custom recipe
+reads (`common/formats.py`: LLaVA, chat messages, the recipes' JSONL; ``--format`` or detected; a conversation
+that ends with a user message has that message answered with the turns before it as context, otherwise the
+first turn is answered and its answer, if any, is kept as the reference) or a folder of images, each with the
+same ``--prompt``. ``--system_prompt`` sets the system turn of every example that has none. Batched, sharded over the ranks under torchrun, with a
 progress bar; killed and started again with the same command, it goes on where it stopped::
 
     python -m common.predict --model ./output/ucf101-full --jsonl ./data/ucf101/ucf101_test.jsonl \
@@ -38,7 +40,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .conversation import DataError, error_reason
-from .data import jsonl_prediction_examples, load_image
+from .data import load_image
+from .formats import FILE_FORMATS, prediction_examples, with_system
 from .export import ExportError, adapter_base, follow_umask, replace_atomically
 
 logger = logging.getLogger(__name__)
@@ -57,11 +60,11 @@ def with_image_tags(prompt: str, num_images: int) -> str:
     return prompt
 
 
-def prompt_example(example_id: str, images: list[str], prompt: str, references: list[str] | None = None) -> dict:
+def prompt_example(example_id: str, images: list[str], prompt: str, references: list[str] | None = None, system_prompt: str | None = None) -> dict:
     return {
         "id": example_id,
         "images": list(images),
-        "messages": [{"role": "user", "content": with_image_tags(prompt, len(images))}],
+        "messages": with_system([{"role": "user", "content": with_image_tags(prompt, len(images))}], system_prompt),
         "references": list(references or []),
     }
 
@@ -77,27 +80,28 @@ def check_image_file(path: Path) -> None:
         raise PredictError(f"image {path} is not a readable image ({error_reason(error)}); replace or remove it") from None
 
 
-def folder_examples(image_dir: Path, prompt: str) -> list[dict]:
+def folder_examples(image_dir: Path, prompt: str, system_prompt: str | None = None) -> list[dict]:
     if not image_dir.is_dir():
         raise PredictError(f"--image_dir {image_dir} does not exist or is not a folder")
     paths = sorted(p for p in image_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise PredictError(f"--image_dir {image_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return [prompt_example(str(p.relative_to(image_dir)), [str(p)], prompt) for p in paths]
+    return [prompt_example(str(p.relative_to(image_dir)), [str(p)], prompt, system_prompt=system_prompt) for p in paths]
 
 
 def build_examples(args) -> list[dict]:
     if args.jsonl:
         jsonl = Path(args.jsonl)
-        examples = jsonl_prediction_examples(jsonl, Path(args.image_root) if args.image_root else jsonl.parent)
+        image_root = Path(args.image_root) if args.image_root else jsonl.parent
+        examples = prediction_examples(jsonl, image_root, args.format, args.system_prompt)
         if not examples:
             raise PredictError(f"--jsonl {jsonl} holds no examples; give a file with one conversation per line")
         return examples
     if args.prompt is None:
         raise PredictError("--prompt is needed with --image and --image_dir")
     if args.image_dir:
-        return folder_examples(Path(args.image_dir), args.prompt)
-    return [prompt_example("prompt", args.image, args.prompt)]
+        return folder_examples(Path(args.image_dir), args.prompt, args.system_prompt)
+    return [prompt_example("prompt", args.image, args.prompt, system_prompt=args.system_prompt)]
 
 
 def resolve_model(model: str, adapter: str | None) -> tuple[str, str | None]:
@@ -251,6 +255,7 @@ def predict_batch(args, examples: list[dict], rank: int, world_size: int, device
         "adapter": args.adapter,
         "inputs": str(Path(args.jsonl or args.image_dir).resolve()),
         "prompt": args.prompt,
+        "system_prompt": args.system_prompt,
         "num_crops": args.num_crops,
         "max_new_tokens": args.max_new_tokens,
         "dtype": args.dtype,
@@ -299,9 +304,11 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--adapter", help="a LoRA run's output folder, applied on --model")
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--image", nargs="+", help="image file(s) for one prompt; the answer is printed")
-    inputs.add_argument("--jsonl", help="conversations JSONL (the recipes' data format); the first turn is answered")
+    inputs.add_argument("--jsonl", help="conversations file: LLaVA, chat messages or the recipes' JSONL (JSON array or JSONL)")
     inputs.add_argument("--image_dir", help="a folder of images (searched recursively), each answered with --prompt")
     parser.add_argument("--prompt", help="the question, for --image and --image_dir")
+    parser.add_argument("--format", default="auto", choices=("auto", *FILE_FORMATS), help="format of --jsonl (default: detected)")
+    parser.add_argument("--system_prompt", help="system turn for every example that has none")
     parser.add_argument("--image_root", help="folder the --jsonl image paths are relative to (default: the file's folder)")
     parser.add_argument("--output", help="JSONL file to write in batch mode (--jsonl, --image_dir)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output, or predictions of another run in OUTPUT.parts")

@@ -31,7 +31,7 @@ from .conversation import DataError
 from .data import RecipeDataset
 from .export import SAVE_DTYPES, complete_model_folder, dtype_name, finalize_weights, follow_umask_in, load_merged, write_final_model
 from .optimizer import build_optimizer, log_part_rates, part_groups, separate_rates
-from .periodic_evaluation import GenerationEvaluation
+from .periodic_evaluation import AnswersAsTargets, GenerationEvaluation
 from .plotting import plot_training_curves
 from .preemption import PREEMPTED_EXIT_CODE, StopOnSignal, announce_stop
 from .ranks import any_rank, barrier, from_main, is_main_process, largest
@@ -254,17 +254,29 @@ def build_trainer(
     model, args: FinetuneArguments, train_dataset, data_collator, processor, eval_dataset=None, metric: str | None = None
 ) -> RecipeTrainer:
     """The Trainer for a recipe; with --eval_strategy steps|epoch it also scores `metric` on `eval_dataset` (an
-    evaluation split, as for `evaluate_before`) during training."""
+    evaluation split, as for `evaluate_before`) during training.
+
+    `metric` None (a recipe evaluated by its loss alone, `finetune_hf_trainer_custom.py --metric none`): every
+    evaluation is the Trainer's own eval_loss over `eval_dataset` answered with its references, and one at the
+    start of training (--eval_on_start) stands for the evaluation before training unless --skip_eval_before;
+    `loss_evaluations` collects them."""
     evaluation = None
-    if evaluates_during_training(args):
+    loss_set = None
+    if metric is None and eval_dataset is not None:
+        loss_set = AnswersAsTargets(eval_dataset)
+        # Not under QLoRA on CPU: a no-grad forward before training would corrupt the 4-bit weights (evaluate_before).
+        if not args.skip_eval_before and not (args.training_mode == "qlora" and args.device.type == "cpu"):
+            args.eval_on_start = True
+    elif evaluates_during_training(args):
         if eval_dataset is None or metric is None:
             raise ValueError("--eval_strategy needs the script to pass build_trainer its eval_dataset and metric")
         evaluation = GenerationEvaluation(eval_dataset, metric, processor, args)
+        loss_set = evaluation.loss_set
     return RecipeTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
-        eval_dataset=evaluation.loss_set if evaluation else None,
+        eval_dataset=loss_set,
         data_collator=data_collator,
         processing_class=processor,
         callbacks=[TrainingCurvesCallback()],
@@ -380,6 +392,25 @@ def evaluate_after(processor, eval_dataset, metric: str, args: FinetuneArguments
     return summary
 
 
+def loss_evaluations(trainer: RecipeTrainer, args: FinetuneArguments) -> dict[str, dict]:
+    """For a trainer built without a metric: the eval_loss of the start of training ("before") and a new one after
+    training ("after", unless --skip_eval_after), each also written to eval_before.json / eval_after.json."""
+    from .evaluation import _write_json_atomically
+
+    evaluations = {}
+    start = next((entry for entry in trainer.state.log_history if "eval_loss" in entry), None)
+    if not args.skip_eval_before and start is not None:
+        evaluations["before"] = start["eval_loss"]
+    if not args.skip_eval_after:
+        evaluations["after"] = trainer.evaluate()["eval_loss"]
+    summaries = {}
+    for name, loss in evaluations.items():
+        summaries[name] = {"metric": "loss", "score": loss, "num_examples": len(trainer.eval_dataset), "num_skipped": 0}
+        if is_main_process():
+            _write_json_atomically(Path(args.output_dir) / f"eval_{name}.json", summaries[name])
+    return summaries
+
+
 def generation_autocast(args: FinetuneArguments):
     """fp16 mixed precision loads fp32 weights (`training.model_dtype`): generate under the fp16 autocast that
     training computes in, rather than in fp32 at a fraction of a V100's tensor-core speed."""
@@ -445,6 +476,7 @@ __all__ = [
     "finish",
     "evaluate_before",
     "evaluate_after",
+    "loss_evaluations",
     "check_evaluation_data",
     "check_training_data",
     "skip_log_for",

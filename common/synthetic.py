@@ -79,7 +79,7 @@ UCF101_TOP_FOLDER = "UCF101_subset"
 INDEX_BITS = 8
 MAX_FRAMES = 2**INDEX_BITS - 1
 
-KINDS = ("docvqa", "hateful_memes", "nlvr2", "ucf101_videos")
+KINDS = ("docvqa", "hateful_memes", "nlvr2", "ucf101_videos", "custom_llava")
 
 _CLASS_COLOURS = (
     (220, 40, 40),
@@ -336,6 +336,45 @@ def make_nlvr2(n: int = 24, seed: int = 0) -> DatasetDict:
     return _cauldron("nlvr2", n, seed)
 
 
+def llava_rows(image_dir: Path, n: int = 24, seed: int = 0) -> list[dict]:
+    """Rows in the LLaVA conversation format over shape panels written to `image_dir` as PNGs (paths relative to
+    it): one panel ("How many shapes?"), two panels (a second turn asks about the other) and text-only rows,
+    in turn, with `<image>` placeholders in some rows and none in others. Counts cycle, so no answer dominates."""
+    rng = random.Random(f"custom-llava-{seed}")
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(n):
+        counts = [index % 4 + 1, (index + 1) % 4 + 1][: (index % 3 == 1) + 1] if index % 3 != 2 else []
+        names = []
+        for k, count in enumerate(counts):
+            names.append(f"{index:04d}-{k}.png")
+            _shapes_image(rng, count).save(image_dir / names[-1])
+        if not counts:
+            a, b = index % 5 + 1, index % 3 + 2
+            turns = [("human", f"What is {a} plus {b}?"), ("gpt", str(a + b))]
+        elif len(counts) == 1:
+            question = "<image>\nHow many shapes are there?" if index % 2 else "How many shapes are there?"
+            turns = [("human", question), ("gpt", str(counts[0]))]
+        else:
+            turns = [("human", "Left: <image> Right: <image>\nHow many shapes are on the left?"), ("gpt", str(counts[0])),
+                     ("human", "And on the right?"), ("gpt", str(counts[1]))]
+        row = {"id": f"row-{index:04d}", "conversations": [{"from": who, "value": text} for who, text in turns]}
+        if names:
+            row["image"] = names[0] if len(names) == 1 else names
+        rows.append(row)
+    return rows
+
+
+def write_custom_llava(out: Path, n: int = 24, seed: int = 0) -> Path:
+    """`out/train.json` (a JSON array of `llava_rows`) with its images in `out`; returns the file."""
+    import json
+
+    rows = llava_rows(out, n, seed)
+    path = out / "train.json"
+    path.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
 # ----------------------------------------------------------------------------------------------
 # UCF-101 videos
 # ----------------------------------------------------------------------------------------------
@@ -526,7 +565,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="same seed, same data")
     parser.add_argument(
         "--n", type=int, default=None,
-        help="rows: docvqa train split (test gets max(4, n // 5)), hateful_memes/nlvr2 train (default 24)",
+        help="rows: docvqa train split (test gets max(4, n // 5)), hateful_memes/nlvr2/custom_llava train (default 24)",
     )
     parser.add_argument("--classes", type=int, default=None,
                         help=f"ucf101_videos: use the first K real class names (default {len(UCF101_CLASSES)})")
@@ -567,6 +606,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"error: {args.out} is not empty: delete it or choose another --out")
+    if args.kind == "custom_llava":
+        path = write_custom_llava(args.out, n=args.n if args.n is not None else 24, seed=args.seed)
+        print(f"wrote a LLaVA-format file {path} and its images; train on it with finetune_hf_trainer_custom.py --train_file {path}")
+        return
     dataset = DATASET_MAKERS[args.kind](n=args.n if args.n is not None else 24, seed=args.seed)
     dataset.save_to_disk(str(args.out))
     sizes = ", ".join(f"{split} {len(rows)}" for split, rows in dataset.items())

@@ -198,9 +198,10 @@ def test_zero_examples_raise(fn):
 def test_registries_share_one_signature():
     preds = ["Hello.", "b"]
     refs = [["hello", "hi"], ["c"]]
-    assert set(METRICS) == set(SCORERS) == {"anls", "accuracy"}
+    assert set(METRICS) == set(SCORERS) == {"anls", "accuracy", "exact_match"}
     for name, metric in METRICS.items():
         per_example = [SCORERS[name](p, r) for p, r in zip(preds, refs)]
         # The aggregate is the mean of the per-example scores an eval loop would write out.
         assert metric(preds, refs) == pytest.approx(sum(per_example) / len(per_example))
     assert METRICS["accuracy"](preds, refs) == 0.5
+    assert METRICS["exact_match"](preds, refs) == 0.0

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from common import predict
+from common.data import jsonl_prediction_examples
 from common.evaluation import evaluate
 from common.modeling_phi3v import Phi3VForCausalLM
 from common.processing_phi3v import Phi3VProcessor
@@ -85,7 +86,7 @@ def test_jsonl_batch_with_an_adapter_run_writes_one_line_per_example_in_order(ti
     processor = Phi3VProcessor.from_pretrained(adapter)
     examples = [
         predict.open_images({**example, "references": example["references"] or ["-"]})
-        for example in predict.jsonl_prediction_examples(jsonl, images[0].parent)
+        for example in jsonl_prediction_examples(jsonl, images[0].parent)
     ]
     assert [r["prediction"] for r in records] == evaluation_predictions(model, processor, examples, tmp_path)
 
