@@ -29,7 +29,18 @@ from .arguments import FinetuneArguments, evaluates_during_training
 from .collator import Phi3VCollator
 from .conversation import DataError
 from .data import RecipeDataset
-from .export import SAVE_DTYPES, complete_model_folder, dtype_name, finalize_weights, follow_umask_in, load_merged, write_final_model
+from .export import (
+    SAVE_DTYPES,
+    TOWER_PREFIX,
+    complete_model_folder,
+    dtype_name,
+    finalize_weights,
+    follow_umask_in,
+    load_merged,
+    with_unused_base_tensors,
+    write_final_model,
+)
+from .modeling_phi3v import Phi3VForCausalLM
 from .optimizer import build_optimizer, log_part_rates, part_groups, separate_rates
 from .periodic_evaluation import AnswersAsTargets, GenerationEvaluation
 from .plotting import plot_training_curves
@@ -186,12 +197,22 @@ class RecipeTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     def _save(self, output_dir=None, state_dict=None):
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        # A DeepSpeed run without gathered weights passes an empty dict; its weights are not ours to write.
+        if self.args.should_save and isinstance(model, Phi3VForCausalLM) and (state_dict is None or len(state_dict)):
+            # Every model folder, checkpoint-N included, holds the base's full set of weight names.
+            state_dict = with_unused_base_tensors(model.state_dict() if state_dict is None else state_dict, self.args.model_name_or_path)
         super()._save(output_dir, state_dict)
         if self.args.should_save:
             folder = Path(output_dir or self.args.output_dir)
             if (folder / "config.json").is_file():
                 complete_model_folder(folder, self.args.model_name_or_path, self.processing_class.tokenizer)
             follow_umask_in(folder)
+
+    def _issue_warnings_after_load(self, load_result):
+        # The unused tower tensors every checkpoint carries (see _save) are not weights the model lacks a place for.
+        unexpected = [name for name in load_result.unexpected_keys if not name.startswith(TOWER_PREFIX)]
+        super()._issue_warnings_after_load(load_result._replace(unexpected_keys=unexpected))
 
     def _save_checkpoint(self, model, trial):
         # `train` claims the folder before training; Trainer.train called directly claims it at the first save.

@@ -36,6 +36,7 @@ from enum import Enum
 from pathlib import Path
 
 from .conversation import error_reason
+from .export import base_checkpoint
 from .ranks import barrier, from_main, gathered, is_main_process, rank_and_world
 
 logger = logging.getLogger(__name__)
@@ -425,7 +426,7 @@ def claim_run_folder(args, dataset) -> Claim:
         claim = Claim(from_main(uuid.uuid4().hex[:12]), identity, None)
         if is_main_process():
             folder.mkdir(parents=True, exist_ok=True)
-            _write_record(folder, claim)
+            _write_record(folder, claim, args)
     barrier()
     _claims[id(args)] = (args, claim)
     return claim
@@ -436,11 +437,14 @@ def current_claim(args) -> Claim | None:
     return entry[1] if entry else None
 
 
-def _write_record(folder: Path, claim: Claim) -> None:
+def _write_record(folder: Path, claim: Claim, args) -> None:
+    # The commit a hub base was read at (the hub's `main` moves on); None for a local folder.
+    base = {"model_name_or_path": args.model_name_or_path, "revision": base_checkpoint(args.model_name_or_path).revision}
     write_json_atomic(folder / RUN_RECORD, {
         "run_id": claim.run_id,
         "identity_hash": claim.identity_hash,
         "identity": claim.identity,
+        "base": base,
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     })
 
@@ -474,7 +478,7 @@ def _claim_for_resume(args, folder: Path, identity: dict) -> Claim:
     if is_main_process() and not (folder / RUN_RECORD).is_file():
         # A folder from the stock Trainer or an older version of this project: from now on it is this run's.
         folder.mkdir(parents=True, exist_ok=True)
-        _write_record(folder, claim)
+        _write_record(folder, claim, args)
     if checkpoint is None:
         logger.warning("--resume_from_checkpoint %s: no checkpoint to resume in %s, training from the start", requested, folder)
     else:
