@@ -45,9 +45,11 @@ from .run_folder import (
     finish_checkpoint,
     free_bytes,
     hash_parts,
+    lock_output_dir,
     newest_complete,
     part_files,
     read_json,
+    release_output_dir,
     resumes,
     rotate,
 )
@@ -68,13 +70,15 @@ class CheckpointWriteError(Exception):
 def setup_logging(args: FinetuneArguments) -> None:
     """Our progress at INFO on the main process; transformers only warns, except the Trainer's run summary.
 
-    Being every script's first step, it also checks that --output_dir can take a new run
-    (`run_folder.check_output_dir`), so that a folder holding another run stops the run before any data is read.
+    Being every script's first step, it also claims --output_dir for this run (`run_folder.lock_output_dir`) and
+    checks that it can take a new run (`run_folder.check_output_dir`), so that a folder another run is using or
+    holds stops the run before any data is read.
     """
     level = logging.INFO if args.process_index == 0 else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
     transformers.logging.set_verbosity_warning()
     logging.getLogger("transformers.trainer").setLevel(level)
+    lock_output_dir(args)
     check_output_dir(args)
 
 
@@ -418,7 +422,8 @@ def saved_model_step(args: FinetuneArguments, log_history: list[dict]) -> int:
 
 
 def finish(args: FinetuneArguments, log_history: list[dict], evaluations: dict[str, dict]) -> None:
-    """Redraw the curves with the before/after evaluation scores, print a summary, close the process group."""
+    """Redraw the curves with the before/after evaluation scores, print a summary, give the output folder's lock
+    back, close the process group."""
     if is_main_process():
         points = []
         for name, step in (("before", 0), ("after", saved_model_step(args, log_history))):
@@ -430,6 +435,7 @@ def finish(args: FinetuneArguments, log_history: list[dict], evaluations: dict[s
             logger.warning("%d examples were skipped as unusable; see %s", skip_log.count(), skip_log.path)
         for name, summary in evaluations.items():
             logger.info("evaluation (%s): %s = %.4f on %d examples", name, summary["metric"], summary["score"], summary["num_examples"])
+    release_output_dir(args)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
