@@ -330,6 +330,26 @@ def free_bytes(folder: Path) -> int | None:
         return None
 
 
+def check_free_space(folder: Path, checkpoint: int, final: int, skip: bool) -> None:
+    """Before training: the filesystem of `folder` must have room for one checkpoint (`checkpoint` bytes) plus
+    the final model (`final` bytes, what its save needs at most), unless `skip`. Decided on the main process."""
+
+    def decide():
+        free = free_bytes(folder)
+        shown = human_size(free) if free is not None else "an unknown amount"
+        logger.info("a checkpoint of this run takes about %s, its final save about %s; %s free on the filesystem of %s",
+                    human_size(checkpoint), human_size(final), shown, folder)
+        if skip or free is None or free >= checkpoint + final:
+            return
+        raise RunFolderError(
+            f"{folder} has {human_size(free)} free, but this run needs about {human_size(checkpoint + final)}: one checkpoint "
+            f"({human_size(checkpoint)}) plus the final model ({human_size(final)}); make room, choose an --output_dir on "
+            "another filesystem, or pass --skip_disk_check to try anyway"
+        )
+
+    _decided_on_main(decide)
+
+
 def human_size(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024:
@@ -864,15 +884,20 @@ def rotate(folder: Path, run_id: str, limit: int | None, keep: str | None) -> No
             shutil.rmtree(checkpoint, ignore_errors=True)
 
 
+def _full_disk(error: BaseException, free: int | None, needed: int | None) -> bool:
+    """torch.save reports a full disk only as "unexpected pos", so a write that failed with less free space than
+    it needed (`needed`, when known) is called a full disk too."""
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error):
+        return True
+    return free is not None and needed is not None and free < needed
+
+
 def failed_write_message(checkpoint: Path, error: BaseException, free: int | None) -> str:
     """One line for a checkpoint write that failed with `error` while `free` bytes were free: the folder, the
-    space, and what survives. torch.save reports a full disk only as "unexpected pos", so a write that failed
-    with less free space than the previous checkpoint takes is called a full disk too."""
+    space, and what survives (the previous checkpoint's size is what this one needed)."""
     survivor = newest_complete(checkpoint.parent)
     needed = folder_size(survivor) if survivor else None
-    full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
-    full = full or (free is not None and needed is not None and free < needed)
-    reason = "no space left on the device" if full else error_reason(error)
+    reason = "no space left on the device" if _full_disk(error, free, needed) else error_reason(error)
     space = f"{human_size(free)} free on its filesystem" if free is not None else "free space unknown"
     if needed is not None:
         space += f", a checkpoint takes {human_size(needed)}"
@@ -883,11 +908,31 @@ def failed_write_message(checkpoint: Path, error: BaseException, free: int | Non
     return f"could not write {checkpoint}: {reason} ({space}); removed this run's partial {checkpoint.name}; {kept}"
 
 
+def failed_final_save_message(staging: Path, error: BaseException, free: int | None) -> str:
+    """One line for a final save into `staging` that failed: nothing of it reached the final names, and what
+    survives is the newest complete checkpoint (resuming it at its last step writes the final model)."""
+    folder = staging.parent
+    survivor = newest_complete(folder)
+    reason = "no space left on the device" if _full_disk(error, free, None) or (free is not None and free < 1 << 20) else error_reason(error)
+    space = f"{human_size(free)} free on its filesystem" if free is not None else "free space unknown"
+    if survivor is None:
+        kept = ("no checkpoint of this run exists (with --save_strategy no only the final save keeps the weights), so "
+                "the trained weights are lost: make room and train again")
+    else:
+        kept = (f"{survivor.name} is the newest complete checkpoint and intact: make room, then rerun with "
+                "--resume_from_checkpoint latest to write the final model from it")
+    return (f"could not write the final model in {folder}: {reason} ({space}); nothing was written under its final "
+            f"names (the partial {staging.name} was removed); {kept}")
+
+
 __all__ = [
     "RunFolderError",
     "Claim",
     "check_output_dir",
+    "check_free_space",
     "claim_run_folder",
+    "lock_output_dir",
+    "release_output_dir",
     "current_claim",
     "resumes",
     "missing_parts",
