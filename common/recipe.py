@@ -53,6 +53,7 @@ from .run_folder import (
     newest_complete,
     part_files,
     read_json,
+    release_held_locks,
     release_output_dir,
     resumes,
     rotate,
@@ -88,13 +89,14 @@ def setup_logging(args: FinetuneArguments) -> None:
 
 def exit_on_bad_input(main):
     """Wrap a script's main: bad data, a missing file or an unsafe checkpoint ends the run with its message
-    and exit code 1 instead of a traceback."""
+    and exit code 1 instead of a traceback, and gives the output folder's lock back."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except (DataError, FileNotFoundError, UnsafeCheckpointError, RunFolderError, CheckpointWriteError) as error:
+            release_held_locks()
             rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() and dist.get_world_size() > 1 else ""
             print(f"{rank}error: {error}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None

@@ -469,12 +469,13 @@ _held_locks: dict[Path, bytes] = {}
 _lock_run_ids: dict[int, tuple[object, str]] = {}
 
 
-def _release_held_locks() -> None:
+def release_held_locks() -> None:
+    """Give back every output folder this process holds: it exits, or its run stopped with an error."""
     for lock, mine in list(_held_locks.items()):
         release_lock(lock, mine)
 
 
-atexit.register(_release_held_locks)
+atexit.register(release_held_locks)
 
 
 def release_lock(lock: Path, mine: bytes) -> None:
@@ -933,6 +934,7 @@ __all__ = [
     "claim_run_folder",
     "lock_output_dir",
     "release_output_dir",
+    "release_held_locks",
     "current_claim",
     "resumes",
     "missing_parts",

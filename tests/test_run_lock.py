@@ -14,7 +14,7 @@ import pytest
 from common.run_folder import LOCK_NAME, RunFolderError, _held_locks, _process_start, release_lock, take_lock
 
 from .recipe_utils import DRIVER, REPO_ROOT, offline_env
-from .test_reliability import run_main, write_jsonl_data
+from .test_reliability import kill_args, run_main, write_jsonl_data
 
 
 def holder(path):
@@ -100,3 +100,59 @@ def test_an_output_dir_on_the_base_model_folder_is_refused_and_the_model_is_unto
     assert code == 1 and f"--output_dir {out} {relation} the base model folder --model_name_or_path {base}" in stderr
     assert "Traceback" not in stderr
     assert sorted(p.name for p in base.iterdir()) == before
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Two launches at once, then the winner's run extended
+
+
+def launch(args, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(DRIVER),
+               "finetune_hf_trainer_ucf101.py", *map(str, args)]
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=offline_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+@pytest.fixture(scope="module")
+def raced(tiny_checkpoint, tmp_path_factory):
+    """Two 2-process launches into one folder at the same instant: (the folder, the data, both outputs)."""
+    tmp_path = tmp_path_factory.mktemp("raced")
+    data = write_jsonl_data(tmp_path / "data")
+    out = tmp_path / "out"
+    args = [*kill_args(tiny_checkpoint, data, out), "--max_steps", "4", "--save_steps", "2"]
+    first, second = launch(args, tmp_path), launch(args, tmp_path)
+    results = [(process.communicate(timeout=600)[0], process.returncode) for process in (first, second)]
+    return out, data, results
+
+
+def test_two_starts_at_the_same_instant_one_trains_the_other_names_it(raced):
+    out, _, results = raced
+    assert sorted(code for _, code in results) == [0, 1], [output[-3000:] for output, _ in results]
+    (_, _), (refused, _) = sorted(results, key=lambda result: result[1])
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    errors = [line for line in refused.splitlines() if "error:" in line]
+    assert errors and all(f"{out} is in use by run {run_id} (pid " in line for line in errors), refused[-3000:]
+    assert "Running training" not in refused
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_resume_with_a_larger_max_steps_extends_the_run_and_other_changes_stay_refused(raced, tiny_checkpoint, tmp_path, capsys):
+    out, data, _ = raced
+    longer = [*kill_args(tiny_checkpoint, data, out), "--max_steps", "6", "--save_steps", "2", "--resume_from_checkpoint", "latest"]
+    code, stderr = run_main("finetune_hf_trainer_ucf101", [*longer, "--learning_rate", "2e-3"], capsys)
+    assert code == 1 and "trained with other settings (learning_rate 0.001 -> 0.002, max_steps 4 -> 6)" in stderr
+    shorter = [*kill_args(tiny_checkpoint, data, out), "--max_steps", "3", "--resume_from_checkpoint", "latest"]
+    code, stderr = run_main("finetune_hf_trainer_ucf101", shorter, capsys)
+    assert code == 1 and "trained with other settings (max_steps 4 -> 3)" in stderr
+
+    result = launch(longer, tmp_path)
+    output = result.communicate(timeout=600)[0]
+    assert result.returncode == 0, output[-4000:]
+    assert f"resuming from {out / 'checkpoint-4'}" in output and "extending run" in output
+    assert "extended run (max_steps 4 -> 6): step 4 of 6; the learning-rate schedule is rebuilt for 6 steps" in output
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 6 and state["max_steps"] == 6
+    record = json.loads((out / "run.json").read_text())
+    assert record["identity"]["max_steps"] == 6
+    assert [(entry["changed"], entry["from_checkpoint"]) for entry in record["extensions"]] == [({"max_steps": [4, 6]}, "checkpoint-4")]
