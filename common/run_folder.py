@@ -6,15 +6,19 @@ Every checkpoint this project writes holds ``checkpoint_writing.json`` while it 
 every rank has written its part, ``checkpoint_complete.json``: the run id, the identity and a SHA-256 of every
 file in the checkpoint (its manifest).
 
+- One run at a time: ``run.lock`` (host, pid, run id) is created atomically at start and removed at exit; a live
+  holder is refused by name, a dead one of this host taken over (`lock_output_dir`).
 - A new run (no --resume_from_checkpoint) into a folder that holds checkpoints or a final model stops at start,
   before anything is loaded. With --overwrite_output_dir, the previous run's outputs are moved into
   ``OUTPUT_DIR/previous-run-ID/`` first; nothing is deleted, and files that no run writes stay where they are.
 - Resume refuses a folder whose run had other settings, a checkpoint of another run, and a checkpoint whose
-  files no longer match its manifest (parts mixed from different checkpoints or runs, or damaged).
+  files no longer match its manifest (parts mixed from different checkpoints or runs, or damaged). Training
+  longer (a larger --max_steps or --num_train_epochs alone) extends the run, and run.json records it.
 - A checkpoint without our marker (the stock Trainer's, or this project's before markers existed) is resumed
   if its files are whole; a partial one is moved to ``OUTPUT_DIR/incomplete-checkpoint-N``. Only this run's
   own interrupted writes are removed.
-- Rotation (--save_total_limit) only deletes this run's checkpoints.
+- Rotation (--save_total_limit) keeps at most that many of this run's checkpoints, the best among them, and
+  only deletes this run's checkpoints.
 """
 
 from __future__ import annotations
