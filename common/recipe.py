@@ -188,9 +188,13 @@ class RecipeTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        # On every resume: a run of the same length gets back the rates it had; an extended one (even one stopped
+        # again before its first checkpoint) the new schedule's.
+        rates = continue_schedule(self.lr_scheduler)
         claim = current_claim(self.args)
-        if checkpoint is not None and claim is not None and claim.extension:
-            rates = continue_schedule(self.lr_scheduler)
+        if claim is not None and claim.extension:
             logger.warning(
                 "extended run (%s): step %d of %d; the learning-rate schedule is rebuilt for %d steps and continues "
                 "from step %d at %s", claim.extension, self.state.global_step, self.state.max_steps, self.state.max_steps,
@@ -265,11 +269,12 @@ class RecipeTrainer(Trainer):
 
 
 def continue_schedule(scheduler) -> list[float] | None:
-    """After an extended run's checkpoint is loaded: the scheduler was rebuilt for the new length and took the
-    checkpoint's step count, but the optimizer still holds the rates of the old schedule's last step (with a
-    linear decay, 0), and would train the next step at them. Set them to the new schedule's rates at this step,
-    those a run planned at the new length from the start has here; returns them (None for a scheduler that is
-    not a LambdaLR, whose rates are left as loaded)."""
+    """After a checkpoint is loaded: the scheduler was rebuilt from the arguments and took the checkpoint's step
+    count, but the optimizer holds the rates the checkpoint's schedule gave its last step. For an extended run
+    those are the old, shorter schedule's (with a linear decay, 0), and the next step would train at them. Set
+    them to the rebuilt schedule's rates at this step (for a run of unchanged length, the same values), those a
+    run planned at this length from the start has here; returns them (None for a scheduler that is not a
+    LambdaLR, whose rates are left as loaded)."""
     scheduler = getattr(scheduler, "scheduler", scheduler)
     if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
         return None

@@ -69,9 +69,16 @@ def test_an_extended_run_trains_its_next_step_at_the_new_schedules_rate():
         return optimizer, get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=total)
 
     optimizer, scheduler = schedule(4)
-    for _ in range(4):
+    for _ in range(3):
         optimizer.step()
         scheduler.step()
+    # A resume of unchanged length keeps the very rate it had.
+    same_optimizer, same = schedule(4)
+    same_optimizer.load_state_dict(optimizer.state_dict())
+    same.load_state_dict(scheduler.state_dict())
+    assert continue_schedule(same) == [optimizer.param_groups[0]["lr"]] == [same_optimizer.param_groups[0]["lr"]]
+    optimizer.step()
+    scheduler.step()
     assert optimizer.param_groups[0]["lr"] == 0.0
     # Resume as the Trainer does: scheduler rebuilt for 6 steps, then both states loaded.
     longer_optimizer, longer = schedule(6)
