@@ -153,6 +153,9 @@ def test_resume_with_a_larger_max_steps_extends_the_run_and_other_changes_stay_r
     assert "extended run (max_steps 4 -> 6): step 4 of 6; the learning-rate schedule is rebuilt for 6 steps" in output
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 6 and state["max_steps"] == 6
+    # Steps 1-4 trained on the 4-step linear decay; steps 5 and 6 at the 6-step one's rates (not 0, the old end).
+    rates = {entry["step"]: entry["learning_rate"] for entry in state["log_history"] if "loss" in entry}
+    assert rates[4] == pytest.approx(1e-3 / 4) and rates[5] == pytest.approx(1e-3 * 2 / 6) and rates[6] == pytest.approx(1e-3 / 6)
     record = json.loads((out / "run.json").read_text())
     assert record["identity"]["max_steps"] == 6
     assert [(entry["changed"], entry["from_checkpoint"]) for entry in record["extensions"]] == [({"max_steps": [4, 6]}, "checkpoint-4")]
