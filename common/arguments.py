@@ -183,6 +183,10 @@ class FinetuneArguments(TrainingArguments):
             "into OUTPUT_DIR/previous-run-ID/ first (nothing is deleted)."
         },
     )
+    skip_disk_check: bool = field(
+        default=False,
+        metadata={"help": "Train even if the output filesystem has less free space than one checkpoint plus the final model take."},
+    )
     padding_free: bool = field(
         default=False, metadata={"help": "Pack each per-GPU batch into one row without padding (no padding compute)."}
     )

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import gc
 import logging
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ from .data import RecipeDataset
 from .export import (
     SAVE_DTYPES,
     TOWER_PREFIX,
+    BaseCheckpoint,
     complete_model_folder,
     dtype_name,
     finalize_weights,
@@ -49,16 +51,22 @@ from .ranks import any_rank, barrier, from_main, is_main_process, largest
 from .run_folder import (
     RunFolderError,
     begin_checkpoint,
+    check_free_space,
     check_output_dir,
     claim_run_folder,
     current_claim,
+    failed_final_save_message,
     failed_write_message,
     finish_checkpoint,
+    final_weights,
     free_bytes,
     hash_parts,
+    lock_output_dir,
     newest_complete,
     part_files,
     read_json,
+    release_held_locks,
+    release_output_dir,
     resumes,
     rotate,
 )
@@ -79,25 +87,28 @@ class CheckpointWriteError(Exception):
 def setup_logging(args: FinetuneArguments) -> None:
     """Our progress at INFO on the main process; transformers only warns, except the Trainer's run summary.
 
-    Being every script's first step, it also checks that --output_dir can take a new run
-    (`run_folder.check_output_dir`), so that a folder holding another run stops the run before any data is read.
+    Being every script's first step, it also claims --output_dir for this run (`run_folder.lock_output_dir`) and
+    checks that it can take a new run (`run_folder.check_output_dir`), so that a folder another run is using or
+    holds stops the run before any data is read.
     """
     level = logging.INFO if args.process_index == 0 else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
     transformers.logging.set_verbosity_warning()
     logging.getLogger("transformers.trainer").setLevel(level)
+    lock_output_dir(args)
     check_output_dir(args)
 
 
 def exit_on_bad_input(main):
     """Wrap a script's main: bad data, a missing file or an unsafe checkpoint ends the run with its message
-    and exit code 1 instead of a traceback."""
+    and exit code 1 instead of a traceback, and gives the output folder's lock back."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except (DataError, FileNotFoundError, UnsafeCheckpointError, RunFolderError, CheckpointWriteError) as error:
+            release_held_locks()
             rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() and dist.get_world_size() > 1 else ""
             print(f"{rank}error: {error}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
@@ -187,6 +198,21 @@ class RecipeTrainer(Trainer):
             self.optimizer = build_optimizer(self, opt_model, groups)
         return self.optimizer
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        # On every resume: a run of the same length gets back the rates it had; an extended one (even one stopped
+        # again before its first checkpoint) the new schedule's.
+        rates = continue_schedule(self.lr_scheduler)
+        claim = current_claim(self.args)
+        if claim is not None and claim.extension:
+            logger.warning(
+                "extended run (%s): step %d of %d; the learning-rate schedule is rebuilt for %d steps and continues "
+                "from step %d at %s", claim.extension, self.state.global_step, self.state.max_steps, self.state.max_steps,
+                self.state.global_step, ", ".join(f"{rate:.3g}" for rate in rates) if rates else "the rates it had",
+            )
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, RecipeDataset):
@@ -241,9 +267,10 @@ class RecipeTrainer(Trainer):
             self.stop_signal.saving = False
         self.stop_signal.newest_complete = str(checkpoint)
 
-    def _attempt(self, checkpoint: Path, action, *args, main_only: bool = False) -> None:
-        """One part of a checkpoint write, then a vote: if it failed on any rank, every rank stops here together
-        (no rank is left waiting in a collective), and the failing ones say why in one line."""
+    def _attempt(self, checkpoint: Path, action, *args, main_only: bool = False, describe=failed_write_message) -> None:
+        """One part of a checkpoint write (or of the final save, into its staging folder), then a vote: if it
+        failed on any rank, every rank stops here together (no rank is left waiting in a collective), the partial
+        folder is removed, and the failing ones say why in one line (`describe`)."""
         failure = None
         try:
             if is_main_process() or not main_only:
@@ -260,7 +287,24 @@ class RecipeTrainer(Trainer):
         if failure is None:
             # Another rank's write failed; its line says why.
             raise SystemExit(1)
-        raise CheckpointWriteError(failed_write_message(checkpoint, failure, free)) from failure
+        raise CheckpointWriteError(describe(checkpoint, failure, free)) from failure
+
+
+def continue_schedule(scheduler) -> list[float] | None:
+    """After a checkpoint is loaded: the scheduler was rebuilt from the arguments and took the checkpoint's step
+    count, but the optimizer holds the rates the checkpoint's schedule gave its last step. For an extended run
+    those are the old, shorter schedule's (with a linear decay, 0), and the next step would train at them. Set
+    them to the rebuilt schedule's rates at this step (for a run of unchanged length, the same values), those a
+    run planned at this length from the start has here; returns them (None for a scheduler that is not a
+    LambdaLR, whose rates are left as loaded)."""
+    scheduler = getattr(scheduler, "scheduler", scheduler)
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return None
+    rates = [base * rule(scheduler.last_epoch) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates
+    return rates
 
 
 class TrainingCurvesCallback(TrainerCallback):
@@ -275,12 +319,15 @@ def build_trainer(
     model, args: FinetuneArguments, train_dataset, data_collator, processor, eval_dataset=None, metric: str | None = None
 ) -> RecipeTrainer:
     """The Trainer for a recipe; with --eval_strategy steps|epoch it also scores `metric` on `eval_dataset` (an
-    evaluation split, as for `evaluate_before`) during training.
+    evaluation split, as for `evaluate_before`) during training. As the Trainer is what will write to --output_dir,
+    its filesystem is checked first: a run it cannot hold one checkpoint plus the final model of stops here
+    (`run_folder.check_free_space`; --skip_disk_check to go on).
 
     `metric` None (a recipe evaluated by its loss alone, `finetune_hf_trainer_custom.py --metric none`): every
     evaluation is the Trainer's own eval_loss over `eval_dataset` answered with its references, and one at the
     start of training (--eval_on_start) stands for the evaluation before training unless --skip_eval_before;
     `loss_evaluations` collects them."""
+    check_free_space(Path(args.output_dir), *expected_save_bytes(model, args), skip=args.skip_disk_check)
     evaluation = None
     loss_set = None
     if metric is None and eval_dataset is not None:
@@ -303,6 +350,44 @@ def build_trainer(
         callbacks=[TrainingCurvesCallback()],
         generation_evaluation=evaluation,
     )
+
+
+def _count(parameter) -> int:
+    # ZeRO-3 leaves each rank an empty shard; ds_numel is the whole parameter's size. A 4-bit weight's numel
+    # counts its packed bytes; quant_state.shape is the layer's.
+    state = getattr(parameter, "quant_state", None)
+    if state is not None:
+        return math.prod(state.shape)
+    return getattr(parameter, "ds_numel", 0) or parameter.numel()
+
+
+def expected_save_bytes(model, args: FinetuneArguments) -> tuple[int, int]:
+    """About how many bytes (one checkpoint, the final save) this run writes to --output_dir.
+
+    A checkpoint holds the weights (the adapters only under LoRA) and the optimizer's states: under DeepSpeed
+    ZeRO-1/2, the weights twice (model.safetensors and global_stepN's model states, in DeepSpeed's dtype) and
+    per trainable parameter an fp32 master copy and two fp32 Adam moments; otherwise two Adam moments in the
+    weights' dtype. The final save writes the whole model in the training dtype and then its copy in the saved
+    dtype (`export.finalize_weights`), or the adapters, plus the merged model under --merge_lora."""
+    parameters = list(model.parameters())
+    trainable = [p for p in parameters if p.requires_grad]
+    lora = args.training_mode in ("lora", "qlora")
+    deepspeed = getattr(args, "hf_deepspeed_config", None) if args.deepspeed else None
+    width = torch.empty(0, dtype=deepspeed.dtype()).element_size() if deepspeed else None
+    size = lambda group: sum(_count(p) * (width or p.element_size()) for p in group)
+    weights = size(trainable if lora else parameters)
+    if deepspeed:
+        stage = deepspeed.get_value("zero_optimization.stage", 0)
+        checkpoint = weights * (1 if stage == 3 else 2) + 12 * sum(_count(p) for p in trainable)
+    else:
+        checkpoint = weights + 2 * size(trainable)
+    saved = SAVE_DTYPES.get(args.save_dtype) or BaseCheckpoint(args.model_name_or_path).torch_dtype()
+    whole = sum(_count(p) for p in parameters if not (lora and p.requires_grad)) * torch.empty(0, dtype=saved).element_size()
+    if lora:
+        final = weights + (whole if args.merge_lora else 0)
+    else:
+        final = weights + whole
+    return checkpoint, final
 
 
 def train(trainer: RecipeTrainer, args: FinetuneArguments):
@@ -340,20 +425,42 @@ def stop_preempted(stop: StopOnSignal, checkpoint: Path) -> None:
     raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
+# The final save is written here first and moved into place once complete.
+FINAL_STAGING = "final-model.partial"
+
+
 def save_final(trainer: RecipeTrainer, args: FinetuneArguments, processor) -> Path:
     """The final model or LoRA adapter, plus the processor, in output_dir, in the official checkpoint's format
-    (`common.export`); a full model in the base's dtype unless --save_dtype says otherwise."""
+    (`common.export`); a full model in the base's dtype unless --save_dtype says otherwise.
+
+    It is written into OUTPUT_DIR/final-model.partial and its files moved to their final names (weights last)
+    once all of it is written, so a save that fails (a full disk) leaves no half-written model under those
+    names: the run ends with one line saying so and which checkpoint survives."""
     output_dir = Path(args.output_dir)
-    trainer.save_model(str(output_dir))
-    if trainer.args.should_save:
-        if args.training_mode in ("full", "frozen_vision"):
-            dtype = finalize_weights(output_dir, args.model_name_or_path, SAVE_DTYPES.get(args.save_dtype))
-            logger.info("final model written to %s with %s weights", output_dir, dtype_name(dtype))
-        trainer.save_state()
+    staging = output_dir / FINAL_STAGING
+    if is_main_process():
+        # Left by an earlier final save that was killed.
+        shutil.rmtree(staging, ignore_errors=True)
+    barrier()
+    trainer._attempt(staging, trainer.save_model, str(staging), describe=failed_final_save_message)
+    trainer._attempt(staging, move_final_into_place, staging, args, main_only=True, describe=failed_final_save_message)
+    trainer.save_state()
     barrier()
     if args.merge_lora:
         merge_lora_adapter(args, output_dir, output_dir / "merged", processor)
     return output_dir
+
+
+def move_final_into_place(staging: Path, args: FinetuneArguments) -> None:
+    """Main process: a full model's weights cast to the saved dtype, then every file of the staged final save
+    moved to its name in --output_dir, the weights last."""
+    if args.training_mode in ("full", "frozen_vision"):
+        dtype = finalize_weights(staging, args.model_name_or_path, SAVE_DTYPES.get(args.save_dtype))
+        logger.info("final model written to %s with %s weights", staging.parent, dtype_name(dtype))
+    weights = set(final_weights(staging))
+    for entry in sorted(staging.iterdir(), key=lambda path: path.name in weights):
+        entry.replace(staging.parent / entry.name)
+    staging.rmdir()
 
 
 def merge_lora_adapter(args: FinetuneArguments, adapter_dir: Path, merged_dir: Path, processor) -> None:
@@ -470,7 +577,8 @@ def saved_model_step(args: FinetuneArguments, log_history: list[dict]) -> int:
 
 
 def finish(args: FinetuneArguments, log_history: list[dict], evaluations: dict[str, dict]) -> None:
-    """Redraw the curves with the before/after evaluation scores, print a summary, close the process group."""
+    """Redraw the curves with the before/after evaluation scores, print a summary, give the output folder's lock
+    back, close the process group."""
     if is_main_process():
         points = []
         for name, step in (("before", 0), ("after", saved_model_step(args, log_history))):
@@ -482,6 +590,7 @@ def finish(args: FinetuneArguments, log_history: list[dict], evaluations: dict[s
             logger.warning("%d examples were skipped as unusable; see %s", skip_log.count(), skip_log.path)
         for name, summary in evaluations.items():
             logger.info("evaluation (%s): %s = %.4f on %d examples", name, summary["metric"], summary["score"], summary["num_examples"])
+    release_output_dir(args)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

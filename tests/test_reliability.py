@@ -433,13 +433,14 @@ def test_resume_takes_a_complete_checkpoint_without_marker_and_moves_a_partial_o
 def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_resumes(tiny_checkpoint, kill_data, tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
-    # One single-process checkpoint of the tiny model takes ~53 MB: the first fits, the second does not.
+    # One single-process checkpoint of the tiny model takes ~53 MB: the first fits, the second does not (the
+    # check before training would refuse this disk: --skip_disk_check lets the write itself fail).
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(disk)], capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         out = disk / "out"
-        args = [*kill_args(tiny_checkpoint, kill_data, out), "--max_steps", "2", "--save_steps", "1"]
+        args = [*kill_args(tiny_checkpoint, kill_data, out), "--max_steps", "2", "--save_steps", "1", "--skip_disk_check"]
         result = run_script("finetune_hf_trainer_ucf101.py", args, tmp_path)
         assert result.returncode == 1
         error = one_error_line(result.stderr)
