@@ -217,10 +217,9 @@ def kill_args(checkpoint, data, out):
             "--warmup_steps", "0", "--seed", "3", "--logging_steps", "1"]
 
 
-def start_torchrun(args, tmp_path, env, launcher="torch.distributed.run"):
-    """2 processes under `launcher` (torchrun, or our `common.launch`), in a session of their own, as a job is."""
-    command = [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node=2", str(DRIVER),
-               "finetune_hf_trainer_ucf101.py", *map(str, args)]
+def start_torchrun(args, tmp_path, env, launcher="torch.distributed.run", script="finetune_hf_trainer_ucf101.py"):
+    """2 processes of `script` under `launcher` (torchrun, or our `common.launch`), in a session of their own, as a job is."""
+    command = [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node=2", str(DRIVER), script, *map(str, args)]
     return subprocess.Popen(command, cwd=REPO_ROOT, env=offline_env(tmp_path, **env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
