@@ -8,6 +8,7 @@ epoch boundary (each epoch draws other answers).
 """
 
 import os
+import random
 import signal
 from pathlib import Path
 
@@ -43,6 +44,30 @@ def run_args(checkpoint, data, out) -> list:
             "--warmup_steps", "0", "--seed", "5", "--logging_steps", "1", "--resume_from_checkpoint", "latest"]
 
 
+def test_answer_draws_follow_seed_epoch_and_index_in_any_process(docvqa_data):
+    import datasets
+
+    from common.data import RecipeDataset
+    from finetune_hf_trainer_docvqa import mini_train_example
+
+    rows = datasets.load_from_disk(str(docvqa_data))["train"]
+    dataset = RecipeDataset(rows, mini_train_example, "docvqa train", seed=5)
+    answer = lambda example: example["messages"][1]["content"]
+    by_workers = lambda workers: [answer(e) for e in torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)]
+
+    random.seed(0)
+    outside = random.getstate()
+    first_epoch = [answer(dataset[index]) for index in range(len(dataset))]
+    assert random.getstate() == outside, "building an example leaves the random module as it was"
+    assert by_workers(2) == first_epoch
+    # A resumed run reads the rest of the epoch alone: the same draws.
+    assert [answer(dataset[index]) for index in range(5, len(dataset))] == first_epoch[5:]
+    dataset.set_epoch(1)
+    second_epoch = by_workers(2)
+    assert second_epoch == [answer(dataset[index]) for index in range(len(dataset))]
+    assert second_epoch != first_epoch, "each epoch draws again"
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint, docvqa_data, tmp_path_factory) -> Path:
     tmp_path = tmp_path_factory.mktemp("reference")
@@ -56,7 +81,9 @@ def signal_launcher(process, out):
 
 
 def signal_one_rank(process, out):
-    os.kill(worker_pids(str(out))[1], signal.SIGTERM)
+    ranks = worker_pids(str(out))
+    assert sorted(ranks) == [0, 1]
+    os.kill(ranks[1], signal.SIGTERM)
 
 
 def signal_process_group(process, out):
