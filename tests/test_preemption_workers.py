@@ -10,12 +10,14 @@ epoch boundary (each epoch draws other answers).
 import os
 import random
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from common.preemption import PREEMPTED_EXIT_CODE
+from common.preemption import PREEMPTED_EXIT_CODE, children_leave_stop_signals
 
 from .recipe_utils import assert_ok, run_script, weights
 from .test_reliability import start_torchrun, step_losses, wait_for, worker_pids
@@ -42,6 +44,40 @@ def run_args(checkpoint, data, out) -> list:
             "--num_crops", "1", "--max_steps", MAX_STEPS, "--save_steps", "2", "--batch_size", "2", "--batch_size_per_gpu", "1",
             "--dataloader_num_workers", "2", "--skip_eval_before", "--skip_eval_after", "--learning_rate", "1e-3",
             "--warmup_steps", "0", "--seed", "5", "--logging_steps", "1", "--resume_from_checkpoint", "latest"]
+
+
+class SlowRows(torch.utils.data.Dataset):
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, index):
+        time.sleep(0.02)
+        return index
+
+
+def test_workers_forked_while_training_leave_stop_signals_to_their_rank():
+    # What every DataLoader forked during training (its own, the evaluations') gets from StopOnSignal.
+    with children_leave_stop_signals():
+        batches = iter(torch.utils.data.DataLoader(SlowRows(), batch_size=2, num_workers=2))
+        first = next(batches)
+    workers = list(batches._workers)
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        # From another process, as a scheduler sends it (torch's worker handler dies of any SIGTERM not from its parent).
+        subprocess.run(["kill", f"-{signum.name.removeprefix('SIG')}", *(str(w.pid) for w in workers)], check=True)
+    time.sleep(0.5)
+    assert all(w.is_alive() for w in workers)
+    assert torch.cat([first, *batches]).tolist() == list(range(40))
+    # The rank itself can still end a worker that does not stop, as torch's DataLoader shutdown does.
+    with children_leave_stop_signals():
+        batches = iter(torch.utils.data.DataLoader(SlowRows(), batch_size=2, num_workers=1))
+        next(batches)
+    worker = batches._workers[0]
+    worker.terminate()
+    worker.join(timeout=10)
+    assert worker.exitcode == 0
+    del batches
+    # Outside the block nothing changes.
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) & {signal.SIGTERM, signal.SIGUSR1} == set()
 
 
 def test_answer_draws_follow_seed_epoch_and_index_in_any_process(docvqa_data):
