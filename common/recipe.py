@@ -142,6 +142,8 @@ def check_training_data(train_set: RecipeDataset, processor, args: FinetuneArgum
     """Claim the output folder for this run (`common.run_folder`: stops at once if it holds another run), then
     the validation pass (see `common.validation`), with --skip_bad_examples and --max_length applied."""
     claim_run_folder(args, train_set)
+    # The validation pass checks the draws that the first epoch makes (see `RecipeDataset`).
+    train_set.seed = args.seed
     return validate_training_data(train_set, processor, args.num_crops, args.max_length, skip_log_for(args))
 
 
@@ -165,6 +167,9 @@ class RecipeTrainer(Trainer):
         self.stop_signal = StopOnSignal()
         self.add_callback(self.stop_signal)
         self.generation_evaluation = generation_evaluation
+        if isinstance(self.train_dataset, RecipeDataset):
+            self.train_dataset.seed = self.args.seed
+            self.add_callback(EpochOfDraws(self.train_dataset))
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """The evaluations --eval_strategy asks for score the recipe's metric by generation, plus eval_loss
@@ -305,6 +310,17 @@ def continue_schedule(scheduler) -> list[float] | None:
         group["lr"] = rate
     scheduler._last_lr = rates
     return rates
+
+
+class EpochOfDraws(TrainerCallback):
+    """Gives the training set each epoch before its examples are read: their random draws follow it."""
+
+    def __init__(self, dataset: RecipeDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # The epoch starting: state.epoch is its start, or how far into it a resumed checkpoint was.
+        self.dataset.set_epoch(int(state.epoch))
 
 
 class TrainingCurvesCallback(TrainerCallback):

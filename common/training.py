@@ -226,6 +226,10 @@ def setup_training_mode(model: Phi3VForCausalLM, args: FinetuneArguments):
             init_lora_weights="gaussian",
             task_type="CAUSAL_LM",
         )
+        if isinstance(args, FinetuneArguments):
+            # The adapter's random initial weights follow --seed (the Trainer seeds only once the model exists),
+            # so that two runs of one command train the same model.
+            torch.manual_seed(args.seed)
         model = get_peft_model(model, config)
         save_adapter_weights_only(model)
     log_trainable_parameters(model, mode)

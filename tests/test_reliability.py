@@ -194,20 +194,22 @@ def test_missing_checkpoint_and_unreachable_hub_data_are_one_line_errors(tiny_ch
 
 
 def worker_pids(marker: str) -> dict[int, int]:
-    """{LOCAL_RANK: pid} of the torchrun workers whose command line mentions `marker`."""
-    workers = {}
+    """{LOCAL_RANK: pid} of the torchrun workers whose command line mentions `marker` (not their DataLoader
+    workers, which share their command line and environment)."""
+    candidates = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             command = (entry / "cmdline").read_bytes().decode(errors="replace")
             environ = (entry / "environ").read_bytes().decode(errors="replace").split("\0")
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except OSError:
             continue
         local_rank = next((item.split("=", 1)[1] for item in environ if item.startswith("LOCAL_RANK=")), None)
         if marker in command and str(DRIVER) in command and local_rank is not None:
-            workers[int(local_rank)] = int(entry.name)
-    return workers
+            candidates[int(entry.name)] = int(local_rank), parent
+    return {local_rank: pid for pid, (local_rank, parent) in candidates.items() if parent not in candidates}
 
 
 def kill_args(checkpoint, data, out):
@@ -217,10 +219,9 @@ def kill_args(checkpoint, data, out):
             "--warmup_steps", "0", "--seed", "3", "--logging_steps", "1"]
 
 
-def start_torchrun(args, tmp_path, env, launcher="torch.distributed.run"):
-    """2 processes under `launcher` (torchrun, or our `common.launch`), in a session of their own, as a job is."""
-    command = [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node=2", str(DRIVER),
-               "finetune_hf_trainer_ucf101.py", *map(str, args)]
+def start_torchrun(args, tmp_path, env, launcher="torch.distributed.run", script="finetune_hf_trainer_ucf101.py"):
+    """2 processes of `script` under `launcher` (torchrun, or our `common.launch`), in a session of their own, as a job is."""
+    command = [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node=2", str(DRIVER), script, *map(str, args)]
     return subprocess.Popen(command, cwd=REPO_ROOT, env=offline_env(tmp_path, **env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
