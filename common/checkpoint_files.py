@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -53,12 +54,11 @@ def check_torch_file(path: Path) -> None:
             # weights_only passed explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot turn it off.
             torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
-        reason = next((part.strip() for part in str(error).split("\n\n") if part.strip()
-                       and not part.strip().startswith(("Weights only load failed", "Check the documentation"))), "")
+        named = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f"it names {named.group(1)}" if named else "it is not a weights-only file"
         raise UnsafeCheckpointFile(
-            f"{path}: refused to load, it holds pickled objects other than tensors and the types DeepSpeed and the "
-            f"Trainer store ({reason.rstrip('.') or 'not a weights-only file'}), which could run code when read; "
-            "delete that checkpoint, or resume another one with --resume_from_checkpoint PATH"
+            f"{path}: refused to load, {what}, which is neither a tensor nor a type DeepSpeed or the Trainer store, and "
+            "unpickling it could run code; delete that checkpoint, or resume another one with --resume_from_checkpoint PATH"
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError) as error:
         raise UnsafeCheckpointFile(
