@@ -110,3 +110,58 @@ def test_the_check_refuses_code_in_any_torch_file_whatever_the_environment(tmp_p
         check_torch_file(path)
     assert str(refused.value).startswith(f"{path}: refused to load") and reason in str(refused.value)
     assert "\n" not in str(refused.value) and not proof.exists()
+
+
+HOLD_LOCK = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"
+
+
+@pytest.fixture
+def build_lock(tmp_path, monkeypatch):
+    """A private extensions folder whose deepspeed_shm_comm/lock is left by an earlier build, as torch leaves it."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
+    lock = tmp_path / "torch_extensions" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    return lock
+
+
+@pytest.fixture
+def holder(build_lock):
+    """Start a process that holds the build lock, as a build in progress does."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(build_lock)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    yield process
+    process.kill()
+    process.wait()
+
+
+def test_a_lock_file_without_a_holder_is_taken_over_silently(build_lock, caplog):
+    from common.build_lock import check_build_locks
+
+    check_build_locks()
+    assert not caplog.records and build_lock.is_file()
+
+
+def test_a_build_in_progress_is_named_and_waited_for(build_lock, holder, caplog):
+    from common.build_lock import check_build_locks
+
+    check_build_locks()
+    assert f"{build_lock} is held by process {holder.pid}, which is building DeepSpeed's deepspeed_shm_comm op" in caplog.text
+
+
+def test_a_stopped_build_stops_the_run_at_parse_time_naming_the_lock_and_its_holder(build_lock, holder, tmp_path, monkeypatch,
+                                                                                    capsys):
+    from common.arguments import parse_args
+
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29581"}.items():
+        monkeypatch.setenv(name, value)
+    os.kill(holder.pid, signal.SIGSTOP)
+    deadline = time.time() + 10
+    while Path(f"/proc/{holder.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "Tt" and time.time() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(SystemExit) as stop:
+        parse_args(argv=["--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--deepspeed",
+                         "ds_configs/zero2.json"])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and f"{build_lock} is held by process {holder.pid}" in error and f"kill {holder.pid}" in error
