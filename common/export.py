@@ -393,8 +393,6 @@ def looks_like_path(name: str) -> bool:
 def adapter_base(adapter: Path, base: str | None, remedy: str = "pass --base with the checkpoint the adapter was trained on") -> str:
     """--base, else the base named in the adapter's config; an error saying what to do (`remedy`) if neither loads."""
     if base:
-        if looks_like_path(base) and not Path(base).exists():
-            raise ExportError(f"--base {base} does not exist; pass the folder (or hub id) of the checkpoint the adapter was trained on")
         return base
     config_path = adapter / "adapter_config.json"
     named = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
@@ -486,6 +484,8 @@ def export(adapter: str | None, model: str | None, out: str, base: str | None, s
     from .processing_phi3v import Phi3VProcessor
 
     out_path = Path(out)
+    if base and looks_like_path(base) and not Path(base).exists():
+        raise ExportError(f"--base {base} does not exist; pass the base checkpoint's folder or hub id")
     if adapter:
         source = Path(adapter)
         check_input_folder(source, "--adapter", "adapter_config.json")
@@ -493,8 +493,6 @@ def export(adapter: str | None, model: str | None, out: str, base: str | None, s
     else:
         source = Path(model)
         check_input_folder(source, "--model", "config.json")
-        if base and looks_like_path(base) and not Path(base).exists():
-            raise ExportError(f"--base {base} does not exist; pass the base checkpoint's folder or hub id")
         base_source = base or str(source)
     for folder in (source, Path(base_source)):
         check_weight_files(folder)
@@ -510,6 +508,7 @@ def export(adapter: str | None, model: str | None, out: str, base: str | None, s
         try:
             dtype = write_final_model(merged, processor, staging, base_source, SAVE_DTYPES.get(save_dtype))
         except (OSError, SafetensorError) as error:
+            shutil.rmtree(staging, ignore_errors=True)
             kept = f"{out_path} is unchanged" if out_path.exists() else f"nothing was written under {out_path}"
             raise ExportError(f"{write_failure(out_path, error)}; {kept}; make room and run the export again") from None
         follow_umask_folder(staging)

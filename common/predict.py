@@ -132,15 +132,16 @@ def resolve_model(model: str, adapter: str | None) -> tuple[str, str | None]:
 
 def model_content(base: str, adapter: str | None) -> dict[str, str]:
     """SHA-256 of the weight and config files of the base and the adapter: what predictions are of, wherever the
-    folders lie and whatever they are called."""
+    folders lie and whatever they are called. A hub id stands for itself (its files arrive only as it loads)."""
     content = {}
     for role, source in (("model", base), ("adapter", adapter)):
         if source is None:
             continue
-        checkpoint = BaseCheckpoint(source)
-        files = sorted(Path(source).glob("*.safetensors")) if checkpoint.is_local else checkpoint.weight_files()
-        files += [path for path in map(checkpoint.file, ("config.json", "adapter_config.json")) if path is not None]
-        content.update({f"{role}/{path.name}": file_sha256(path) for path in files})
+        if not Path(source).is_dir():
+            content[role] = source
+            continue
+        files = [*sorted(Path(source).glob("*.safetensors")), Path(source) / "config.json", Path(source) / "adapter_config.json"]
+        content.update({f"{role}/{path.name}": file_sha256(path) for path in files if path.is_file()})
     return content
 
 
