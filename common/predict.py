@@ -53,7 +53,7 @@ from .export import (
     replace_atomically,
     write_failure,
 )
-from .preemption import PREEMPTED_EXIT_CODE, STOP_SIGNALS
+from .preemption import PREEMPTED_EXIT_CODE, RECORD_ENV, STOP_SIGNALS
 from .run_folder import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -331,13 +331,18 @@ def any_rank_stops(signum: int) -> bool:
 
 
 def stop_preempted(signum: int, log: PredictionLog, total: int, rank: int, world_size: int) -> None:
-    """Keep what was written and exit with PREEMPTED_EXIT_CODE, as training does on the same signals."""
+    """Keep what was written and exit with PREEMPTED_EXIT_CODE, as training does on the same signals; local rank 0
+    leaves the message where `python -m common.launch` looks, so that the launcher exits with that code too."""
     if dist.is_initialized():
         dist.barrier()
+    name = signal.Signals(signum).name if signum else "a stop signal to another rank"
+    message = (f"stopped by {name}: {len(log.done())} of {total} predictions are kept in {log.parts}; run the same "
+               f"command to go on (exit code {PREEMPTED_EXIT_CODE})")
+    record = os.environ.get(RECORD_ENV)
+    if record and os.environ.get("LOCAL_RANK", "0") == "0":
+        Path(record).write_text(message + "\n", encoding="utf-8")
     if rank == 0:
-        name = signal.Signals(signum).name if signum else "a stop signal to another rank"
-        print(f"stopped by {name}: {len(log.done())} of {total} predictions are kept in {log.parts}; run the same command "
-              f"to go on (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr, flush=True)
+        print(message, file=sys.stderr, flush=True)
     raise SystemExit(PREEMPTED_EXIT_CODE)
 
 

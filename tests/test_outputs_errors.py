@@ -6,6 +6,8 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,8 @@ from common.preemption import PREEMPTED_EXIT_CODE
 from common.tiny import build_tiny_checkpoint
 
 from .test_export import make_adapter
-from .test_predict import PROMPT, write_images
+from .recipe_utils import REPO_ROOT, offline_env
+from .test_predict import PROMPT, count_lines, write_images
 
 
 class SignalReachedTheTest(Exception):
@@ -215,3 +218,24 @@ def test_a_full_disk_during_predicts_merge_is_one_line_and_keeps_the_predictions
     error = one_error(stderr)
     assert f"could not write {output}: no space left on the device" in error and f"are kept in {parts}" in error
     assert not output.exists() and len((parts / "rank0.jsonl").read_text().splitlines()) == 4 > predicted
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_predict_rank_with_exit_75(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "scans"
+    write_images(folder, 24)
+    output = tmp_path / "predictions.jsonl"
+    parts = output.with_name(output.name + ".parts")
+    command = [sys.executable, "-m", "common.launch", "--standalone", "--nproc_per_node=2", "-m", "common.predict",
+               *map(str, predict_args(tiny_checkpoint, folder, output)), "--batch_size", "1", "--max_new_tokens", "24"]
+    launcher = subprocess.Popen(command, cwd=REPO_ROOT, env=offline_env(tmp_path), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while count_lines(parts) < 2 and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    log = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == PREEMPTED_EXIT_CODE, log[-3000:]
+    kept = count_lines(parts)
+    assert 2 <= kept < 24 and not output.exists()
+    assert f"stopped by SIGTERM: {kept} of 24 predictions are kept in {parts}" in log

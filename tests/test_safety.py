@@ -50,6 +50,7 @@ def zero2_run(tiny_checkpoint, tmp_path_factory):
     return tiny_checkpoint, data, out
 
 
+@pytest.mark.slow
 def test_every_file_of_a_deepspeed_checkpoint_passes_the_weights_only_check(zero2_run):
     checkpoint = zero2_run[2] / "checkpoint-1"
     names = {path.relative_to(checkpoint).as_posix() for path in torch_files(checkpoint)}
@@ -59,6 +60,7 @@ def test_every_file_of_a_deepspeed_checkpoint_passes_the_weights_only_check(zero
         check_torch_file(path)
 
 
+@pytest.mark.slow
 def test_a_crafted_pickle_in_a_deepspeed_checkpoint_never_runs(zero2_run, tmp_path):
     tiny_checkpoint, data, run = zero2_run
     out = tmp_path / "out"
@@ -80,6 +82,7 @@ def test_a_crafted_pickle_in_a_deepspeed_checkpoint_never_runs(zero2_run, tmp_pa
     assert errors and all(f"{crafted}: refused to load" in line and "posix.system" in line for line in errors), errors
 
 
+@pytest.mark.slow
 def test_deepspeeds_own_loader_is_weights_only_during_training(zero2_run, tmp_path):
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
