@@ -27,12 +27,13 @@ class BuildLockError(ValueError):
 
 
 def extensions_root() -> Path:
-    """Where torch builds extensions, as `torch.utils.cpp_extension` computes it."""
+    """Where torch builds extensions, as `torch.utils.cpp_extension` computes it (not imported: importing it
+    logs a warning about the CUDA runtime on machines without one)."""
     configured = os.environ.get("TORCH_EXTENSIONS_DIR")
     if configured:
         return Path(configured)
     import torch
-    from torch.utils.cpp_extension import get_default_build_root
+    from torch._appdirs import user_cache_dir
 
     if torch.version.hip is not None:
         accelerator = f"rocm{torch.version.hip.replace('.', '')}"
@@ -41,7 +42,7 @@ def extensions_root() -> Path:
     else:
         accelerator = "cpu"
     python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
-    return Path(get_default_build_root()) / f"{python}_{accelerator}"
+    return Path(os.path.realpath(user_cache_dir(appname="torch_extensions"))) / f"{python}_{accelerator}"
 
 
 def is_held(lock: Path) -> bool:
