@@ -8,7 +8,9 @@ One prompt, printing the answer::
 Batch mode, one JSON line per example in input order: a conversations JSONL file (the recipes' data format,
 `common/data.py`; the first turn is answered, its ``assistant`` text, if any, is kept as the reference) or a
 folder of images, each with the same ``--prompt``. Batched, sharded over the ranks under torchrun, with a
-progress bar; killed and started again with the same command, it goes on where it stopped::
+progress bar; killed and started again with the same command, it goes on where it stopped, if the model's
+files (their SHA-256) are the same; on SIGTERM or SIGUSR1 it writes the batch it is answering and exits with
+`PREEMPTED_EXIT_CODE` (75)::
 
     python -m common.predict --model ./output/ucf101-full --jsonl ./data/ucf101/ucf101_test.jsonl \
         --image_root ./data/ucf101/images --output ./predictions/ucf101_test.jsonl
