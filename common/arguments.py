@@ -23,6 +23,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
+from .build_lock import check_build_locks
 from .fsdp import configure_fsdp, fsdp_refusal
 from .image_processing_phi3v import MAX_NUM_CROPS
 from .trainer_options import REFUSED, command_line_refusal
@@ -267,6 +268,8 @@ class FinetuneArguments(TrainingArguments):
             configure_fsdp(self)
         if self.deepspeed or self.fsdp:
             ensure_distributed_env()
+        if self.deepspeed:
+            check_build_locks()
         super().__post_init__()
         if self.torch_compile:
             # Compiled layer by layer where the model is built (common/compile.py), not by the Trainer, whose

@@ -29,6 +29,8 @@ unless ``--overwrite`` is given.
 from __future__ import annotations
 
 import argparse
+import errno
+import glob
 import json
 import logging
 import os
@@ -40,7 +42,8 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import constants, snapshot_download
-from safetensors import safe_open
+from huggingface_hub.errors import HFValidationError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers.utils import cached_file
@@ -460,20 +463,50 @@ def write_processor_files(processor, folder: str | Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def adapter_base(adapter: Path, base: str | None) -> str:
-    """--base, else the base named in the adapter's config; an error saying what to pass if neither loads."""
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id (``owner/name``): absolute, starting with ``.`` or ``~``, or deeper."""
+    return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+
+
+def adapter_base(adapter: Path, base: str | None, remedy: str = "pass --base with the checkpoint the adapter was trained on") -> str:
+    """--base, else the base named in the adapter's config; an error saying what to do (`remedy`) if neither loads."""
     if base:
         return base
     config_path = adapter / "adapter_config.json"
     named = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not named:
-        raise ExportError(f"{config_path} names no base model; pass --base with the checkpoint the adapter was trained on")
-    if not Path(named).is_dir() and (Path(named).is_absolute() or named.startswith((".", "/"))):
-        raise ExportError(
-            f"{config_path}: the base model {named} does not exist; pass --base with the checkpoint the adapter was "
-            "trained on (a folder or a hub id)"
-        )
+        raise ExportError(f"{config_path} names no base model; {remedy}")
+    if not Path(named).is_dir() and looks_like_path(named):
+        raise ExportError(f"{config_path}: the base model {named} does not exist; {remedy} (a folder or a hub id)")
     return named
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every safetensors file of a local model or adapter folder is whole, before anything loads."""
+    from .run_folder import whole_file
+
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.safetensors")):
+        if not whole_file(path):
+            raise ExportError(f"{path} is cut short or damaged (its length or header does not match what it holds); copy it again")
+
+
+def mismatch_reason(error: RuntimeError) -> str | None:
+    """The first "size mismatch" line of a state-dict load, or None for any other error."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip().startswith("size mismatch")]
+    return lines[0] if lines else None
+
+
+def write_failure(target: Path, error: BaseException) -> str:
+    """Why writing `target` failed, with the free space where it was written."""
+    full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or "os error 28" in str(error)
+    reason = "no space left on the device" if full else error_reason(error)
+    try:
+        free = f"{shutil.disk_usage(target.parent).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return f"could not write {target}: {reason} ({free})"
 
 
 def check_input_folder(path: Path, what: str, marker: str) -> None:
@@ -491,7 +524,18 @@ def prepare_output(out: Path, overwrite: bool, inputs: list[Path]) -> Path:
         if source.exists() and out.resolve() in (source.resolve(), *source.resolve().parents):
             raise ExportError(f"--out {out} would replace the input {source}; choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in sorted(out.parent.glob(f".{glob.escape(out.name)}.*.partial")):
+        if stale.is_dir():
+            logger.warning("removing %s, left by an export to %s that was stopped before it finished", stale, out)
+            shutil.rmtree(stale)
     return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+
+
+def follow_umask_folder(folder: Path) -> None:
+    """A folder made by mkdtemp (0700) gets the mode the umask gives new folders."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
 
 
 def load_merged(adapter: Path, base_source: str):
@@ -501,7 +545,15 @@ def load_merged(adapter: Path, base_source: str):
     from .modeling_phi3v import Phi3VForCausalLM
 
     base = Phi3VForCausalLM.from_pretrained(base_source, dtype=torch.float32, use_safetensors=True)
-    model = PeftModel.from_pretrained(base, adapter)
+    try:
+        model = PeftModel.from_pretrained(base, adapter)
+    except RuntimeError as error:
+        if mismatch_reason(error) is None:
+            raise
+        raise ExportError(
+            f"the adapter {adapter} does not fit the base {base_source} ({mismatch_reason(error)}); pass --base with "
+            "the checkpoint the adapter was trained on"
+        ) from None
     return model.merge_and_unload(progressbar=True)
 
 
@@ -510,6 +562,8 @@ def export(adapter: str | None, model: str | None, out: str, base: str | None, s
     from .processing_phi3v import Phi3VProcessor
 
     out_path = Path(out)
+    if base and looks_like_path(base) and not Path(base).exists():
+        raise ExportError(f"--base {base} does not exist; pass the base checkpoint's folder or hub id")
     if adapter:
         source = Path(adapter)
         check_input_folder(source, "--adapter", "adapter_config.json")
@@ -518,6 +572,8 @@ def export(adapter: str | None, model: str | None, out: str, base: str | None, s
         source = Path(model)
         check_input_folder(source, "--model", "config.json")
         base_source = base or str(source)
+    for folder in (source, Path(base_source)):
+        check_weight_files(folder)
     staging = prepare_output(out_path, overwrite, [source, Path(base_source)])
     warn_if_code_is_missing(base_checkpoint(base_source))
     try:
@@ -525,10 +581,16 @@ def export(adapter: str | None, model: str | None, out: str, base: str | None, s
             merged = load_merged(source, base_source) if adapter else Phi3VForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
             # The processor the run saved carries its num_crops; the base's would bring its own.
             processor = Phi3VProcessor.from_pretrained(source)
-        except OSError as error:
+        except (OSError, SafetensorError, HFValidationError) as error:
             raise ExportError(f"could not load {source} (base {base_source}): {error_reason(error)}") from error
         processor.source = base_source
-        dtype = write_final_model(merged, processor, staging, base_source, SAVE_DTYPES.get(save_dtype))
+        try:
+            dtype = write_final_model(merged, processor, staging, base_source, SAVE_DTYPES.get(save_dtype))
+        except (OSError, SafetensorError) as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            kept = f"{out_path} is unchanged" if out_path.exists() else f"nothing was written under {out_path}"
+            raise ExportError(f"{write_failure(out_path, error)}; {kept}; make room and run the export again") from None
+        follow_umask_folder(staging)
         if out_path.exists():
             shutil.rmtree(out_path)
         os.replace(staging, out_path)

@@ -27,6 +27,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arguments import FinetuneArguments, evaluates_during_training
+from .checkpoint_files import weights_only_loads
 from .collator import Phi3VCollator
 from .conversation import DataError
 from .data import RecipeDataset
@@ -413,7 +414,8 @@ def train(trainer: RecipeTrainer, args: FinetuneArguments):
     claim = claim_run_folder(args, trainer.train_dataset)
     stop = trainer.stop_signal
     stop.newest_complete = claim.checkpoint
-    result = trainer.train(resume_from_checkpoint=claim.checkpoint)
+    with weights_only_loads():
+        result = trainer.train(resume_from_checkpoint=claim.checkpoint)
     signum = largest(stop.signum) if stop.stopped_at_step is None else 0
     if signum:
         # The signal came after the last step's vote: training is done, but the final save and evaluation may

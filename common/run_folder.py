@@ -19,6 +19,8 @@ file in the checkpoint (its manifest).
   own interrupted writes are removed.
 - Rotation (--save_total_limit) keeps at most that many of this run's checkpoints, the best among them, and
   only deletes this run's checkpoints.
+- Before a resume, every torch file of the checkpoint must load weights-only (`common.checkpoint_files`), and
+  the resume's own loads are weights-only: a checkpoint file crafted to run code is refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from .checkpoint_files import UnsafeCheckpointFile, check_torch_file, torch_files
 from .conversation import error_reason
 from .export import base_checkpoint
 from .ranks import barrier, from_main, gathered, is_main_process, rank_and_world
@@ -714,6 +717,7 @@ def _claim_for_resume(args, folder: Path, identity: dict, locked_run_id: str) ->
         _verify_manifest(Path(checkpoint), manifest)
     if checkpoint is not None:
         _check_format(Path(checkpoint), deepspeed)
+        _check_torch_files(Path(checkpoint))
     claim = Claim(run_id or locked_run_id, identity, checkpoint, extension)
     if extension and is_main_process():
         _record_extension(folder, read_json(folder / RUN_RECORD), identity, extension, checkpoint)
@@ -830,6 +834,23 @@ def _verify_manifest(checkpoint: Path, manifest: dict) -> None:
             "(copied from another checkpoint or run, changed or removed since); resume an intact checkpoint with "
             "--resume_from_checkpoint PATH, or move this one out of the folder"
         )
+
+
+def _check_torch_files(checkpoint: Path) -> None:
+    """Every rank, before anything unpickles: each torch file of the checkpoint (shared out over the ranks)
+    holds only what a weights-only load builds, whether or not a manifest vouches for it."""
+    rank, world = rank_and_world()
+    names = from_main([path.relative_to(checkpoint).as_posix() for path in torch_files(checkpoint)])
+    refusal = None
+    for name in names[rank::world]:
+        try:
+            check_torch_file(checkpoint / name)
+        except UnsafeCheckpointFile as error:
+            refusal = str(error)
+            break
+    refusals = [message for message in gathered(refusal) if message]
+    if refusals:
+        raise RunFolderError(refusals[0])
 
 
 def _check_format(checkpoint: Path, deepspeed: bool) -> None:
