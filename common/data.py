@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import datasets
+import numpy as np
 import torch
 from PIL import Image, JpegImagePlugin, PngImagePlugin
 from tqdm import tqdm
@@ -140,6 +141,7 @@ class RecipeDataset(torch.utils.data.Dataset):
         for_training: bool = True,
         skip_log=None,
         original_indices: list[int] | None = None,
+        data_files: list | None = None,
     ):
         if not hasattr(source, "__len__") or not hasattr(source, "__getitem__"):
             raise TypeError(
@@ -157,7 +159,9 @@ class RecipeDataset(torch.utils.data.Dataset):
         self.original_indices = original_indices
         # Rows the validation pass left out of an evaluation split (`validate_evaluation_data`), for its files.
         self.skipped: list[dict] = []
-        self._lengths: dict[tuple[int, int], tuple[Phi3VProcessor, list[int]]] = {}
+        self._lengths: dict[tuple[int, int], tuple[Phi3VProcessor, np.ndarray]] = {}
+        # The files the rows were read from, for the fingerprint of the validation pass's cache (common.scan_cache).
+        self.data_files = [str(path) for path in data_files or ()]
 
     def __len__(self) -> int:
         return len(self.source)
@@ -183,8 +187,11 @@ class RecipeDataset(torch.utils.data.Dataset):
             return None
         return example
 
-    def scan(self, processor: Phi3VProcessor, num_crops: int, image_pool: Executor | None = None) -> Iterator[ScannedRow]:
-        """Every row in order, with its exact token counts or the ExampleError of that row.
+    def scan(
+        self, processor: Phi3VProcessor, num_crops: int, image_pool: Executor | None = None, rows: range | None = None
+    ) -> Iterator[ScannedRow]:
+        """Every row in order (or those of `rows`, a range of indices), with its exact token counts or the
+        ExampleError of that row.
 
         Token counts come from text and image headers. With an `image_pool` (`image_check_pool()`), every image
         given as a file path or stored in an image column of a `datasets.Dataset` is also checked with
@@ -192,8 +199,9 @@ class RecipeDataset(torch.utils.data.Dataset):
         rows after them; so a truncated file stops the run here rather than mid-training. PIL images that
         `to_example` hands over are taken as they are.
         """
-        rows = self._rows_for_lengths()
-        progress = tqdm(range(len(self)), desc=f"{self.name}: checking rows", unit="example", disable=len(self) < PROGRESS_MIN_ROWS)
+        indices = range(len(self)) if rows is None else rows
+        rows = self._rows_for_lengths(indices.start, indices.stop)
+        progress = tqdm(indices, desc=f"{self.name}: checking rows", unit="example", disable=len(indices) < PROGRESS_MIN_ROWS)
         in_flight: deque[tuple[list[tuple[ScannedRow, object]], Future]] = deque()
         chunk: list[tuple[ScannedRow, object]] = []
         chunk_files: list[list[tuple[str, bytes | str | os.PathLike]]] = []
@@ -206,7 +214,7 @@ class RecipeDataset(torch.utils.data.Dataset):
             chunk.append((scanned, row))
             chunk_files.append(files)
             chunk_bytes += sum(len(source) for _, source in files if isinstance(source, bytes))
-            if len(chunk) < CHECK_CHUNK_ROWS and chunk_bytes < CHECK_CHUNK_BYTES and index < len(self) - 1:
+            if len(chunk) < CHECK_CHUNK_ROWS and chunk_bytes < CHECK_CHUNK_BYTES and index < indices.stop - 1:
                 continue
             in_flight.append((chunk, image_pool.submit(_check_image_chunk, chunk_files)))
             chunk, chunk_files, chunk_bytes = [], [], 0
@@ -245,7 +253,7 @@ class RecipeDataset(torch.utils.data.Dataset):
         else:
             source = [self.source[index] for index in indices]
         original = [self.original_index(index) for index in indices]
-        return RecipeDataset(source, self.to_example, self.name, self.for_training, self.skip_log, original)
+        return RecipeDataset(source, self.to_example, self.name, self.for_training, self.skip_log, original, self.data_files)
 
     def original_index(self, index: int) -> int:
         return index if self.original_indices is None else self.original_indices[index]
@@ -256,7 +264,8 @@ class RecipeDataset(torch.utils.data.Dataset):
         Pixels are not decoded: image sizes come from file headers (a `datasets.Dataset`'s image columns are
         read undecoded and handed to `to_example` as lazily opened PIL images; only EXIF-rotated images are
         decoded, to turn them upright as `datasets` does). A `to_example` that draws randomly (e.g. one answer
-        of several) gives the length of one draw. Memoised per (processor, num_crops).
+        of several) gives the length of one draw. Memoised per (processor, num_crops); the validation pass hands
+        over the lengths it measured (`remember_lengths`), so length-grouped batching does not scan again.
         """
         if not self.for_training:
             raise ValueError(
@@ -264,14 +273,33 @@ class RecipeDataset(torch.utils.data.Dataset):
             )
         cached = self._lengths.get((id(processor), num_crops))
         if cached is not None and cached[0] is processor:
-            return list(cached[1])
+            return cached[1].tolist()
         result = []
         for scanned in self.scan(processor, num_crops):
             if scanned.error is not None:
                 raise scanned.error
             result.append(scanned.tokens.total)
-        self._lengths[(id(processor), num_crops)] = (processor, result)
-        return list(result)
+        self.remember_lengths(processor, num_crops, np.asarray(result, dtype=np.int32))
+        return result
+
+    def remember_lengths(self, processor: Phi3VProcessor, num_crops: int, lengths: np.ndarray) -> None:
+        """Take `lengths` (one per row, in order) as what `lengths(processor, num_crops)` returns."""
+        if len(lengths) != len(self):
+            raise ValueError(f"{self.name}: {len(lengths)} lengths for {len(self)} rows")
+        self._lengths[(id(processor), num_crops)] = (processor, np.asarray(lengths, dtype=np.int32))
+
+    def example_id(self, index: int):
+        """The id the validation pass names row `index` by, read without decoding its images."""
+        row, opened = next(self._rows_for_lengths(index, index + 1))
+        try:
+            if isinstance(row, Exception):
+                return self.row_id(index)
+            return self._convert(row, index)["id"]
+        except Exception:
+            return self.row_id(index, row)
+        finally:
+            for image, _ in opened.values():
+                image.close()
 
     def _convert(self, row, index: int) -> dict:
         example = row if self.to_example is None else self.to_example(row, self.original_index(index))
@@ -327,18 +355,19 @@ class RecipeDataset(torch.utils.data.Dataset):
             return self.source.with_format("arrow")[index : index + 1].column("id")[0].as_py()
         return None
 
-    def _rows_for_lengths(self) -> Iterator[tuple[object, dict[int, tuple[Image.Image, bytes | str]]]]:
+    def _rows_for_lengths(self, first: int = 0, stop: int | None = None) -> Iterator[tuple[object, dict[int, tuple[Image.Image, bytes | str]]]]:
         """(row, {id(image): (image, the bytes or path it was opened from)} for the images opened for it) per
-        index; `datasets` rows come with image columns undecoded, and a row whose images cannot even be opened
-        comes as its exception."""
+        index from `first` to `stop`; `datasets` rows come with image columns undecoded, and a row whose images
+        cannot even be opened comes as its exception."""
+        stop = len(self.source) if stop is None else stop
         if not isinstance(self.source, datasets.Dataset):
-            for index in range(len(self.source)):
+            for index in range(first, stop):
                 yield self.source[index], {}
             return
         features = self.source.features
         raw = self.source.with_format("arrow")
-        for start in range(0, len(raw), LENGTH_SLICE_ROWS):
-            for values in raw[start : start + LENGTH_SLICE_ROWS].to_pylist():
+        for start in range(first, stop, LENGTH_SLICE_ROWS):
+            for values in raw[start : min(start + LENGTH_SLICE_ROWS, stop)].to_pylist():
                 opened: dict[int, tuple[Image.Image, bytes | str]] = {}
                 try:
                     row = {key: _decode_lazily(value, features[key], opened) for key, value in values.items()}
