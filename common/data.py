@@ -12,10 +12,13 @@ image file decodes; its `lengths` gives the token lengths alone, for length-grou
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import io
 import json
 import operator
 import os
+import stat
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -524,7 +527,7 @@ def _read_conversations(jsonl_path, image_root, skip_log=None, answered: bool = 
     records: list[dict] = []
     line_of_id: dict[str, int] = {}
     size = path.stat().st_size
-    with open(path, "rb") as handle, tqdm(
+    with resolving_images(), open(path, "rb") as handle, tqdm(
         total=size, unit="B", unit_scale=True, desc=f"checking {path.name}", disable=size < PROGRESS_MIN_BYTES
     ) as progress:
         for line_number, raw in enumerate(handle, start=1):
@@ -624,20 +627,59 @@ def _parse_record(record, where: str, root: Path, answered: bool = True) -> dict
     return example
 
 
+# While a data file is read (`resolving_images`): the real path of each image folder met, so that each image
+# costs one lstat instead of one per path component; the files of a folder are thousands.
+_real_folders: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("real_folders", default=None)
+
+
+@contextlib.contextmanager
+def resolving_images():
+    """Remember image folders' real paths for as long as one data file is read (see `_resolve_image`)."""
+    token = _real_folders.set({})
+    try:
+        yield
+    finally:
+        _real_folders.reset(token)
+
+
+def _real_path(path: str) -> tuple[str, os.stat_result | None]:
+    """(the real path, the lstat of what it names or None if nothing is there), the folder's real path reused."""
+    folders = _real_folders.get()
+    parent, name = os.path.split(path)
+    if folders is None or name in ("", ".", ".."):
+        real = os.path.realpath(path)
+        return real, _lstat(real)
+    if parent not in folders:
+        folders[parent] = os.path.realpath(parent)
+    real = os.path.join(folders[parent], name)
+    status = _lstat(real)
+    if status is not None and stat.S_ISLNK(status.st_mode):
+        real = os.path.realpath(real)
+        status = _lstat(real)
+    return real, status
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
+
+
 def _resolve_image(relative, root: Path, where: str) -> str:
     if not isinstance(relative, str) or not relative:
         raise DataError(f"{where}: an image path must be a non-empty string, got {relative!r:.100}")
-    if Path(relative).is_absolute():
+    if os.path.isabs(relative):
         raise DataError(
             f"{where}: image path {relative!r} is absolute; refused: image paths must be relative to the image root "
             f"{root}, so a data file can only point at files under it"
         )
-    resolved = (root / relative).resolve()
-    if not resolved.is_relative_to(root):
+    resolved, status = _real_path(os.path.join(root, relative))
+    if resolved != str(root) and not resolved.startswith(os.path.join(root, "")):
         raise DataError(
             f"{where}: image path {relative!r} leads to {resolved}, outside the image root {root} (through '..' or a "
             "symlink); refused. Put the images under the image root, or pass the image root they belong to."
         )
-    if not resolved.is_file():
+    if status is None or not stat.S_ISREG(status.st_mode):
         raise FileNotFoundError(f"{where}: image file {root / relative} does not exist; add it or fix the path")
-    return str(resolved)
+    return resolved

@@ -40,7 +40,7 @@ from pathlib import Path
 import datasets
 
 from .conversation import DataError, ExampleError, check_messages, split_system
-from .data import RecipeDataset, _resolve_image, jsonl_prediction_examples, load_jsonl_conversations
+from .data import RecipeDataset, _resolve_image, jsonl_prediction_examples, load_jsonl_conversations, resolving_images
 from .scan_cache import converter_identity
 from .sources import first_rows, load_split
 
@@ -327,19 +327,20 @@ def read_conversations(path, image_root, file_format: str = "auto", system_promp
         return [{**row, "messages": with_system(row["messages"], system_prompt)} for row in rows], file_format
     root = root.resolve()
     conversations, line_of_id = [], {}
-    for where, row in file_rows(path):
-        try:
-            conversation = file_conversation(row, file_format, root, path.name, where, answered)
-            if conversation["id"] in line_of_id:
-                raise DataError(f"{where}: id {conversation['id']!r} is already used at {line_of_id[conversation['id']]}; give every row its own id")
-        except (DataError, FileNotFoundError) as error:
-            if skip_log is None:
-                raise
-            skip_log.record(str(error), stage="validation")
-            continue
-        line_of_id[conversation["id"]] = where
-        conversation["messages"] = with_system(conversation["messages"], system_prompt)
-        conversations.append(conversation)
+    with resolving_images():
+        for where, row in file_rows(path):
+            try:
+                conversation = file_conversation(row, file_format, root, path.name, where, answered)
+                if conversation["id"] in line_of_id:
+                    raise DataError(f"{where}: id {conversation['id']!r} is already used at {line_of_id[conversation['id']]}; give every row its own id")
+            except (DataError, FileNotFoundError) as error:
+                if skip_log is None:
+                    raise
+                skip_log.record(str(error), stage="validation")
+                continue
+            line_of_id[conversation["id"]] = where
+            conversation["messages"] = with_system(conversation["messages"], system_prompt)
+            conversations.append(conversation)
     if not conversations:
         raise DataError(f"{path} holds no usable examples")
     return conversations, file_format
