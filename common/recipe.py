@@ -122,10 +122,9 @@ def check_training_data(train_set: RecipeDataset, processor, args: FinetuneArgum
     """Claim the output folder for this run (`common.run_folder`: stops at once if it holds another run), then
     the validation pass (see `common.validation`: shared out over the ranks, its findings kept in the run folder
     for a restart), with --skip_bad_examples and --max_length applied."""
-    claim_run_folder(args, train_set)
-    return validate_training_data(
-        train_set, processor, args.num_crops, args.max_length, skip_log_for(args), cache=ScanCache(args.output_dir)
-    )
+    claim = claim_run_folder(args, train_set)
+    cache = ScanCache(args.output_dir, {id(train_set): claim.identity["data"]})
+    return validate_training_data(train_set, processor, args.num_crops, args.max_length, skip_log_for(args), cache=cache)
 
 
 def build_collator(processor, args: FinetuneArguments, train_set: RecipeDataset) -> Phi3VCollator:

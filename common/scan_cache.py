@@ -124,15 +124,16 @@ def processor_identity(processor) -> dict:
     }
 
 
-def scan_key(dataset, processor, num_crops: int) -> str:
-    """The fingerprint a recorded scan of `dataset` must carry to be used (see the module's docstring)."""
+def scan_key(dataset, processor, num_crops: int, content: str | None = None) -> str:
+    """The fingerprint a recorded scan of `dataset` must carry to be used (see the module's docstring);
+    `content`: the rows' `data_fingerprint` when it is known already (it reads every row)."""
     identity = {
         "version": FORMAT_VERSION,
         "dataset": dataset.name,
         "rows": len(dataset),
         "for_training": dataset.for_training,
         "files": [file_fingerprint(path) for path in data_files(dataset)],
-        "content": data_fingerprint(dataset),
+        "content": content or data_fingerprint(dataset),
         "conversion": converter_identity(dataset.to_example),
         "num_crops": num_crops,
         "processor": processor_identity(processor),
@@ -152,10 +153,12 @@ def _array(text: str, rows: int) -> np.ndarray:
 
 
 class ScanCache:
-    """The recorded scans in a run folder, one file per dataset name."""
+    """The recorded scans in a run folder, one file per dataset name. `contents`: {id(dataset): its rows'
+    `data_fingerprint`} for datasets whose fingerprint the run folder's claim has computed already."""
 
-    def __init__(self, run_folder):
+    def __init__(self, run_folder, contents: dict[int, str] | None = None):
         self.folder = Path(run_folder) / CACHE_FOLDER
+        self.contents = contents or {}
 
     def path(self, name: str) -> Path:
         return self.folder / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.json"

@@ -160,7 +160,7 @@ def checked_rows(
     key = None
     if cache is not None:
         if is_main_process():
-            key = scan_key(dataset, processor, num_crops)
+            key = scan_key(dataset, processor, num_crops, cache.contents.get(id(dataset)))
         recorded = from_main(cache.load(dataset.name, key, len(dataset)) if key else None)
         if recorded is not None:
             logger.info("%s: validation results of %d rows reused from %s (recorded by an earlier start on the same data and settings)",

@@ -194,3 +194,23 @@ def test_two_ranks_share_the_pass_and_a_restart_reuses_it(processor, tiny_checkp
     assert_ok(again)
     assert "train.json: validation results of 18 rows reused from" in again.stderr
     assert "rows checked in 2 processes" not in again.stderr
+
+
+def test_image_folders_resolved_once_per_file_still_refuse_a_way_out(tmp_path):
+    # Reading a data file reuses each image folder's real path; a folder that is a symlink out of the root is
+    # still found, and so is a file that is one.
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "real").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "x.png").write_bytes(b"png")
+    (root / "real" / "a.png").write_bytes(b"png")
+    os.symlink(outside, root / "away")
+    os.symlink(outside / "x.png", root / "real" / "link.png")
+    rows = [{"id": f"r{k}", "image": image, "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+            for k, image in enumerate(["real/a.png", "away/x.png"])]
+    for bad in ("away/x.png", "real/link.png", "real/../../outside/x.png"):
+        rows[1]["image"] = bad
+        path = tmp_path / "train.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        with pytest.raises(Exception, match=r"outside the image root"):
+            read_conversations(path, root, "llava")
