@@ -80,7 +80,8 @@ def user_prompt(question: str) -> str:
 
 
 def mini_train_example(row: dict, index: int) -> dict:
-    # A different reference answer each time the example is drawn, as the reference recipe does.
+    # A different reference answer each epoch, as the reference recipe does; RecipeDataset seeds `random` from
+    # --seed, the epoch and the row's index, so the draw is the same with any number of workers and on resume.
     answer = random.choice(row["answers"])
     return {
         "images": [row["image"]],

@@ -23,6 +23,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
+from .build_lock import check_build_locks
 from .fsdp import configure_fsdp, fsdp_refusal
 from .image_processing_phi3v import MAX_NUM_CROPS
 from .trainer_options import REFUSED, command_line_refusal
@@ -183,6 +184,10 @@ class FinetuneArguments(TrainingArguments):
             "into OUTPUT_DIR/previous-run-ID/ first (nothing is deleted)."
         },
     )
+    skip_disk_check: bool = field(
+        default=False,
+        metadata={"help": "Train even if the output filesystem has less free space than one checkpoint plus the final model take."},
+    )
     padding_free: bool = field(
         default=False, metadata={"help": "Pack each per-GPU batch into one row without padding (no padding compute)."}
     )
@@ -263,6 +268,8 @@ class FinetuneArguments(TrainingArguments):
             configure_fsdp(self)
         if self.deepspeed or self.fsdp:
             ensure_distributed_env()
+        if self.deepspeed:
+            check_build_locks()
         super().__post_init__()
         if self.torch_compile:
             # Compiled layer by layer where the model is built (common/compile.py), not by the Trainer, whose

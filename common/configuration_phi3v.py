@@ -3,7 +3,7 @@
 The published file was written for remote code on transformers 4.x. Three of its keys need care on 5.x:
 ``rope_scaling`` of type "su" (native Phi-3 calls it "longrope" but validates before renaming),
 ``_attn_implementation: flash_attention_2`` (5.x would apply it and fail without flash-attn), and
-``auto_map`` (points at remote .py files we never ship or run).
+``auto_map`` (points at the checkpoint's own .py files, which our classes never run).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class Phi3VConfig(Phi3Config):
 
     def official_dict(self) -> dict:
         """This config in the published file's keys and forms, which the checkpoint's own code (transformers
-        4.x), vLLM and SGLang read: ``rope_scaling`` ``{"type": "su", ...}`` and ``rope_theta`` instead of
+        4.x) and vLLM read: ``rope_scaling`` ``{"type": "su", ...}`` and ``rope_theta`` instead of
         transformers 5's ``rope_parameters``, ``torch_dtype`` instead of ``dtype``, and no ``vision_config`` for
         the standard CLIP ViT-L/14-336 tower (the published file names it by ``img_processor.model_name``).
         ``auto_map`` depends on where the code lives, so `common.export` adds it."""

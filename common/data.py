@@ -18,6 +18,7 @@ import io
 import json
 import operator
 import os
+import random
 import stat
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -134,6 +135,11 @@ class RecipeDataset(torch.utils.data.Dataset):
 
     `dataset[index]` converts and checks one row (message structure, image tags, references); any failure
     raises `ExampleError` naming `name`, the row index and the row's id.
+
+    Random draws in `to_example` with the `random` module (one answer of several, say) follow from `seed`, the
+    epoch (`set_epoch`; the Trainer sets both, see `common.recipe`) and the row's index alone: `random` is seeded
+    from the three for each call and put back as it was afterwards. So an example is the same whichever process
+    builds it, under any --dataloader_num_workers, and after a resume.
     """
 
     def __init__(
@@ -144,6 +150,7 @@ class RecipeDataset(torch.utils.data.Dataset):
         for_training: bool = True,
         skip_log=None,
         original_indices: list[int] | None = None,
+        seed: int = 0,
         data_files: list | None = None,
     ):
         if not hasattr(source, "__len__") or not hasattr(source, "__getitem__"):
@@ -162,6 +169,9 @@ class RecipeDataset(torch.utils.data.Dataset):
         self.original_indices = original_indices
         # Rows the validation pass left out of an evaluation split (`validate_evaluation_data`), for its files.
         self.skipped: list[dict] = []
+        self.seed = seed
+        # In shared memory, so that persistent DataLoader workers see each new epoch too.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._lengths: dict[tuple[int, int], tuple[Phi3VProcessor, np.ndarray]] = {}
         # The files the rows were read from, for the fingerprint of the validation pass's cache (common.scan_cache).
         self.data_files = [str(path) for path in data_files or ()]
@@ -256,7 +266,13 @@ class RecipeDataset(torch.utils.data.Dataset):
         else:
             source = [self.source[index] for index in indices]
         original = [self.original_index(index) for index in indices]
-        return RecipeDataset(source, self.to_example, self.name, self.for_training, self.skip_log, original, self.data_files)
+        subset = RecipeDataset(source, self.to_example, self.name, self.for_training, self.skip_log, original, self.seed, self.data_files)
+        subset._epoch = self._epoch
+        return subset
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch that random draws in `to_example` follow (with `seed` and the row's index)."""
+        self._epoch.fill_(epoch)
 
     def original_index(self, index: int) -> int:
         return index if self.original_indices is None else self.original_indices[index]
@@ -305,7 +321,12 @@ class RecipeDataset(torch.utils.data.Dataset):
                 image.close()
 
     def _convert(self, row, index: int) -> dict:
-        example = row if self.to_example is None else self.to_example(row, self.original_index(index))
+        if self.to_example is None:
+            example = row
+        else:
+            original = self.original_index(index)
+            with _seeded_random(f"{self.seed}:{int(self._epoch)}:{original}"):
+                example = self.to_example(row, original)
         if not isinstance(example, Mapping):
             raise ExampleError(f"to_example must return a dict, got {type(example).__name__}")
         example = dict(example)
@@ -378,6 +399,17 @@ class RecipeDataset(torch.utils.data.Dataset):
                     # Handed over, not raised: raising here would end the generator and every row after this one.
                     row = error
                 yield row, opened
+
+
+@contextlib.contextmanager
+def _seeded_random(key: str):
+    """Draws of the `random` module inside the block follow from `key` alone; its state outside is untouched."""
+    state = random.getstate()
+    random.seed(key)
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 def _image_files(images: list, opened: dict) -> list[tuple[str, bytes | str | os.PathLike]]:

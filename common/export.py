@@ -1,19 +1,20 @@
 """Outputs in the official checkpoint's format, and the export command.
 
-Every folder a run writes that holds a model (the final model, ``checkpoint-N``, ``OUTPUT_DIR/merged``) loads
-wherever ``microsoft/Phi-3.5-vision-instruct`` loads: transformers 4.x with the checkpoint's own code
-(``trust_remote_code=True``), vLLM, SGLang, and our classes. What makes it so:
+Every folder a run writes that holds a model (the final model, ``checkpoint-N``, ``OUTPUT_DIR/merged``) is laid
+out like ``microsoft/Phi-3.5-vision-instruct`` and holds everything needed to load it without the hub. What makes
+it so:
 
-- config.json in the published keys and forms (`Phi3VConfig.official_dict`) plus the base's ``auto_map``;
+- config.json in the published keys and forms (`Phi3VConfig.official_dict`) plus the base's ``auto_map``, and
+  the base's name and commit (``_name_or_path``, ``_revision``) when it came from the hub;
 - generation_config.json stopping at every id the evaluation stops at (`stop_token_ids`);
 - tokenizer and processor files in the 4.x form (`Phi3VProcessor.save_pretrained` writes them with
   `write_processor_files`), with the ``num_crops`` the run trained with;
-- the checkpoint's own code: the base folder's ``.py`` files copied unchanged, or, for a hub base, ``auto_map``
-  entries of the form ``repo--module.Class`` that transformers resolves from the base repository. We never
-  write or ship that code ourselves;
-- final models only (`finalize_weights`): weights in the base checkpoint's dtype (or ``--save_dtype``), and
-  the unused last CLIP layer and ``post_layernorm`` copied from the base, so the weight names are exactly the
-  base's. Checkpoints for resume keep the training precision and only the weights the model holds.
+- the checkpoint's own code, copied unchanged: a local base folder's ``.py`` files, or those of the hub base's
+  commit, fetched into the hub cache when the run starts (`base_checkpoint`). ``auto_map`` entries stay local
+  (``module.Class``) and only name modules the folder holds; we never write or ship that code ourselves;
+- the base's full set of weight names: the unused last CLIP layer and ``post_layernorm``, which our model does
+  not build, are copied from the base (`unused_base_tensors`). Final models (`finalize_weights`) are written in
+  the base checkpoint's dtype (or ``--save_dtype``); checkpoints for resume keep the training precision.
 
 Export a LoRA run (merged into its base) or a full run as such a folder::
 
@@ -28,6 +29,8 @@ unless ``--overwrite`` is given.
 from __future__ import annotations
 
 import argparse
+import errno
+import glob
 import json
 import logging
 import os
@@ -38,7 +41,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import HFValidationError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers.utils import cached_file
@@ -51,6 +56,12 @@ SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 TOWER_PREFIX = "model.vision_embed_tokens.img_processor.vision_model."
+# What a hub base's code is: every module of the repository (the ones auto_map names import others).
+CODE_PATTERNS = ["*.py"]
+# The JSON files whose auto_map entries name code modules.
+AUTO_MAP_FILES = ("config.json", "preprocessor_config.json", "processor_config.json")
+# The hub cache names each snapshot folder by its commit.
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 # tokenizer_config.json keys that only transformers 5 writes and 4.x would pass on as tokenizer arguments.
 TRANSFORMERS5_TOKENIZER_KEYS = ("backend", "is_local", "local_files_only", "add_prefix_space")
 # Tokenizer classes that exist only in transformers 5; the official files name LlamaTokenizer.
@@ -64,13 +75,16 @@ class ExportError(ValueError):
 class BaseCheckpoint:
     """The checkpoint a run or an export starts from: a local folder or a hub repository id.
 
-    Its files are read where they already are (the folder, or the hub cache); nothing is downloaded that
-    loading the model did not already fetch.
+    Its files are read where they already are (the folder, or the hub cache). A hub base is read at one commit,
+    `revision` (None: whatever the cache resolves ``main`` to); its code files are those of that commit's
+    snapshot folder in the cache, `code_folder`. Build one with `base_checkpoint`, which pins the commit.
     """
 
-    def __init__(self, source: str | os.PathLike):
+    def __init__(self, source: str | os.PathLike, revision: str | None = None, code_folder: Path | None = None):
         self.source = str(source)
         self.is_local = Path(self.source).is_dir()
+        self.revision = None if self.is_local else revision
+        self.code_folder = Path(self.source) if self.is_local else code_folder
 
     def file(self, name: str) -> Path | None:
         if self.is_local:
@@ -79,6 +93,7 @@ class BaseCheckpoint:
         path = cached_file(
             self.source,
             name,
+            revision=self.revision,
             _raise_exceptions_for_missing_entries=False,
             _raise_exceptions_for_connection_errors=False,
         )
@@ -94,16 +109,32 @@ class BaseCheckpoint:
             raise ExportError(f"{path}: not readable JSON ({error_reason(error)}); restore the base checkpoint's file") from error
 
     def code_files(self) -> list[Path]:
-        return sorted(Path(self.source).glob("*.py")) if self.is_local else []
+        return sorted(self.code_folder.glob("*.py")) if self.code_folder is not None else []
 
     def auto_map(self, file_name: str) -> dict | None:
-        """The ``auto_map`` of one of the base's JSON files, pointing where the code really is from the output."""
-        auto_map = self.json(file_name).get("auto_map")
-        if not auto_map:
-            return None
-        if self.is_local:
-            return auto_map
-        return {auto: _on_hub(self.source, reference) for auto, reference in auto_map.items()}
+        """The ``auto_map`` of one of the base's JSON files, without the entries whose module an output would
+        not hold (an entry pointing at a missing file makes ``trust_remote_code`` loading fail)."""
+        auto_map = self.json(file_name).get("auto_map") or {}
+        present = {path.stem for path in self.code_files()}
+        kept = {auto: reference for auto, reference in auto_map.items() if _modules(reference) <= present}
+        return kept or None
+
+    def missing_code(self) -> list[str]:
+        """The ``.py`` files that the base's ``auto_map`` entries name and that it does not hold."""
+        present = {path.stem for path in self.code_files()}
+        named = set()
+        for file_name in AUTO_MAP_FILES:
+            for reference in (self.json(file_name).get("auto_map") or {}).values():
+                named |= _modules(reference)
+        return sorted(f"{module}.py" for module in named - present)
+
+    def provenance(self) -> dict:
+        """Where the weights came from, for config.json: a hub base's id and commit; a local base passes on the
+        provenance it carries (a checkpoint of a run from the hub names that hub base)."""
+        if not self.is_local:
+            return {"_name_or_path": self.source, "_revision": self.revision} if self.revision else {}
+        config = self.json("config.json")
+        return {key: config[key] for key in ("_name_or_path", "_revision") if config.get("_revision")}
 
     def torch_dtype(self) -> torch.dtype:
         config = self.json("config.json")
@@ -121,13 +152,65 @@ class BaseCheckpoint:
         return [single] if single is not None else []
 
 
-def _on_hub(repo: str, reference):
-    """``module.Class`` -> ``repo--module.Class``: transformers then loads the module from that repository."""
+def _modules(reference) -> set[str]:
+    """The local modules an ``auto_map`` entry (``module.Class``, or a list of them) names; a ``repo--module.Class``
+    entry names code on the hub, not a file beside the config."""
     if isinstance(reference, (list, tuple)):
-        return [_on_hub(repo, item) for item in reference]
-    if reference is None or "--" in reference:
-        return reference
-    return f"{repo}--{reference}"
+        return set().union(*(_modules(item) for item in reference))
+    if not reference or "--" in str(reference):
+        return set()
+    return {str(reference).rsplit(".", 1)[0]}
+
+
+_hub_bases: dict[tuple[str, str], BaseCheckpoint] = {}
+
+
+def base_checkpoint(source: str | os.PathLike | BaseCheckpoint) -> BaseCheckpoint:
+    """The base `source` names. A hub base is pinned, at its first use in this process, to the commit its
+    config.json resolves to (the one the model loads from), and that commit's code files are fetched into the hub
+    cache (from the cache alone under HF_HUB_OFFLINE=1), so that every folder the run writes carries them."""
+    if isinstance(source, BaseCheckpoint):
+        return source
+    base = BaseCheckpoint(source)
+    if base.is_local:
+        return base
+    key = (base.source, str(constants.HF_HUB_CACHE))
+    if key not in _hub_bases:
+        _hub_bases[key] = _pinned_hub_base(base.source)
+    return _hub_bases[key]
+
+
+def _pinned_hub_base(repo: str) -> BaseCheckpoint:
+    try:
+        config = cached_file(repo, "config.json", _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+    except OSError:
+        config = None
+    snapshot = Path(config).parent if config else None
+    if snapshot is None or not COMMIT_HASH.fullmatch(snapshot.name):
+        # Not a hub id, or neither cached nor reachable: loading the model fails with its own message.
+        return BaseCheckpoint(repo)
+    try:
+        snapshot_download(repo, revision=snapshot.name, allow_patterns=CODE_PATTERNS)
+    except OSError as error:
+        # Offline without the code cached, or the hub unreachable: `warn_if_code_is_missing` says what follows.
+        logger.debug("could not fetch the code files of %s@%s: %s", repo, snapshot.name, error_reason(error))
+    return BaseCheckpoint(repo, snapshot.name, snapshot)
+
+
+def warn_if_code_is_missing(base: BaseCheckpoint) -> None:
+    """One warning, at the start of a run or an export, when outputs cannot carry the code ``auto_map`` names."""
+    missing = base.missing_code()
+    if not missing:
+        return
+    where = f"the base folder {base.source} does not hold them" if base.is_local else (
+        f"they are not in the hub cache for {base.source}"
+        + (f"@{base.revision}" if base.revision else "")
+        + (" and HF_HUB_OFFLINE=1 forbids fetching them" if constants.HF_HUB_OFFLINE else " and could not be fetched")
+    )
+    logger.warning(
+        "the base's auto_map names %s, but %s: the model folders written get no auto_map entries for them and will "
+        "not load with trust_remote_code=True (our classes load them)", ", ".join(missing), where,
+    )
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -135,7 +218,7 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 def copy_code_files(base: BaseCheckpoint, folder: Path) -> list[Path]:
-    """The base folder's own code, byte for byte; a hub base's code is reached through ``auto_map`` instead."""
+    """The base's own code (its folder's, or its hub commit's in the cache), byte for byte."""
     copied = []
     for source in base.code_files():
         target = folder / source.name
@@ -143,19 +226,6 @@ def copy_code_files(base: BaseCheckpoint, folder: Path) -> list[Path]:
             shutil.copyfile(source, target)
         copied.append(target)
     return copied
-
-
-def warn_if_code_is_missing(base: BaseCheckpoint, folder: Path, auto_map: dict | None) -> None:
-    if not auto_map or not base.is_local:
-        return
-    modules = {str(ref).split(".")[0] for refs in auto_map.values() for ref in (refs if isinstance(refs, list) else [refs]) if ref and "--" not in str(ref)}
-    missing = sorted(module for module in modules if not (folder / f"{module}.py").is_file())
-    if missing:
-        logger.warning(
-            "%s: auto_map names %s, but the base folder %s has no such .py files to copy, so trust_remote_code "
-            "loading needs them added; our classes, vLLM and SGLang do not use them",
-            folder, ", ".join(f"{m}.py" for m in missing), base.source,
-        )
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -182,18 +252,20 @@ def write_generation_config(folder: Path, base: BaseCheckpoint, tokenizer) -> No
     write_json(folder / "generation_config.json", config)
 
 
-def complete_model_folder(folder: str | Path, base_source: str | os.PathLike, tokenizer) -> None:
-    """Everything around the weights of a saved model folder: auto_map, generation config, code files.
+def complete_model_folder(folder: str | Path, base_source: str | os.PathLike | BaseCheckpoint, tokenizer) -> None:
+    """Everything around the weights of a saved model folder: auto_map, provenance, generation config, code files.
 
     Run after ``save_pretrained`` wrote config.json (already in the published form) and the weights.
     """
-    folder, base = Path(folder), BaseCheckpoint(base_source)
+    folder, base = Path(folder), base_checkpoint(base_source)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     base_config = base.json("config.json")
+    config.pop("auto_map", None)
     auto_map = base.auto_map("config.json")
     if auto_map:
         config["auto_map"] = auto_map
+    config.update(base.provenance())
     # The published file selects flash attention for its own code; keeping the base's choice keeps that code
     # behaving as it does on the base (users switch it with attn_implementation, as documented for the base).
     if "_attn_implementation" in base_config:
@@ -203,14 +275,13 @@ def complete_model_folder(folder: str | Path, base_source: str | os.PathLike, to
     write_json(config_path, dict(sorted(config.items())))
     write_generation_config(folder, base, tokenizer)
     copy_code_files(base, folder)
-    warn_if_code_is_missing(base, folder, auto_map)
     follow_umask_in(folder)
 
 
 def unused_base_tensors(base: BaseCheckpoint, present: set[str]) -> dict[str, torch.Tensor]:
     """The base's vision-tower tensors our model does not build (the CLIP layer after the feature layer and
     ``post_layernorm``). They never affect the output and never train; copying them makes the output's weight
-    names the base's, so the checkpoint's own code loads it without newly initialised weights."""
+    names the base's, so the checkpoint's own code and loaders that check names strictly load it as the base."""
     tensors = {}
     for path in base.weight_files():
         with safe_open(str(path), framework="pt") as handle:
@@ -220,10 +291,20 @@ def unused_base_tensors(base: BaseCheckpoint, present: set[str]) -> dict[str, to
     return tensors
 
 
+def with_unused_base_tensors(state_dict: dict[str, torch.Tensor], base_source: str | os.PathLike | BaseCheckpoint) -> dict[str, torch.Tensor]:
+    """A model's state dict plus the base's unused tower tensors (`unused_base_tensors`), in the dtype of the
+    tower's other weights: what the project's own save writes into every checkpoint-N, whatever the engine."""
+    extra = unused_base_tensors(base_checkpoint(base_source), set(state_dict))
+    tower = next((t for name, t in state_dict.items() if name.startswith(TOWER_PREFIX) and t.is_floating_point()), None)
+    if tower is not None:
+        extra = {name: t.to(tower.dtype) for name, t in extra.items()}
+    return {**state_dict, **extra}
+
+
 def finalize_weights(folder: str | Path, base_source: str | os.PathLike, dtype: torch.dtype | None = None) -> torch.dtype:
     """Cast a saved model's floating-point weights to `dtype` (default: the base's) and add the base's unused
     tower tensors; config.json's ``torch_dtype`` then says what the files hold. Returns the dtype written."""
-    folder, base = Path(folder), BaseCheckpoint(base_source)
+    folder, base = Path(folder), base_checkpoint(base_source)
     dtype = dtype or base.torch_dtype()
     index_path = folder / SAFE_INDEX
     index = json.loads(index_path.read_text()) if index_path.is_file() else None
@@ -359,7 +440,7 @@ def write_processor_files(processor, folder: str | Path) -> None:
     (so ``AutoProcessor`` with the checkpoint's code works) and the ``num_crops`` the processor uses."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    base = BaseCheckpoint(processor.source) if processor.source else None
+    base = base_checkpoint(processor.source) if processor.source else None
     write_tokenizer_files(processor.tokenizer, folder, base)
     image_config = processor.image_processor.to_dict()
     processor_config = {"processor_class": "Phi3VProcessor"}
@@ -382,20 +463,50 @@ def write_processor_files(processor, folder: str | Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def adapter_base(adapter: Path, base: str | None) -> str:
-    """--base, else the base named in the adapter's config; an error saying what to pass if neither loads."""
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id (``owner/name``): absolute, starting with ``.`` or ``~``, or deeper."""
+    return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+
+
+def adapter_base(adapter: Path, base: str | None, remedy: str = "pass --base with the checkpoint the adapter was trained on") -> str:
+    """--base, else the base named in the adapter's config; an error saying what to do (`remedy`) if neither loads."""
     if base:
         return base
     config_path = adapter / "adapter_config.json"
     named = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not named:
-        raise ExportError(f"{config_path} names no base model; pass --base with the checkpoint the adapter was trained on")
-    if not Path(named).is_dir() and (Path(named).is_absolute() or named.startswith((".", "/"))):
-        raise ExportError(
-            f"{config_path}: the base model {named} does not exist; pass --base with the checkpoint the adapter was "
-            "trained on (a folder or a hub id)"
-        )
+        raise ExportError(f"{config_path} names no base model; {remedy}")
+    if not Path(named).is_dir() and looks_like_path(named):
+        raise ExportError(f"{config_path}: the base model {named} does not exist; {remedy} (a folder or a hub id)")
     return named
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every safetensors file of a local model or adapter folder is whole, before anything loads."""
+    from .run_folder import whole_file
+
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.safetensors")):
+        if not whole_file(path):
+            raise ExportError(f"{path} is cut short or damaged (its length or header does not match what it holds); copy it again")
+
+
+def mismatch_reason(error: RuntimeError) -> str | None:
+    """The first "size mismatch" line of a state-dict load, or None for any other error."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip().startswith("size mismatch")]
+    return lines[0] if lines else None
+
+
+def write_failure(target: Path, error: BaseException) -> str:
+    """Why writing `target` failed, with the free space where it was written."""
+    full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or "os error 28" in str(error)
+    reason = "no space left on the device" if full else error_reason(error)
+    try:
+        free = f"{shutil.disk_usage(target.parent).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return f"could not write {target}: {reason} ({free})"
 
 
 def check_input_folder(path: Path, what: str, marker: str) -> None:
@@ -413,7 +524,18 @@ def prepare_output(out: Path, overwrite: bool, inputs: list[Path]) -> Path:
         if source.exists() and out.resolve() in (source.resolve(), *source.resolve().parents):
             raise ExportError(f"--out {out} would replace the input {source}; choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in sorted(out.parent.glob(f".{glob.escape(out.name)}.*.partial")):
+        if stale.is_dir():
+            logger.warning("removing %s, left by an export to %s that was stopped before it finished", stale, out)
+            shutil.rmtree(stale)
     return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+
+
+def follow_umask_folder(folder: Path) -> None:
+    """A folder made by mkdtemp (0700) gets the mode the umask gives new folders."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
 
 
 def load_merged(adapter: Path, base_source: str):
@@ -423,7 +545,15 @@ def load_merged(adapter: Path, base_source: str):
     from .modeling_phi3v import Phi3VForCausalLM
 
     base = Phi3VForCausalLM.from_pretrained(base_source, dtype=torch.float32, use_safetensors=True)
-    model = PeftModel.from_pretrained(base, adapter)
+    try:
+        model = PeftModel.from_pretrained(base, adapter)
+    except RuntimeError as error:
+        if mismatch_reason(error) is None:
+            raise
+        raise ExportError(
+            f"the adapter {adapter} does not fit the base {base_source} ({mismatch_reason(error)}); pass --base with "
+            "the checkpoint the adapter was trained on"
+        ) from None
     return model.merge_and_unload(progressbar=True)
 
 
@@ -432,6 +562,8 @@ def export(adapter: str | None, model: str | None, out: str, base: str | None, s
     from .processing_phi3v import Phi3VProcessor
 
     out_path = Path(out)
+    if base and looks_like_path(base) and not Path(base).exists():
+        raise ExportError(f"--base {base} does not exist; pass the base checkpoint's folder or hub id")
     if adapter:
         source = Path(adapter)
         check_input_folder(source, "--adapter", "adapter_config.json")
@@ -440,16 +572,25 @@ def export(adapter: str | None, model: str | None, out: str, base: str | None, s
         source = Path(model)
         check_input_folder(source, "--model", "config.json")
         base_source = base or str(source)
+    for folder in (source, Path(base_source)):
+        check_weight_files(folder)
     staging = prepare_output(out_path, overwrite, [source, Path(base_source)])
+    warn_if_code_is_missing(base_checkpoint(base_source))
     try:
         try:
             merged = load_merged(source, base_source) if adapter else Phi3VForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
             # The processor the run saved carries its num_crops; the base's would bring its own.
             processor = Phi3VProcessor.from_pretrained(source)
-        except OSError as error:
+        except (OSError, SafetensorError, HFValidationError) as error:
             raise ExportError(f"could not load {source} (base {base_source}): {error_reason(error)}") from error
         processor.source = base_source
-        dtype = write_final_model(merged, processor, staging, base_source, SAVE_DTYPES.get(save_dtype))
+        try:
+            dtype = write_final_model(merged, processor, staging, base_source, SAVE_DTYPES.get(save_dtype))
+        except (OSError, SafetensorError) as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            kept = f"{out_path} is unchanged" if out_path.exists() else f"nothing was written under {out_path}"
+            raise ExportError(f"{write_failure(out_path, error)}; {kept}; make room and run the export again") from None
+        follow_umask_folder(staging)
         if out_path.exists():
             shutil.rmtree(out_path)
         os.replace(staging, out_path)

@@ -9,8 +9,10 @@ Batch mode, one JSON line per example in input order: a conversations file in an
 reads (`common/formats.py`: LLaVA, chat messages, the recipes' JSONL; ``--format`` or detected; a conversation
 that ends with a user message has that message answered with the turns before it as context, otherwise the
 first turn is answered and its answer, if any, is kept as the reference) or a folder of images, each with the
-same ``--prompt``. ``--system_prompt`` sets the system turn of every example that has none. Batched, sharded over the ranks under torchrun, with a
-progress bar; killed and started again with the same command, it goes on where it stopped::
+same ``--prompt``. ``--system_prompt`` sets the system turn of every example that has none. Batched, sharded over
+the ranks under torchrun, with a progress bar; killed and started again with the same command, it goes on where
+it stopped, if the model's files (their SHA-256) are the same; on SIGTERM or SIGUSR1 it writes the batch it is
+answering and exits with `PREEMPTED_EXIT_CODE` (75)::
 
     python -m common.predict --model ./output/ucf101-full --jsonl ./data/ucf101/ucf101_test.jsonl \
         --image_root ./data/ucf101/images --output ./predictions/ucf101_test.jsonl
@@ -31,18 +33,32 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from huggingface_hub.errors import HFValidationError
 from PIL import Image
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from .conversation import DataError, error_reason
 from .data import load_image
+from .export import (
+    BaseCheckpoint,
+    ExportError,
+    adapter_base,
+    check_weight_files,
+    follow_umask,
+    mismatch_reason,
+    replace_atomically,
+    write_failure,
+)
 from .formats import FILE_FORMATS, prediction_examples, with_system
-from .export import ExportError, adapter_base, follow_umask, replace_atomically
+from .preemption import PREEMPTED_EXIT_CODE, RECORD_ENV, STOP_SIGNALS
+from .run_folder import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +126,40 @@ def resolve_model(model: str, adapter: str | None) -> tuple[str, str | None]:
     if not path.exists() and (path.is_absolute() or model.startswith(".")):
         raise PredictError(f"--model {model} does not exist; pass a run's output folder, a checkpoint folder or a hub id")
     if adapter is None and (path / "adapter_config.json").is_file():
-        return adapter_base(path, None), model
+        remedy = f"pass the checkpoint it was trained on as --model, with --adapter {model}"
+        return adapter_base(path, None, remedy), model
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise PredictError(f"--adapter {adapter} has no adapter_config.json; pass a LoRA run's output folder")
     if adapter is None and path.is_dir() and not (path / "config.json").is_file():
         raise PredictError(f"--model {model} has neither config.json nor adapter_config.json; pass a run's output folder")
     return model, adapter
+
+
+def model_content(base: str, adapter: str | None) -> dict[str, str]:
+    """SHA-256 of the weight and config files of the base and the adapter: what predictions are of, wherever the
+    folders lie and whatever they are called. A hub id stands for itself (its files arrive only as it loads)."""
+    content = {}
+    for role, source in (("model", base), ("adapter", adapter)):
+        if source is None:
+            continue
+        if not Path(source).is_dir():
+            content[role] = source
+            continue
+        files = [*sorted(Path(source).glob("*.safetensors")), Path(source) / "config.json", Path(source) / "adapter_config.json"]
+        content.update({f"{role}/{path.name}": file_sha256(path) for path in files if path.is_file()})
+    return content
+
+
+def check_max_new_tokens(args) -> None:
+    """--max_new_tokens must leave room in the model's context (max_position_embeddings) for the prompt."""
+    base, _ = resolve_model(args.model, args.adapter)
+    context = BaseCheckpoint(base).json("config.json").get("max_position_embeddings")
+    if context and args.max_new_tokens >= context:
+        raise PredictError(
+            f"--max_new_tokens {args.max_new_tokens} does not fit the model's context of {context} tokens "
+            f"(max_position_embeddings in {base}'s config.json), which also holds the prompt and its image tokens; "
+            f"pass fewer, at most {context - 1}"
+        )
 
 
 def load(args, device: torch.device):
@@ -125,6 +169,9 @@ def load(args, device: torch.device):
     from .processing_phi3v import Phi3VProcessor
 
     base, adapter = resolve_model(args.model, args.adapter)
+    for folder in (base, adapter):
+        if folder is not None:
+            check_weight_files(Path(folder))
     dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32)
     try:
         # The run's own processor files carry the num_crops it trained with.
@@ -132,7 +179,14 @@ def load(args, device: torch.device):
         model = Phi3VForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=args.attn_implementation, use_safetensors=True)
         if adapter is not None:
             model = PeftModel.from_pretrained(model, adapter)
-    except OSError as error:
+    except RuntimeError as error:
+        if mismatch_reason(error) is None:
+            raise
+        raise PredictError(
+            f"the adapter {adapter} does not fit the model {base} ({mismatch_reason(error)}); pass the checkpoint it "
+            f"was trained on as --model, with --adapter {adapter}"
+        ) from None
+    except (OSError, SafetensorError, HFValidationError) as error:
         raise PredictError(f"could not load the model {base}{f' with adapter {adapter}' if adapter else ''}: {error_reason(error)}") from error
     return model.to(device).eval(), processor
 
@@ -220,7 +274,13 @@ class PredictionLog:
                     handle.write(json.dumps(records[example["id"]], ensure_ascii=False) + "\n")
 
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        replace_atomically(self.output, write)
+        try:
+            replace_atomically(self.output, write)
+        except OSError as error:
+            raise PredictError(
+                f"{write_failure(self.output, error)}; all {len(examples)} predictions are kept in {self.parts}: make "
+                "room, then run the same command again to write it"
+            ) from None
         shutil.rmtree(self.parts)
         return len(examples)
 
@@ -246,13 +306,85 @@ def all_ranks_ok(ok: bool) -> bool:
     return int(flag.item()) == 0
 
 
+class StopRequest:
+    """SIGTERM/SIGUSR1 while predicting: noted, so that the batch being answered is written before the stop."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+def any_rank_stops(signum: int) -> bool:
+    if not dist.is_initialized():
+        return bool(signum)
+    flag = torch.tensor([1 if signum else 0])
+    dist.all_reduce(flag)
+    return bool(flag.item())
+
+
+def stop_preempted(signum: int, log: PredictionLog, total: int, rank: int, world_size: int) -> None:
+    """Keep what was written and exit with PREEMPTED_EXIT_CODE, as training does on the same signals; local rank 0
+    leaves the message where `python -m common.launch` looks, so that the launcher exits with that code too."""
+    if dist.is_initialized():
+        dist.barrier()
+    name = signal.Signals(signum).name if signum else "a stop signal to another rank"
+    message = (f"stopped by {name}: {len(log.done())} of {total} predictions are kept in {log.parts}; run the same "
+               f"command to go on (exit code {PREEMPTED_EXIT_CODE})")
+    record = os.environ.get(RECORD_ENV)
+    if record and os.environ.get("LOCAL_RANK", "0") == "0":
+        Path(record).write_text(message + "\n", encoding="utf-8")
+    if rank == 0:
+        print(message, file=sys.stderr, flush=True)
+    raise SystemExit(PREEMPTED_EXIT_CODE)
+
+
+def predict_shard(args, remaining: list[dict], answer, log: PredictionLog, stop: StopRequest, total: int, rank: int,
+                  world_size: int) -> None:
+    """Answer this rank's share of `remaining` batch by batch, each batch written and flushed before the next;
+    every rank goes through as many rounds as the largest share has batches, so that the stop vote before each
+    round has every rank in it."""
+    shard = remaining[rank::world_size]
+    rounds = -(-len(remaining[0::world_size]) // args.batch_size)
+    with log.open_for(rank) as handle, torch.no_grad():
+        progress = tqdm(total=len(remaining), initial=0, desc="predict", unit="example", disable=rank != 0)
+        for start in range(0, rounds * args.batch_size, args.batch_size):
+            if any_rank_stops(stop.signum):
+                progress.close()
+                stop_preempted(stop.signum, log, total, rank, world_size)
+            inputs = shard[start : start + args.batch_size]
+            if not inputs:
+                continue
+            for example, prediction in zip(inputs, answer([open_images(example) for example in inputs])):
+                record = {"id": example["id"], "prediction": prediction, "images": example["images"]}
+                if example["references"]:
+                    record["references"] = example["references"]
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+            # Rank 0 shows the whole run's pace: its shard is 1/world of the remaining examples.
+            progress.update(len(inputs) * (world_size if rank == 0 else 1))
+        progress.close()
+
+
 def predict_batch(args, examples: list[dict], rank: int, world_size: int, device: torch.device) -> int:
     from .evaluation import AnswerGenerator
 
     output = Path(args.output)
     identity = {
-        "model": args.model,
-        "adapter": args.adapter,
+        "model": model_content(*resolve_model(args.model, args.adapter)) if rank == 0 else {},
         "inputs": str(Path(args.jsonl or args.image_dir).resolve()),
         "prompt": args.prompt,
         "system_prompt": args.system_prompt,
@@ -273,23 +405,10 @@ def predict_batch(args, examples: list[dict], rank: int, world_size: int, device
     remaining = [example for example in examples if example["id"] not in done]
     if rank == 0 and done:
         logger.info("going on from an earlier run: %d of %d examples already predicted", len(done), len(examples))
-    model, processor = load(args, device)
-    answer = AnswerGenerator(model, processor, processor.image_processor.num_crops, args.max_new_tokens)
-    shard = remaining[rank::world_size]
-    with log.open_for(rank) as handle, torch.no_grad():
-        progress = tqdm(total=len(remaining), initial=0, desc="predict", unit="example", disable=rank != 0)
-        for start in range(0, len(shard), args.batch_size):
-            inputs = shard[start : start + args.batch_size]
-            for example, prediction in zip(inputs, answer([open_images(example) for example in inputs])):
-                record = {"id": example["id"], "prediction": prediction, "images": example["images"]}
-                if example["references"]:
-                    record["references"] = example["references"]
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-            # Rank 0 shows the whole run's pace: its shard is 1/world of the remaining examples.
-            progress.update(len(inputs) * (world_size if rank == 0 else 1))
-        progress.close()
+    with StopRequest() as stop:
+        model, processor = load(args, device)
+        answer = AnswerGenerator(model, processor, processor.image_processor.num_crops, args.max_new_tokens)
+        predict_shard(args, remaining, answer, log, stop, len(examples), rank, world_size)
     if dist.is_initialized():
         dist.barrier()
     written = log.merge(examples) if rank == 0 else len(examples)
@@ -332,6 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     rank, world_size, device = distributed()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if rank == 0 else logging.WARNING)
     try:
+        check_max_new_tokens(args)
         examples = build_examples(args)
         for example in examples:
             for path in example["images"]:

@@ -11,14 +11,19 @@ A repeat of the signal while that checkpoint is being written, more than `REPEAT
 ends the process at once; the checkpoint being written stays unmarked, so the previous complete one is what
 resume takes. Repeats within the grace period count as the same request: launchers such as torchrun pass on
 the signal that the scheduler already sent to every process of the job.
+
+The stop signals are the rank's alone: processes forked while training (DataLoader workers, of training and of
+the evaluations during training) never act on them (`children_leave_stop_signals`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,17 +59,24 @@ class StopOnSignal(TrainerCallback):
         self.newest_complete: str | None = None
         self._owner_pid: int | None = None
         self._previous: dict[int, object] = {}
+        self._children = contextlib.ExitStack()
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self._owner_pid is not None or not _in_main_thread():
             return
-        # DataLoader workers forked after this inherit the handler; it ignores the signal in them (the main
-        # process stops them), so that a scheduler signalling every process does not kill a worker mid-batch.
         self._owner_pid = os.getpid()
         for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
+        self._children.enter_context(children_leave_stop_signals())
+        if args.dataloader_num_workers and args.dataloader_multiprocessing_context not in (None, "fork"):
+            logger.warning(
+                "--dataloader_multiprocessing_context %s: DataLoader workers not started by fork die of a SIGTERM sent to "
+                "the whole job, which ends the run without a checkpoint; leave the option out to stop cleanly",
+                args.dataloader_multiprocessing_context,
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._children.close()
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
@@ -72,6 +84,7 @@ class StopOnSignal(TrainerCallback):
 
     def _handle(self, signum, frame):
         if os.getpid() != self._owner_pid:
+            # A forked child before its stop signals were blocked (forked outside children_leave_stop_signals).
             return
         name = signal.Signals(signum).name
         now = time.monotonic()
@@ -96,9 +109,72 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
-def _in_main_thread() -> bool:
-    import threading
+# How many `children_leave_stop_signals` blocks are open; the fork hooks below act only while one is.
+_leaving_depth = 0
+_mask_before_fork = threading.local()
 
+
+@contextlib.contextmanager
+def children_leave_stop_signals():
+    """Processes forked from this one inside the block never act on SIGTERM or SIGUSR1 sent to them by anyone but
+    this process: they start with both blocked, and a thread of theirs ends them quietly on a SIGTERM from this
+    process (what torch's DataLoader sends a worker that does not stop), discarding any other.
+
+    Why: a SLURM or Kubernetes stop, and torchrun passing one on, signals every process of the job. A DataLoader
+    worker (of training, of an evaluation, of predict) installs torch's C handler for SIGTERM, which re-raises it
+    and kills the worker; the rank's SIGCHLD handler then raises "DataLoader worker (pid N) is killed by signal:
+    Terminated" in the middle of the step, and no checkpoint is written. Blocked from the fork on, the signal
+    cannot reach a worker at any moment (ignoring it in a worker_init_fn would leave the time before that call
+    open); the rank handles it and shuts its workers down as usual when their DataLoader is done.
+
+    Only children made by `os.fork` are covered: DataLoader workers under the default start method on Linux
+    ("fork"), not under --dataloader_multiprocessing_context spawn or forkserver.
+    """
+    global _leaving_depth
+    _leaving_depth += 1
+    try:
+        yield
+    finally:
+        _leaving_depth -= 1
+
+
+def _block_stop_signals_before_fork() -> None:
+    if _leaving_depth:
+        _mask_before_fork.mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def _unblock_in_parent_after_fork() -> None:
+    # A signal that came during the fork was held for this process; unblocking delivers it here.
+    mask = getattr(_mask_before_fork, "mask", None)
+    if mask is not None:
+        _mask_before_fork.mask = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _leave_stop_signals_in_child() -> None:
+    if getattr(_mask_before_fork, "mask", None) is None:
+        return
+    _mask_before_fork.mask = None
+    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), name="stop-signals", daemon=True).start()
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    """Takes the stop signals this child holds blocked: a SIGTERM from `parent` ends it with exit code 0, as
+    torch's own worker handler does; any other is dropped."""
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)
+
+
+os.register_at_fork(
+    before=_block_stop_signals_before_fork,
+    after_in_parent=_unblock_in_parent_after_fork,
+    after_in_child=_leave_stop_signals_in_child,
+)
+
+
+def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
@@ -119,4 +195,4 @@ def announce_stop(stop: StopOnSignal, checkpoint: Path) -> str:
     return message
 
 
-__all__ = ["PREEMPTED_EXIT_CODE", "StopOnSignal", "announce_stop", "RECORD_ENV", "STOP_SIGNALS"]
+__all__ = ["PREEMPTED_EXIT_CODE", "StopOnSignal", "announce_stop", "children_leave_stop_signals", "RECORD_ENV", "STOP_SIGNALS"]

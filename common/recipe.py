@@ -12,6 +12,7 @@ import contextlib
 import functools
 import gc
 import logging
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -26,10 +27,23 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arguments import FinetuneArguments, evaluates_during_training
+from .checkpoint_files import weights_only_loads
 from .collator import Phi3VCollator
 from .conversation import DataError
 from .data import RecipeDataset
-from .export import SAVE_DTYPES, complete_model_folder, dtype_name, finalize_weights, follow_umask_in, load_merged, write_final_model
+from .export import (
+    SAVE_DTYPES,
+    TOWER_PREFIX,
+    BaseCheckpoint,
+    complete_model_folder,
+    dtype_name,
+    finalize_weights,
+    follow_umask_in,
+    load_merged,
+    with_unused_base_tensors,
+    write_final_model,
+)
+from .modeling_phi3v import Phi3VForCausalLM
 from .optimizer import build_optimizer, log_part_rates, part_groups, separate_rates
 from .periodic_evaluation import AnswersAsTargets, GenerationEvaluation
 from .plotting import plot_training_curves
@@ -38,16 +52,22 @@ from .ranks import any_rank, barrier, from_main, is_main_process, largest
 from .run_folder import (
     RunFolderError,
     begin_checkpoint,
+    check_free_space,
     check_output_dir,
     claim_run_folder,
     current_claim,
+    failed_final_save_message,
     failed_write_message,
     finish_checkpoint,
+    final_weights,
     free_bytes,
     hash_parts,
+    lock_output_dir,
     newest_complete,
     part_files,
     read_json,
+    release_held_locks,
+    release_output_dir,
     resumes,
     rotate,
 )
@@ -69,25 +89,28 @@ class CheckpointWriteError(Exception):
 def setup_logging(args: FinetuneArguments) -> None:
     """Our progress at INFO on the main process; transformers only warns, except the Trainer's run summary.
 
-    Being every script's first step, it also checks that --output_dir can take a new run
-    (`run_folder.check_output_dir`), so that a folder holding another run stops the run before any data is read.
+    Being every script's first step, it also claims --output_dir for this run (`run_folder.lock_output_dir`) and
+    checks that it can take a new run (`run_folder.check_output_dir`), so that a folder another run is using or
+    holds stops the run before any data is read.
     """
     level = logging.INFO if args.process_index == 0 else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
     transformers.logging.set_verbosity_warning()
     logging.getLogger("transformers.trainer").setLevel(level)
+    lock_output_dir(args)
     check_output_dir(args)
 
 
 def exit_on_bad_input(main):
     """Wrap a script's main: bad data, a missing file or an unsafe checkpoint ends the run with its message
-    and exit code 1 instead of a traceback."""
+    and exit code 1 instead of a traceback, and gives the output folder's lock back."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except (DataError, FileNotFoundError, UnsafeCheckpointError, RunFolderError, CheckpointWriteError) as error:
+            release_held_locks()
             rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() and dist.get_world_size() > 1 else ""
             print(f"{rank}error: {error}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
@@ -123,6 +146,8 @@ def check_training_data(train_set: RecipeDataset, processor, args: FinetuneArgum
     the validation pass (see `common.validation`: shared out over the ranks, its findings kept in the run folder
     for a restart), with --skip_bad_examples and --max_length applied."""
     claim = claim_run_folder(args, train_set)
+    # The validation pass checks the draws that the first epoch makes (see `RecipeDataset`).
+    train_set.seed = args.seed
     cache = ScanCache(args.output_dir, {id(train_set): claim.identity["data"]})
     return validate_training_data(train_set, processor, args.num_crops, args.max_length, skip_log_for(args), cache=cache)
 
@@ -147,6 +172,9 @@ class RecipeTrainer(Trainer):
         self.stop_signal = StopOnSignal()
         self.add_callback(self.stop_signal)
         self.generation_evaluation = generation_evaluation
+        if isinstance(self.train_dataset, RecipeDataset):
+            self.train_dataset.seed = self.args.seed
+            self.add_callback(EpochOfDraws(self.train_dataset))
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """The evaluations --eval_strategy asks for score the recipe's metric by generation, plus eval_loss
@@ -180,6 +208,21 @@ class RecipeTrainer(Trainer):
             self.optimizer = build_optimizer(self, opt_model, groups)
         return self.optimizer
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        # On every resume: a run of the same length gets back the rates it had; an extended one (even one stopped
+        # again before its first checkpoint) the new schedule's.
+        rates = continue_schedule(self.lr_scheduler)
+        claim = current_claim(self.args)
+        if claim is not None and claim.extension:
+            logger.warning(
+                "extended run (%s): step %d of %d; the learning-rate schedule is rebuilt for %d steps and continues "
+                "from step %d at %s", claim.extension, self.state.global_step, self.state.max_steps, self.state.max_steps,
+                self.state.global_step, ", ".join(f"{rate:.3g}" for rate in rates) if rates else "the rates it had",
+            )
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, RecipeDataset):
@@ -191,12 +234,22 @@ class RecipeTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     def _save(self, output_dir=None, state_dict=None):
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        # A DeepSpeed run without gathered weights passes an empty dict; its weights are not ours to write.
+        if self.args.should_save and isinstance(model, Phi3VForCausalLM) and (state_dict is None or len(state_dict)):
+            # Every model folder, checkpoint-N included, holds the base's full set of weight names.
+            state_dict = with_unused_base_tensors(model.state_dict() if state_dict is None else state_dict, self.args.model_name_or_path)
         super()._save(output_dir, state_dict)
         if self.args.should_save:
             folder = Path(output_dir or self.args.output_dir)
             if (folder / "config.json").is_file():
                 complete_model_folder(folder, self.args.model_name_or_path, self.processing_class.tokenizer)
             follow_umask_in(folder)
+
+    def _issue_warnings_after_load(self, load_result):
+        # The unused tower tensors every checkpoint carries (see _save) are not weights the model lacks a place for.
+        unexpected = [name for name in load_result.unexpected_keys if not name.startswith(TOWER_PREFIX)]
+        super()._issue_warnings_after_load(load_result._replace(unexpected_keys=unexpected))
 
     def _save_checkpoint(self, model, trial):
         # `train` claims the folder before training; Trainer.train called directly claims it at the first save.
@@ -225,9 +278,10 @@ class RecipeTrainer(Trainer):
             self.stop_signal.saving = False
         self.stop_signal.newest_complete = str(checkpoint)
 
-    def _attempt(self, checkpoint: Path, action, *args, main_only: bool = False) -> None:
-        """One part of a checkpoint write, then a vote: if it failed on any rank, every rank stops here together
-        (no rank is left waiting in a collective), and the failing ones say why in one line."""
+    def _attempt(self, checkpoint: Path, action, *args, main_only: bool = False, describe=failed_write_message) -> None:
+        """One part of a checkpoint write (or of the final save, into its staging folder), then a vote: if it
+        failed on any rank, every rank stops here together (no rank is left waiting in a collective), the partial
+        folder is removed, and the failing ones say why in one line (`describe`)."""
         failure = None
         try:
             if is_main_process() or not main_only:
@@ -244,7 +298,35 @@ class RecipeTrainer(Trainer):
         if failure is None:
             # Another rank's write failed; its line says why.
             raise SystemExit(1)
-        raise CheckpointWriteError(failed_write_message(checkpoint, failure, free)) from failure
+        raise CheckpointWriteError(describe(checkpoint, failure, free)) from failure
+
+
+def continue_schedule(scheduler) -> list[float] | None:
+    """After a checkpoint is loaded: the scheduler was rebuilt from the arguments and took the checkpoint's step
+    count, but the optimizer holds the rates the checkpoint's schedule gave its last step. For an extended run
+    those are the old, shorter schedule's (with a linear decay, 0), and the next step would train at them. Set
+    them to the rebuilt schedule's rates at this step (for a run of unchanged length, the same values), those a
+    run planned at this length from the start has here; returns them (None for a scheduler that is not a
+    LambdaLR, whose rates are left as loaded)."""
+    scheduler = getattr(scheduler, "scheduler", scheduler)
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return None
+    rates = [base * rule(scheduler.last_epoch) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates
+    return rates
+
+
+class EpochOfDraws(TrainerCallback):
+    """Gives the training set each epoch before its examples are read: their random draws follow it."""
+
+    def __init__(self, dataset: RecipeDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # The epoch starting: state.epoch is its start, or how far into it a resumed checkpoint was.
+        self.dataset.set_epoch(int(state.epoch))
 
 
 class TrainingCurvesCallback(TrainerCallback):
@@ -259,12 +341,15 @@ def build_trainer(
     model, args: FinetuneArguments, train_dataset, data_collator, processor, eval_dataset=None, metric: str | None = None
 ) -> RecipeTrainer:
     """The Trainer for a recipe; with --eval_strategy steps|epoch it also scores `metric` on `eval_dataset` (an
-    evaluation split, as for `evaluate_before`) during training.
+    evaluation split, as for `evaluate_before`) during training. As the Trainer is what will write to --output_dir,
+    its filesystem is checked first: a run it cannot hold one checkpoint plus the final model of stops here
+    (`run_folder.check_free_space`; --skip_disk_check to go on).
 
     `metric` None (a recipe evaluated by its loss alone, `finetune_hf_trainer_custom.py --metric none`): every
     evaluation is the Trainer's own eval_loss over `eval_dataset` answered with its references, and one at the
     start of training (--eval_on_start) stands for the evaluation before training unless --skip_eval_before;
     `loss_evaluations` collects them."""
+    check_free_space(Path(args.output_dir), *expected_save_bytes(model, args), skip=args.skip_disk_check)
     evaluation = None
     loss_set = None
     if metric is None and eval_dataset is not None:
@@ -289,6 +374,44 @@ def build_trainer(
     )
 
 
+def _count(parameter) -> int:
+    # ZeRO-3 leaves each rank an empty shard; ds_numel is the whole parameter's size. A 4-bit weight's numel
+    # counts its packed bytes; quant_state.shape is the layer's.
+    state = getattr(parameter, "quant_state", None)
+    if state is not None:
+        return math.prod(state.shape)
+    return getattr(parameter, "ds_numel", 0) or parameter.numel()
+
+
+def expected_save_bytes(model, args: FinetuneArguments) -> tuple[int, int]:
+    """About how many bytes (one checkpoint, the final save) this run writes to --output_dir.
+
+    A checkpoint holds the weights (the adapters only under LoRA) and the optimizer's states: under DeepSpeed
+    ZeRO-1/2, the weights twice (model.safetensors and global_stepN's model states, in DeepSpeed's dtype) and
+    per trainable parameter an fp32 master copy and two fp32 Adam moments; otherwise two Adam moments in the
+    weights' dtype. The final save writes the whole model in the training dtype and then its copy in the saved
+    dtype (`export.finalize_weights`), or the adapters, plus the merged model under --merge_lora."""
+    parameters = list(model.parameters())
+    trainable = [p for p in parameters if p.requires_grad]
+    lora = args.training_mode in ("lora", "qlora")
+    deepspeed = getattr(args, "hf_deepspeed_config", None) if args.deepspeed else None
+    width = torch.empty(0, dtype=deepspeed.dtype()).element_size() if deepspeed else None
+    size = lambda group: sum(_count(p) * (width or p.element_size()) for p in group)
+    weights = size(trainable if lora else parameters)
+    if deepspeed:
+        stage = deepspeed.get_value("zero_optimization.stage", 0)
+        checkpoint = weights * (1 if stage == 3 else 2) + 12 * sum(_count(p) for p in trainable)
+    else:
+        checkpoint = weights + 2 * size(trainable)
+    saved = SAVE_DTYPES.get(args.save_dtype) or BaseCheckpoint(args.model_name_or_path).torch_dtype()
+    whole = sum(_count(p) for p in parameters if not (lora and p.requires_grad)) * torch.empty(0, dtype=saved).element_size()
+    if lora:
+        final = weights + (whole if args.merge_lora else 0)
+    else:
+        final = weights + whole
+    return checkpoint, final
+
+
 def train(trainer: RecipeTrainer, args: FinetuneArguments):
     """Train from scratch or from the checkpoint `claim_run_folder` chose; on SIGTERM/SIGUSR1 write a checkpoint
     and exit with PREEMPTED_EXIT_CODE instead of returning."""
@@ -296,7 +419,8 @@ def train(trainer: RecipeTrainer, args: FinetuneArguments):
     claim = claim_run_folder(args, trainer.train_dataset)
     stop = trainer.stop_signal
     stop.newest_complete = claim.checkpoint
-    result = trainer.train(resume_from_checkpoint=claim.checkpoint)
+    with weights_only_loads():
+        result = trainer.train(resume_from_checkpoint=claim.checkpoint)
     signum = largest(stop.signum) if stop.stopped_at_step is None else 0
     if signum:
         # The signal came after the last step's vote: training is done, but the final save and evaluation may
@@ -324,20 +448,42 @@ def stop_preempted(stop: StopOnSignal, checkpoint: Path) -> None:
     raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
+# The final save is written here first and moved into place once complete.
+FINAL_STAGING = "final-model.partial"
+
+
 def save_final(trainer: RecipeTrainer, args: FinetuneArguments, processor) -> Path:
     """The final model or LoRA adapter, plus the processor, in output_dir, in the official checkpoint's format
-    (`common.export`); a full model in the base's dtype unless --save_dtype says otherwise."""
+    (`common.export`); a full model in the base's dtype unless --save_dtype says otherwise.
+
+    It is written into OUTPUT_DIR/final-model.partial and its files moved to their final names (weights last)
+    once all of it is written, so a save that fails (a full disk) leaves no half-written model under those
+    names: the run ends with one line saying so and which checkpoint survives."""
     output_dir = Path(args.output_dir)
-    trainer.save_model(str(output_dir))
-    if trainer.args.should_save:
-        if args.training_mode in ("full", "frozen_vision"):
-            dtype = finalize_weights(output_dir, args.model_name_or_path, SAVE_DTYPES.get(args.save_dtype))
-            logger.info("final model written to %s with %s weights", output_dir, dtype_name(dtype))
-        trainer.save_state()
+    staging = output_dir / FINAL_STAGING
+    if is_main_process():
+        # Left by an earlier final save that was killed.
+        shutil.rmtree(staging, ignore_errors=True)
+    barrier()
+    trainer._attempt(staging, trainer.save_model, str(staging), describe=failed_final_save_message)
+    trainer._attempt(staging, move_final_into_place, staging, args, main_only=True, describe=failed_final_save_message)
+    trainer.save_state()
     barrier()
     if args.merge_lora:
         merge_lora_adapter(args, output_dir, output_dir / "merged", processor)
     return output_dir
+
+
+def move_final_into_place(staging: Path, args: FinetuneArguments) -> None:
+    """Main process: a full model's weights cast to the saved dtype, then every file of the staged final save
+    moved to its name in --output_dir, the weights last."""
+    if args.training_mode in ("full", "frozen_vision"):
+        dtype = finalize_weights(staging, args.model_name_or_path, SAVE_DTYPES.get(args.save_dtype))
+        logger.info("final model written to %s with %s weights", staging.parent, dtype_name(dtype))
+    weights = set(final_weights(staging))
+    for entry in sorted(staging.iterdir(), key=lambda path: path.name in weights):
+        entry.replace(staging.parent / entry.name)
+    staging.rmdir()
 
 
 def merge_lora_adapter(args: FinetuneArguments, adapter_dir: Path, merged_dir: Path, processor) -> None:
@@ -454,7 +600,8 @@ def saved_model_step(args: FinetuneArguments, log_history: list[dict]) -> int:
 
 
 def finish(args: FinetuneArguments, log_history: list[dict], evaluations: dict[str, dict]) -> None:
-    """Redraw the curves with the before/after evaluation scores, print a summary, close the process group."""
+    """Redraw the curves with the before/after evaluation scores, print a summary, give the output folder's lock
+    back, close the process group."""
     if is_main_process():
         points = []
         for name, step in (("before", 0), ("after", saved_model_step(args, log_history))):
@@ -466,6 +613,7 @@ def finish(args: FinetuneArguments, log_history: list[dict], evaluations: dict[s
             logger.warning("%d examples were skipped as unusable; see %s", skip_log.count(), skip_log.path)
         for name, summary in evaluations.items():
             logger.info("evaluation (%s): %s = %.4f on %d examples", name, summary["metric"], summary["score"], summary["num_examples"])
+    release_output_dir(args)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -6,19 +6,26 @@ Every checkpoint this project writes holds ``checkpoint_writing.json`` while it 
 every rank has written its part, ``checkpoint_complete.json``: the run id, the identity and a SHA-256 of every
 file in the checkpoint (its manifest).
 
+- One run at a time: ``run.lock`` (host, pid, run id) is created atomically at start and removed at exit; a live
+  holder is refused by name, a dead one of this host taken over (`lock_output_dir`).
 - A new run (no --resume_from_checkpoint) into a folder that holds checkpoints or a final model stops at start,
   before anything is loaded. With --overwrite_output_dir, the previous run's outputs are moved into
   ``OUTPUT_DIR/previous-run-ID/`` first; nothing is deleted, and files that no run writes stay where they are.
 - Resume refuses a folder whose run had other settings, a checkpoint of another run, and a checkpoint whose
-  files no longer match its manifest (parts mixed from different checkpoints or runs, or damaged).
+  files no longer match its manifest (parts mixed from different checkpoints or runs, or damaged). Training
+  longer (a larger --max_steps or --num_train_epochs alone) extends the run, and run.json records it.
 - A checkpoint without our marker (the stock Trainer's, or this project's before markers existed) is resumed
   if its files are whole; a partial one is moved to ``OUTPUT_DIR/incomplete-checkpoint-N``. Only this run's
   own interrupted writes are removed.
-- Rotation (--save_total_limit) only deletes this run's checkpoints.
+- Rotation (--save_total_limit) keeps at most that many of this run's checkpoints, the best among them, and
+  only deletes this run's checkpoints.
+- Before a resume, every torch file of the checkpoint must load weights-only (`common.checkpoint_files`), and
+  the resume's own loads are weights-only: a checkpoint file crafted to run code is refused, never unpickled.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import errno
 import fnmatch
@@ -28,14 +35,18 @@ import logging
 import os
 import re
 import shutil
+import socket
 import struct
+import time
 import uuid
 import zipfile
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from .checkpoint_files import UnsafeCheckpointFile, check_torch_file, torch_files
 from .conversation import error_reason
+from .export import base_checkpoint
 from .ranks import barrier, from_main, gathered, is_main_process, rank_and_world
 
 logger = logging.getLogger(__name__)
@@ -46,6 +57,9 @@ WRITING_MARKER = "checkpoint_writing.json"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 INCOMPLETE_PREFIX = "incomplete-"
 PREVIOUS_RUN_PREFIX = "previous-run-"
+LOCK_NAME = "run.lock"
+# How long a reader waits for a lock file that another start has created but not yet filled in.
+LOCK_WRITE_WAIT_S = 2.0
 
 # The arguments that change the trained weights. Left out on purpose: where outputs go, logging, how often
 # checkpoints are written, evaluation-only flags, and how the same work is laid out on the hardware (GPU count
@@ -85,6 +99,8 @@ class Claim:
     run_id: str
     identity: dict
     checkpoint: str | None
+    # What a resume that trains longer changed ("max_steps 4 -> 6"), or None.
+    extension: str | None = None
 
     @property
     def identity_hash(self) -> str:
@@ -289,12 +305,26 @@ def missing_parts(checkpoint: Path, world_size: int, deepspeed: bool) -> list[st
             missing.append("optimizer.pt")
     if not whole_file(checkpoint / "scheduler.pt"):
         missing.append("scheduler.pt")
-    state = read_json(checkpoint / "trainer_state.json")
-    if state is None or state.get("global_step") != step_of(checkpoint):
+    if not (checkpoint / "trainer_state.json").is_file():
         missing.append("trainer_state.json")
     rng_files = [f"rng_state_{rank}.pth" for rank in range(world_size)] if world_size > 1 else ["rng_state.pth"]
     missing += [name for name in rng_files if not whole_file(checkpoint / name)]
     return missing
+
+
+def checkpoint_problems(checkpoint: Path, world_size: int, deepspeed: bool) -> str:
+    """Why `checkpoint` cannot be resumed, in words ("" when it can): the parts `missing_parts` finds missing or
+    cut short, and a trainer_state.json that is there but unreadable or of another step."""
+    missing = missing_parts(checkpoint, world_size, deepspeed)
+    problems = ["no " + ", ".join(missing)] if missing else []
+    if (checkpoint / "trainer_state.json").is_file():
+        state = read_json(checkpoint / "trainer_state.json")
+        if state is None:
+            problems.append("its trainer_state.json is cut short or not JSON")
+        elif state.get("global_step") != step_of(checkpoint):
+            problems.append(f"its trainer_state.json is of step {state.get('global_step')}, not {step_of(checkpoint)} "
+                            "(a renamed checkpoint, or one copied from elsewhere)")
+    return "; ".join(problems)
 
 
 def free_bytes(folder: Path) -> int | None:
@@ -306,6 +336,26 @@ def free_bytes(folder: Path) -> int | None:
         return shutil.disk_usage(probe).free
     except OSError:
         return None
+
+
+def check_free_space(folder: Path, checkpoint: int, final: int, skip: bool) -> None:
+    """Before training: the filesystem of `folder` must have room for one checkpoint (`checkpoint` bytes) plus
+    the final model (`final` bytes, what its save needs at most), unless `skip`. Decided on the main process."""
+
+    def decide():
+        free = free_bytes(folder)
+        shown = human_size(free) if free is not None else "an unknown amount"
+        logger.info("a checkpoint of this run takes about %s, its final save about %s; %s free on the filesystem of %s",
+                    human_size(checkpoint), human_size(final), shown, folder)
+        if skip or free is None or free >= checkpoint + final:
+            return
+        raise RunFolderError(
+            f"{folder} has {human_size(free)} free, but this run needs about {human_size(checkpoint + final)}: one checkpoint "
+            f"({human_size(checkpoint)}) plus the final model ({human_size(final)}); make room, choose an --output_dir on "
+            "another filesystem, or pass --skip_disk_check to try anyway"
+        )
+
+    _decided_on_main(decide)
 
 
 def human_size(count: float) -> str:
@@ -334,6 +384,194 @@ def move_aside(checkpoint: Path, why: str) -> Path:
     checkpoint.rename(target)
     logger.warning("%s is incomplete (%s): moved it to %s; delete it once you no longer need it", checkpoint, why, target)
     return target
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One run per folder: the lock
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc), so that a reused pid is not taken for
+    the process that held a lock; None where /proc is not there."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _running(pid: int, started: str | None) -> bool:
+    """Whether `pid` on this host is still the process that started at `started`."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return started is None or _process_start(pid) in (None, started)
+
+
+def _read_lock(lock: Path) -> tuple[dict | None, bytes | None]:
+    """(the holder it names, the file's bytes); (None, None) when the file is gone. A file that names no holder
+    is read again for up to LOCK_WRITE_WAIT_S: another start may have created it and not yet written it."""
+    deadline = time.monotonic() + LOCK_WRITE_WAIT_S
+    while True:
+        try:
+            raw = lock.read_bytes()
+        except FileNotFoundError:
+            return None, None
+        try:
+            holder = json.loads(raw)
+        except ValueError:
+            holder = None
+        if isinstance(holder, dict) and "pid" in holder or time.monotonic() > deadline:
+            return holder if isinstance(holder, dict) else None, raw
+        time.sleep(0.1)
+
+
+def _describe_holder(holder: dict) -> str:
+    return f"run {holder.get('run_id')} (pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')})"
+
+
+def _refusal(folder: Path, lock: Path, holder: dict | None) -> str:
+    if holder is None:
+        return (f"{folder} is locked by {lock}, which names no run (a start that died while writing it, or damaged): "
+                "if no run is using that folder, delete the file and start again, or choose another --output_dir")
+    if holder.get("host") != socket.gethostname():
+        return (f"{folder} is in use by {_describe_holder(holder)}; if that run is really gone, delete {lock} and "
+                "start again, or choose another --output_dir")
+    return f"{folder} is in use by {_describe_holder(holder)}: wait for it to end, or choose another --output_dir"
+
+
+def _stale(holder: dict | None) -> bool:
+    """A lock of a process of this host that is no longer running, or of an earlier run in this very process
+    (scripts' main() called in turn, as the tests do)."""
+    if holder is None or holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    if holder["pid"] == os.getpid():
+        return holder.get("started_at") == _process_start(os.getpid())
+    return not _running(holder["pid"], holder.get("started_at"))
+
+
+def _set_aside(lock: Path, stale: bytes) -> bool:
+    """Remove the stale lock whose bytes are `stale`; False when another start got there first. The lock is
+    renamed away before it is checked, so that two starts taking it over cannot both remove it: one of them
+    finds the other's fresh lock in its hands and puts it back."""
+    aside = lock.with_name(f"{lock.name}.{uuid.uuid4().hex[:8]}.stale")
+    try:
+        lock.rename(aside)
+    except FileNotFoundError:
+        return False
+    if aside.read_bytes() == stale:
+        aside.unlink()
+        return True
+    try:
+        os.link(aside, lock)
+    except FileExistsError:
+        pass
+    aside.unlink()
+    return False
+
+
+_held_locks: dict[Path, bytes] = {}
+_lock_run_ids: dict[int, tuple[object, str]] = {}
+
+
+def release_held_locks() -> None:
+    """Give back every output folder this process holds: it exits, or its run stopped with an error."""
+    for lock, mine in list(_held_locks.items()):
+        release_lock(lock, mine)
+
+
+atexit.register(release_held_locks)
+
+
+def release_lock(lock: Path, mine: bytes) -> None:
+    """Remove `lock` if it still holds this process's claim `mine`."""
+    _held_locks.pop(lock, None)
+    try:
+        if lock.read_bytes() == mine:
+            lock.unlink()
+    except OSError:
+        pass
+
+
+def take_lock(folder: Path, run_id: str) -> bytes:
+    """Create ``folder/run.lock`` for `run_id` atomically (O_CREAT|O_EXCL); a lock of a process of this host that
+    has died is taken over with a warning, any other lock refused naming its holder. Returns the lock's bytes;
+    it is removed when this process exits."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    mine = json.dumps({
+        "run_id": run_id,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_at": _process_start(os.getpid()),
+        "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }).encode()
+    for _ in range(3):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder, raw = _read_lock(lock)
+            if raw is None:
+                continue
+            if not _stale(holder):
+                raise RunFolderError(_refusal(folder, lock, holder))
+            if _set_aside(lock, raw) and holder["pid"] != os.getpid():
+                logger.warning("%s was claimed by %s, which is no longer running: taking it over", folder, _describe_holder(holder))
+            continue
+        with os.fdopen(handle, "wb") as file:
+            file.write(mine)
+            file.flush()
+            os.fsync(file.fileno())
+        _held_locks[lock] = mine
+        return mine
+    holder, _ = _read_lock(lock)
+    raise RunFolderError(_refusal(folder, lock, holder))
+
+
+def check_not_base_folder(args) -> None:
+    """--output_dir must not be, lie inside or contain the local folder of the model training starts from: the
+    run's saves (and --overwrite_output_dir's moves) would change that model."""
+    base = Path(args.model_name_or_path)
+    if not base.is_dir():
+        return
+    base, out = base.resolve(), Path(args.output_dir).resolve()
+    relation = "is" if out == base else "is inside" if base in out.parents else "contains" if out in base.parents else None
+    if relation:
+        raise RunFolderError(
+            f"--output_dir {args.output_dir} {relation} the base model folder --model_name_or_path {args.model_name_or_path}: "
+            "the run would write over the model it starts from; choose an --output_dir outside it"
+        )
+
+
+def lock_output_dir(args) -> str:
+    """Claim --output_dir for one run before anything is read: the main process takes the lock (`take_lock`),
+    every rank gets the run id it holds (the resumed run's, from run.json, or a new one). Later calls with the
+    same arguments return the same id."""
+    if id(args) in _lock_run_ids:
+        return _lock_run_ids[id(args)][1]
+    check_not_base_folder(args)
+    folder = Path(args.output_dir)
+
+    def decide():
+        record = read_json(folder / RUN_RECORD) if resumes(args) else None
+        run_id = (record or {}).get("run_id") or uuid.uuid4().hex[:12]
+        take_lock(folder, run_id)
+        return run_id
+
+    run_id = _decided_on_main(decide)
+    _lock_run_ids[id(args)] = (args, run_id)
+    return run_id
+
+
+def release_output_dir(args) -> None:
+    """The run is over (or stops): give its --output_dir's lock back."""
+    if id(args) in _lock_run_ids and is_main_process():
+        lock = Path(args.output_dir) / LOCK_NAME
+        if lock in _held_locks:
+            release_lock(lock, _held_locks[lock])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -411,21 +649,22 @@ def check_output_dir(args) -> None:
 
 
 def claim_run_folder(args, dataset) -> Claim:
-    """Make --output_dir this run's: check it as `check_output_dir` does, record a new run in run.json or find
+    """Make --output_dir this run's: lock it (`lock_output_dir`), check it as `check_output_dir` does, record a new run in run.json or find
     the checkpoint to resume and verify that it belongs to this run and is whole. Every rank calls it, before
     the model is loaded; later calls with the same arguments return the first answer."""
     if id(args) in _claims:
         return _claims[id(args)][1]
+    run_id = lock_output_dir(args)
     check_output_dir(args)
     folder = Path(args.output_dir)
     identity = run_identity(args, dataset)
     if resumes(args):
-        claim = _claim_for_resume(args, folder, identity)
+        claim = _claim_for_resume(args, folder, identity, run_id)
     else:
-        claim = Claim(from_main(uuid.uuid4().hex[:12]), identity, None)
+        claim = Claim(run_id, identity, None)
         if is_main_process():
             folder.mkdir(parents=True, exist_ok=True)
-            _write_record(folder, claim)
+            _write_record(folder, claim, args)
     barrier()
     _claims[id(args)] = (args, claim)
     return claim
@@ -436,16 +675,19 @@ def current_claim(args) -> Claim | None:
     return entry[1] if entry else None
 
 
-def _write_record(folder: Path, claim: Claim) -> None:
+def _write_record(folder: Path, claim: Claim, args) -> None:
+    # The commit a hub base was read at (the hub's `main` moves on); None for a local folder.
+    base = {"model_name_or_path": args.model_name_or_path, "revision": base_checkpoint(args.model_name_or_path).revision}
     write_json_atomic(folder / RUN_RECORD, {
         "run_id": claim.run_id,
         "identity_hash": claim.identity_hash,
         "identity": claim.identity,
+        "base": base,
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     })
 
 
-def _claim_for_resume(args, folder: Path, identity: dict) -> Claim:
+def _claim_for_resume(args, folder: Path, identity: dict, locked_run_id: str) -> Claim:
     world_size = rank_and_world()[1]
     deepspeed = bool(args.deepspeed)
     digest = identity_hash(identity)
@@ -453,33 +695,76 @@ def _claim_for_resume(args, folder: Path, identity: dict) -> Claim:
 
     def decide():
         record = read_json(folder / RUN_RECORD)
+        extension = None
         if record and record.get("identity_hash") != digest:
-            raise RunFolderError(
-                f"{folder} holds run {record.get('run_id')}, trained with other settings "
-                f"({differences(record.get('identity', {}), identity)}); resume it with the settings it started with, or "
-                "start a new run with --overwrite_output_dir instead of --resume_from_checkpoint, or another --output_dir"
-            )
+            extension = extension_of(record.get("identity", {}), identity)
+            if extension is None:
+                raise RunFolderError(
+                    f"{folder} holds run {record.get('run_id')}, trained with other settings "
+                    f"({differences(record.get('identity', {}), identity)}); resume it with the settings it started with "
+                    "(a larger --max_steps or --num_train_epochs alone extends it), or start a new run with "
+                    "--overwrite_output_dir instead of --resume_from_checkpoint, or another --output_dir"
+                )
         run_id = record.get("run_id") if record else None
         if requested.lower() in ("latest", "true"):
-            return _newest_resumable(folder, run_id, digest, identity, world_size, deepspeed)
-        return _named_checkpoint(Path(requested), run_id, digest, identity, world_size, deepspeed)
+            found = _newest_resumable(folder, run_id, digest, identity, world_size, deepspeed)
+        else:
+            found = _named_checkpoint(Path(requested), run_id, digest, identity, world_size, deepspeed)
+        return (*found, extension)
 
-    checkpoint, manifest, run_id = _decided_on_main(decide)
+    checkpoint, manifest, run_id, extension = _decided_on_main(decide)
     if manifest is not None:
         _verify_manifest(Path(checkpoint), manifest)
     if checkpoint is not None:
         _check_format(Path(checkpoint), deepspeed)
-    run_id = run_id or from_main(uuid.uuid4().hex[:12])
-    claim = Claim(run_id, identity, checkpoint)
+        _check_torch_files(Path(checkpoint))
+    claim = Claim(run_id or locked_run_id, identity, checkpoint, extension)
+    if extension and is_main_process():
+        _record_extension(folder, read_json(folder / RUN_RECORD), identity, extension, checkpoint)
     if is_main_process() and not (folder / RUN_RECORD).is_file():
         # A folder from the stock Trainer or an older version of this project: from now on it is this run's.
         folder.mkdir(parents=True, exist_ok=True)
-        _write_record(folder, claim)
+        _write_record(folder, claim, args)
     if checkpoint is None:
         logger.warning("--resume_from_checkpoint %s: no checkpoint to resume in %s, training from the start", requested, folder)
     else:
         logger.info("resuming from %s", checkpoint)
     return claim
+
+
+# What a run may change when it resumes: training longer. Everything else that changes the weights stays fixed.
+LENGTH_ARGUMENTS = ("max_steps", "num_train_epochs")
+
+
+def extension_of(old: dict, new: dict) -> str | None:
+    """"max_steps 4 -> 6" when `new` differs from `old` only in training longer: a larger --max_steps (both
+    runs counted in steps), or a larger --num_train_epochs (both counted in epochs, --max_steps unset);
+    None for any other difference."""
+    if {key for key in set(old) | set(new) if old.get(key) != new.get(key)} - set(LENGTH_ARGUMENTS):
+        return None
+    steps, epochs = (old.get("max_steps"), new.get("max_steps")), (old.get("num_train_epochs"), new.get("num_train_epochs"))
+    if not all(isinstance(value, (int, float)) for value in (*steps, *epochs)):
+        return None
+    if steps[0] > 0 and steps[1] > steps[0] and epochs[0] == epochs[1]:
+        return f"max_steps {steps[0]} -> {steps[1]}"
+    if steps[0] <= 0 and steps[1] == steps[0] and epochs[1] > epochs[0]:
+        return f"num_train_epochs {epochs[0]} -> {epochs[1]}"
+    return None
+
+
+def _record_extension(folder: Path, record: dict, identity: dict, extension: str, checkpoint: str | None) -> None:
+    """Main process: run.json takes the longer run's identity and lists the extension."""
+    old = record.get("identity", {})
+    entry = {
+        "changed": {key: [old.get(key), identity.get(key)] for key in LENGTH_ARGUMENTS if old.get(key) != identity.get(key)},
+        "from_checkpoint": Path(checkpoint).name if checkpoint else None,
+        "at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    updated = {**record, "identity_hash": identity_hash(identity), "identity": identity,
+               "extensions": [*record.get("extensions", []), entry]}
+    write_json_atomic(folder / RUN_RECORD, updated)
+    logger.warning("extending run %s (%s): it continues from %s", record.get("run_id"), extension,
+                   Path(checkpoint).name if checkpoint else "the start")
 
 
 def _owned(marker: dict, run_id: str | None, digest: str, identity: dict, checkpoint: Path) -> None:
@@ -490,7 +775,7 @@ def _owned(marker: dict, run_id: str | None, digest: str, identity: dict, checkp
             f"{checkpoint.parent / RUN_RECORD} records; move it out of that folder, or resume another checkpoint "
             "with --resume_from_checkpoint PATH"
         )
-    if marker.get("identity_hash") != digest:
+    if marker.get("identity_hash") != digest and extension_of(marker.get("identity", {}), identity) is None:
         raise RunFolderError(
             f"{checkpoint} was written by a run with other settings ({differences(marker.get('identity', {}), identity)}); "
             "resume it with the settings it was trained with, or start a new run in another --output_dir"
@@ -511,9 +796,9 @@ def _newest_resumable(folder: Path, run_id, digest, identity, world_size, deepsp
             logger.warning("removing %s: this run's write of it never completed (it was stopped while saving)", checkpoint)
             shutil.rmtree(checkpoint)
             continue
-        missing = missing_parts(checkpoint, world_size, deepspeed)
-        if missing:
-            move_aside(checkpoint, "no " + ", ".join(missing))
+        problems = checkpoint_problems(checkpoint, world_size, deepspeed)
+        if problems:
+            move_aside(checkpoint, problems)
             continue
         logger.warning("%s has no manifest (written by the stock Trainer or an older version of this project): its files "
                        "are whole, but nothing shows that it was trained with these settings", checkpoint)
@@ -528,10 +813,10 @@ def _named_checkpoint(checkpoint: Path, run_id, digest, identity, world_size, de
     if marker and "files" in marker:
         _owned(marker, run_id, digest, identity, checkpoint)
         return str(checkpoint), marker["files"], marker["run_id"]
-    missing = missing_parts(checkpoint, world_size, deepspeed)
-    if missing:
+    problems = checkpoint_problems(checkpoint, world_size, deepspeed)
+    if problems:
         raise RunFolderError(
-            f"--resume_from_checkpoint {checkpoint}: not a complete checkpoint (no {', '.join(missing)}); pass a complete "
+            f"--resume_from_checkpoint {checkpoint}: not a complete checkpoint ({problems}); pass a complete "
             "checkpoint-N folder or `latest`"
         )
     return str(checkpoint), None, run_id
@@ -549,6 +834,23 @@ def _verify_manifest(checkpoint: Path, manifest: dict) -> None:
             "(copied from another checkpoint or run, changed or removed since); resume an intact checkpoint with "
             "--resume_from_checkpoint PATH, or move this one out of the folder"
         )
+
+
+def _check_torch_files(checkpoint: Path) -> None:
+    """Every rank, before anything unpickles: each torch file of the checkpoint (shared out over the ranks)
+    holds only what a weights-only load builds, whether or not a manifest vouches for it."""
+    rank, world = rank_and_world()
+    names = from_main([path.relative_to(checkpoint).as_posix() for path in torch_files(checkpoint)])
+    refusal = None
+    for name in names[rank::world]:
+        try:
+            check_torch_file(checkpoint / name)
+        except UnsafeCheckpointFile as error:
+            refusal = str(error)
+            break
+    refusals = [message for message in gathered(refusal) if message]
+    if refusals:
+        raise RunFolderError(refusals[0])
 
 
 def _check_format(checkpoint: Path, deepspeed: bool) -> None:
@@ -593,27 +895,39 @@ def newest_complete(folder: Path, run_id: str | None = None) -> Path | None:
 
 
 def rotate(folder: Path, run_id: str, limit: int | None, keep: str | None) -> None:
-    """Main process: keep the newest `limit` complete checkpoints of this run (and `keep`, the best one when the
-    Trainer tracks it); delete this run's older ones. Checkpoints of other runs are never touched."""
+    """Main process: keep at most `limit` complete checkpoints of this run, as the HF Trainer does: the newest,
+    and among them `keep` (the best one, when the Trainer tracks it) in place of the oldest of them. With a limit
+    of 1 and a best that is not the newest, both stay (the newest is what a resume needs). This run's other
+    checkpoints are deleted; other runs' are never touched."""
     if not limit or limit < 1:
         return
     ours = [p for p in checkpoint_folders(folder) if (read_json(p / COMPLETE_MARKER) or {}).get("run_id") == run_id]
-    kept = set(ours[-limit:])
+    best = next((p for p in ours if keep and p.resolve() == Path(keep).resolve()), None)
+    newest_first = [p for p in reversed(ours) if p != best]
+    if best is None:
+        kept = newest_first[:limit]
+    else:
+        kept = [best, *newest_first[:max(limit - 1, 0 if best == ours[-1] else 1)]]
     for checkpoint in ours:
-        if checkpoint not in kept and not (keep and checkpoint.resolve() == Path(keep).resolve()):
+        if checkpoint not in kept:
             logger.info("deleting %s (--save_total_limit %d)", checkpoint, limit)
             shutil.rmtree(checkpoint, ignore_errors=True)
 
 
+def _full_disk(error: BaseException, free: int | None, needed: int | None) -> bool:
+    """torch.save reports a full disk only as "unexpected pos", so a write that failed with less free space than
+    it needed (`needed`, when known) is called a full disk too."""
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error):
+        return True
+    return free is not None and needed is not None and free < needed
+
+
 def failed_write_message(checkpoint: Path, error: BaseException, free: int | None) -> str:
     """One line for a checkpoint write that failed with `error` while `free` bytes were free: the folder, the
-    space, and what survives. torch.save reports a full disk only as "unexpected pos", so a write that failed
-    with less free space than the previous checkpoint takes is called a full disk too."""
+    space, and what survives (the previous checkpoint's size is what this one needed)."""
     survivor = newest_complete(checkpoint.parent)
     needed = folder_size(survivor) if survivor else None
-    full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
-    full = full or (free is not None and needed is not None and free < needed)
-    reason = "no space left on the device" if full else error_reason(error)
+    reason = "no space left on the device" if _full_disk(error, free, needed) else error_reason(error)
     space = f"{human_size(free)} free on its filesystem" if free is not None else "free space unknown"
     if needed is not None:
         space += f", a checkpoint takes {human_size(needed)}"
@@ -624,11 +938,32 @@ def failed_write_message(checkpoint: Path, error: BaseException, free: int | Non
     return f"could not write {checkpoint}: {reason} ({space}); removed this run's partial {checkpoint.name}; {kept}"
 
 
+def failed_final_save_message(staging: Path, error: BaseException, free: int | None) -> str:
+    """One line for a final save into `staging` that failed: nothing of it reached the final names, and what
+    survives is the newest complete checkpoint (resuming it at its last step writes the final model)."""
+    folder = staging.parent
+    survivor = newest_complete(folder)
+    reason = "no space left on the device" if _full_disk(error, free, None) or (free is not None and free < 1 << 20) else error_reason(error)
+    space = f"{human_size(free)} free on its filesystem" if free is not None else "free space unknown"
+    if survivor is None:
+        kept = ("no checkpoint of this run exists (with --save_strategy no only the final save keeps the weights), so "
+                "the trained weights are lost: make room and train again")
+    else:
+        kept = (f"{survivor.name} is the newest complete checkpoint and intact: make room, then rerun with "
+                "--resume_from_checkpoint latest to write the final model from it")
+    return (f"could not write the final model in {folder}: {reason} ({space}); nothing was written under its final "
+            f"names (the partial {staging.name} was removed); {kept}")
+
+
 __all__ = [
     "RunFolderError",
     "Claim",
     "check_output_dir",
+    "check_free_space",
     "claim_run_folder",
+    "lock_output_dir",
+    "release_output_dir",
+    "release_held_locks",
     "current_claim",
     "resumes",
     "missing_parts",

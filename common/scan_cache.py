@@ -8,7 +8,7 @@ process, one JSON file per dataset, under a key (`scan_key`) that covers:
   size, modification time and the first and last 64 KiB of each;
 - the rows themselves (`run_folder.data_fingerprint`: every row of an in-memory list, a `datasets.Dataset`'s
   own fingerprint) and how they are converted (the ``to_example`` function and its settings, such as a system
-  prompt);
+  prompt) with the seed its random draws follow;
 - what tokenization depends on: --num_crops, the tokenizer (name, vocabulary, special tokens, chat template,
   its files) and the image processor's settings.
 
@@ -135,6 +135,8 @@ def scan_key(dataset, processor, num_crops: int, content: str | None = None) -> 
         "files": [file_fingerprint(path) for path in data_files(dataset)],
         "content": content or data_fingerprint(dataset),
         "conversion": converter_identity(dataset.to_example),
+        # Random draws in the conversion follow the seed (`RecipeDataset`).
+        "seed": getattr(dataset, "seed", None),
         "num_crops": num_crops,
         "processor": processor_identity(processor),
     }

@@ -28,9 +28,10 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from .arguments import FinetuneArguments
 from .compile import compile_layers
 from .conversation import error_reason
-from .export import dtype_name
+from .export import base_checkpoint, dtype_name, warn_if_code_is_missing
 from .modeling_phi3v import Phi3VForCausalLM
 from .processing_phi3v import Phi3VProcessor
+from .ranks import is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +57,16 @@ def checkpoint_not_found(source: str, what: str, error: Exception) -> FileNotFou
 
 
 def load_processor(args: FinetuneArguments) -> Phi3VProcessor:
+    """The base's processor. Being a run's first read of the base, it also pins a hub base's commit and fetches
+    its code files (`common.export.base_checkpoint`), warning once if the outputs cannot carry them."""
     try:
-        return Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
+        processor = Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
     except OSError as error:
         raise checkpoint_not_found(args.model_name_or_path, "processor", error) from error
+    base = base_checkpoint(args.model_name_or_path)
+    if is_main_process():
+        warn_if_code_is_missing(base)
+    return processor
 
 
 def model_dtype(args: FinetuneArguments) -> torch.dtype:
@@ -219,6 +226,10 @@ def setup_training_mode(model: Phi3VForCausalLM, args: FinetuneArguments):
             init_lora_weights="gaussian",
             task_type="CAUSAL_LM",
         )
+        if isinstance(args, FinetuneArguments):
+            # The adapter's random initial weights follow --seed (the Trainer seeds only once the model exists),
+            # so that two runs of one command train the same model.
+            torch.manual_seed(args.seed)
         model = get_peft_model(model, config)
         save_adapter_weights_only(model)
     log_trainable_parameters(model, mode)

@@ -23,7 +23,7 @@ from .recipe_utils import REPO_ROOT
 FIXTURE = REPO_ROOT / "tests" / "fixtures" / "official_config.json"
 # Written by transformers 4.38 into the published file; not part of the config's content.
 PROVENANCE_KEYS = {"_name_or_path"}
-CODE_FILES = ("configuration_phi3_v.py", "modeling_phi3_v.py", "processing_phi3_v.py")
+CODE_FILES = ("configuration_phi3_v.py", "image_processing_phi3_v.py", "modeling_phi3_v.py", "processing_phi3_v.py")
 HUB_ID = "microsoft/Phi-3.5-vision-instruct"
 TEXTS = [
     "<|user|>\n<|image_1|>\nWhat is the date mentioned in this letter? Answer briefly.<|end|>\n<|assistant|>\n",
@@ -159,15 +159,16 @@ def test_transformers4_reads_the_tokenizer_and_generation_config(exported, tmp_p
     assert seen["chat"] == "<|user|>\nhi<|end|>\n<|assistant|>\n" and seen["eos"] == [32007, 32000, 2]
 
 
-def test_a_hub_base_gets_auto_map_entries_that_point_at_its_repository(exported, base, tmp_path, monkeypatch):
-    """The base as the hub cache holds it (offline): every auto_map entry names the repository."""
+def test_a_hub_base_gives_local_auto_map_entries_and_its_cached_code(exported, base, tmp_path, monkeypatch):
+    """The base as the hub cache holds it (offline): the folder gets the commit's code files and local entries."""
     from huggingface_hub import constants
 
-    snapshot = tmp_path / "hub" / "models--microsoft--Phi-3.5-vision-instruct" / "snapshots" / "0123abc"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / "models--microsoft--Phi-3.5-vision-instruct" / "snapshots" / commit
     snapshot.mkdir(parents=True)
     (snapshot.parents[1] / "refs").mkdir()
-    (snapshot.parents[1] / "refs" / "main").write_text("0123abc")
-    for name in ("config.json", "preprocessor_config.json", "processor_config.json", "generation_config.json"):
+    (snapshot.parents[1] / "refs" / "main").write_text(commit)
+    for name in ("config.json", "preprocessor_config.json", "processor_config.json", "generation_config.json", *CODE_FILES):
         shutil.copyfile(base / name, snapshot / name)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     folder = tmp_path / "out"
@@ -178,17 +179,12 @@ def test_a_hub_base_gets_auto_map_entries_that_point_at_its_repository(exported,
     processor.source = HUB_ID
     processor.save_pretrained(folder)
     export.complete_model_folder(folder, HUB_ID, processor.tokenizer)
-    assert json.loads((folder / "config.json").read_text())["auto_map"] == {
-        "AutoConfig": f"{HUB_ID}--configuration_phi3_v.Phi3VConfig",
-        "AutoModelForCausalLM": f"{HUB_ID}--modeling_phi3_v.Phi3VForCausalLM",
-    }
-    assert json.loads((folder / "preprocessor_config.json").read_text())["auto_map"]["AutoImageProcessor"] == (
-        f"{HUB_ID}--image_processing_phi3_v.Phi3VImageProcessor"
-    )
-    assert json.loads((folder / "processor_config.json").read_text())["auto_map"] == {
-        "AutoProcessor": f"{HUB_ID}--processing_phi3_v.Phi3VProcessor"
-    }
-    assert not list(folder.glob("*.py")), "a hub base's code is reached through auto_map, never copied or written"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == json.loads((base / "config.json").read_text())["auto_map"]
+    assert config["_name_or_path"] == HUB_ID and config["_revision"] == commit
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        assert json.loads((folder / name).read_text())["auto_map"] == json.loads((base / name).read_text())["auto_map"]
+    assert all((folder / name).read_bytes() == (base / name).read_bytes() for name in CODE_FILES)
 
 
 def make_adapter(base: Path, folder: Path) -> Path:

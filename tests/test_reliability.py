@@ -194,20 +194,22 @@ def test_missing_checkpoint_and_unreachable_hub_data_are_one_line_errors(tiny_ch
 
 
 def worker_pids(marker: str) -> dict[int, int]:
-    """{LOCAL_RANK: pid} of the torchrun workers whose command line mentions `marker`."""
-    workers = {}
+    """{LOCAL_RANK: pid} of the torchrun workers whose command line mentions `marker` (not their DataLoader
+    workers, which share their command line and environment)."""
+    candidates = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             command = (entry / "cmdline").read_bytes().decode(errors="replace")
             environ = (entry / "environ").read_bytes().decode(errors="replace").split("\0")
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except OSError:
             continue
         local_rank = next((item.split("=", 1)[1] for item in environ if item.startswith("LOCAL_RANK=")), None)
         if marker in command and str(DRIVER) in command and local_rank is not None:
-            workers[int(local_rank)] = int(entry.name)
-    return workers
+            candidates[int(entry.name)] = int(local_rank), parent
+    return {local_rank: pid for pid, (local_rank, parent) in candidates.items() if parent not in candidates}
 
 
 def kill_args(checkpoint, data, out):
@@ -217,10 +219,9 @@ def kill_args(checkpoint, data, out):
             "--warmup_steps", "0", "--seed", "3", "--logging_steps", "1"]
 
 
-def start_torchrun(args, tmp_path, env, launcher="torch.distributed.run"):
-    """2 processes under `launcher` (torchrun, or our `common.launch`), in a session of their own, as a job is."""
-    command = [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node=2", str(DRIVER),
-               "finetune_hf_trainer_ucf101.py", *map(str, args)]
+def start_torchrun(args, tmp_path, env, launcher="torch.distributed.run", script="finetune_hf_trainer_ucf101.py"):
+    """2 processes of `script` under `launcher` (torchrun, or our `common.launch`), in a session of their own, as a job is."""
+    command = [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node=2", str(DRIVER), script, *map(str, args)]
     return subprocess.Popen(command, cwd=REPO_ROOT, env=offline_env(tmp_path, **env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -433,13 +434,14 @@ def test_resume_takes_a_complete_checkpoint_without_marker_and_moves_a_partial_o
 def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_resumes(tiny_checkpoint, kill_data, tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
-    # One single-process checkpoint of the tiny model takes ~53 MB: the first fits, the second does not.
+    # One single-process checkpoint of the tiny model takes ~53 MB: the first fits, the second does not (the
+    # check before training would refuse this disk: --skip_disk_check lets the write itself fail).
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(disk)], capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         out = disk / "out"
-        args = [*kill_args(tiny_checkpoint, kill_data, out), "--max_steps", "2", "--save_steps", "1"]
+        args = [*kill_args(tiny_checkpoint, kill_data, out), "--max_steps", "2", "--save_steps", "1", "--skip_disk_check"]
         result = run_script("finetune_hf_trainer_ucf101.py", args, tmp_path)
         assert result.returncode == 1
         error = one_error_line(result.stderr)

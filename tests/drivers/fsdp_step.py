@@ -144,7 +144,8 @@ def main() -> None:
         assert state.keys() == gathered.keys() and all(torch.equal(state[n], gathered[n]) for n in gathered), "reload is exact"
         assert set(load_file(str(folder / "model.safetensors"))) == set(load_file(str(checkpoint / "model.safetensors")))
         config = json.loads((folder / "config.json").read_text())
-        assert config["architectures"] == ["Phi3VForCausalLM"] and "auto_map" in config, config.get("architectures")
+        # The tiny base holds no code files, so no auto_map entry may point at one.
+        assert config["architectures"] == ["Phi3VForCausalLM"] and "auto_map" not in config, config.get("architectures")
         assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"][0] == 32007
     evaluate(reloaded, processor, EVALUATION, output_file=out / "eval_reloaded.json", **generation)
 
