@@ -78,10 +78,11 @@ def main(argv: list[str] | None = None) -> None:
 
     data_dir = Path(data_args.data_dir)
     images = data_dir / "images"
-    train_rows = load_jsonl_conversations(split_file(data_dir, "train"), images, skip_log_for(args))
-    eval_rows = jsonl_eval_examples(split_file(data_dir, "val"), images, skip_log_for(args))
-    train_set = RecipeDataset(first_rows(train_rows, data_args.max_train_samples), name="ucf101 train")
-    eval_set = RecipeDataset(first_rows(eval_rows, data_args.max_eval_samples), name="ucf101 val", for_training=False)
+    train_file, val_file = split_file(data_dir, "train"), split_file(data_dir, "val")
+    train_rows = load_jsonl_conversations(train_file, images, skip_log_for(args))
+    eval_rows = jsonl_eval_examples(val_file, images, skip_log_for(args))
+    train_set = RecipeDataset(first_rows(train_rows, data_args.max_train_samples), name="ucf101 train", data_files=[train_file])
+    eval_set = RecipeDataset(first_rows(eval_rows, data_args.max_eval_samples), name="ucf101 val", for_training=False, data_files=[val_file])
 
     processor = load_processor(args)
     train_set = check_training_data(train_set, processor, args)

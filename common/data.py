@@ -13,11 +13,13 @@ image file decodes; its `lengths` gives the token lengths alone, for length-grou
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import json
 import operator
 import os
 import random
+import stat
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import datasets
+import numpy as np
 import torch
 from PIL import Image, JpegImagePlugin, PngImagePlugin
 from tqdm import tqdm
@@ -148,6 +151,7 @@ class RecipeDataset(torch.utils.data.Dataset):
         skip_log=None,
         original_indices: list[int] | None = None,
         seed: int = 0,
+        data_files: list | None = None,
     ):
         if not hasattr(source, "__len__") or not hasattr(source, "__getitem__"):
             raise TypeError(
@@ -168,7 +172,9 @@ class RecipeDataset(torch.utils.data.Dataset):
         self.seed = seed
         # In shared memory, so that persistent DataLoader workers see each new epoch too.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        self._lengths: dict[tuple[int, int], tuple[Phi3VProcessor, list[int]]] = {}
+        self._lengths: dict[tuple[int, int], tuple[Phi3VProcessor, np.ndarray]] = {}
+        # The files the rows were read from, for the fingerprint of the validation pass's cache (common.scan_cache).
+        self.data_files = [str(path) for path in data_files or ()]
 
     def __len__(self) -> int:
         return len(self.source)
@@ -194,8 +200,11 @@ class RecipeDataset(torch.utils.data.Dataset):
             return None
         return example
 
-    def scan(self, processor: Phi3VProcessor, num_crops: int, image_pool: Executor | None = None) -> Iterator[ScannedRow]:
-        """Every row in order, with its exact token counts or the ExampleError of that row.
+    def scan(
+        self, processor: Phi3VProcessor, num_crops: int, image_pool: Executor | None = None, rows: range | None = None
+    ) -> Iterator[ScannedRow]:
+        """Every row in order (or those of `rows`, a range of indices), with its exact token counts or the
+        ExampleError of that row.
 
         Token counts come from text and image headers. With an `image_pool` (`image_check_pool()`), every image
         given as a file path or stored in an image column of a `datasets.Dataset` is also checked with
@@ -203,8 +212,9 @@ class RecipeDataset(torch.utils.data.Dataset):
         rows after them; so a truncated file stops the run here rather than mid-training. PIL images that
         `to_example` hands over are taken as they are.
         """
-        rows = self._rows_for_lengths()
-        progress = tqdm(range(len(self)), desc=f"{self.name}: checking rows", unit="example", disable=len(self) < PROGRESS_MIN_ROWS)
+        indices = range(len(self)) if rows is None else rows
+        rows = self._rows_for_lengths(indices.start, indices.stop)
+        progress = tqdm(indices, desc=f"{self.name}: checking rows", unit="example", disable=len(indices) < PROGRESS_MIN_ROWS)
         in_flight: deque[tuple[list[tuple[ScannedRow, object]], Future]] = deque()
         chunk: list[tuple[ScannedRow, object]] = []
         chunk_files: list[list[tuple[str, bytes | str | os.PathLike]]] = []
@@ -217,7 +227,7 @@ class RecipeDataset(torch.utils.data.Dataset):
             chunk.append((scanned, row))
             chunk_files.append(files)
             chunk_bytes += sum(len(source) for _, source in files if isinstance(source, bytes))
-            if len(chunk) < CHECK_CHUNK_ROWS and chunk_bytes < CHECK_CHUNK_BYTES and index < len(self) - 1:
+            if len(chunk) < CHECK_CHUNK_ROWS and chunk_bytes < CHECK_CHUNK_BYTES and index < indices.stop - 1:
                 continue
             in_flight.append((chunk, image_pool.submit(_check_image_chunk, chunk_files)))
             chunk, chunk_files, chunk_bytes = [], [], 0
@@ -256,7 +266,7 @@ class RecipeDataset(torch.utils.data.Dataset):
         else:
             source = [self.source[index] for index in indices]
         original = [self.original_index(index) for index in indices]
-        subset = RecipeDataset(source, self.to_example, self.name, self.for_training, self.skip_log, original, self.seed)
+        subset = RecipeDataset(source, self.to_example, self.name, self.for_training, self.skip_log, original, self.seed, self.data_files)
         subset._epoch = self._epoch
         return subset
 
@@ -273,7 +283,8 @@ class RecipeDataset(torch.utils.data.Dataset):
         Pixels are not decoded: image sizes come from file headers (a `datasets.Dataset`'s image columns are
         read undecoded and handed to `to_example` as lazily opened PIL images; only EXIF-rotated images are
         decoded, to turn them upright as `datasets` does). A `to_example` that draws randomly (e.g. one answer
-        of several) gives the length of one draw. Memoised per (processor, num_crops).
+        of several) gives the length of one draw. Memoised per (processor, num_crops); the validation pass hands
+        over the lengths it measured (`remember_lengths`), so length-grouped batching does not scan again.
         """
         if not self.for_training:
             raise ValueError(
@@ -281,14 +292,33 @@ class RecipeDataset(torch.utils.data.Dataset):
             )
         cached = self._lengths.get((id(processor), num_crops))
         if cached is not None and cached[0] is processor:
-            return list(cached[1])
+            return cached[1].tolist()
         result = []
         for scanned in self.scan(processor, num_crops):
             if scanned.error is not None:
                 raise scanned.error
             result.append(scanned.tokens.total)
-        self._lengths[(id(processor), num_crops)] = (processor, result)
-        return list(result)
+        self.remember_lengths(processor, num_crops, np.asarray(result, dtype=np.int32))
+        return result
+
+    def remember_lengths(self, processor: Phi3VProcessor, num_crops: int, lengths: np.ndarray) -> None:
+        """Take `lengths` (one per row, in order) as what `lengths(processor, num_crops)` returns."""
+        if len(lengths) != len(self):
+            raise ValueError(f"{self.name}: {len(lengths)} lengths for {len(self)} rows")
+        self._lengths[(id(processor), num_crops)] = (processor, np.asarray(lengths, dtype=np.int32))
+
+    def example_id(self, index: int):
+        """The id the validation pass names row `index` by, read without decoding its images."""
+        row, opened = next(self._rows_for_lengths(index, index + 1))
+        try:
+            if isinstance(row, Exception):
+                return self.row_id(index)
+            return self._convert(row, index)["id"]
+        except Exception:
+            return self.row_id(index, row)
+        finally:
+            for image, _ in opened.values():
+                image.close()
 
     def _convert(self, row, index: int) -> dict:
         if self.to_example is None:
@@ -349,18 +379,19 @@ class RecipeDataset(torch.utils.data.Dataset):
             return self.source.with_format("arrow")[index : index + 1].column("id")[0].as_py()
         return None
 
-    def _rows_for_lengths(self) -> Iterator[tuple[object, dict[int, tuple[Image.Image, bytes | str]]]]:
+    def _rows_for_lengths(self, first: int = 0, stop: int | None = None) -> Iterator[tuple[object, dict[int, tuple[Image.Image, bytes | str]]]]:
         """(row, {id(image): (image, the bytes or path it was opened from)} for the images opened for it) per
-        index; `datasets` rows come with image columns undecoded, and a row whose images cannot even be opened
-        comes as its exception."""
+        index from `first` to `stop`; `datasets` rows come with image columns undecoded, and a row whose images
+        cannot even be opened comes as its exception."""
+        stop = len(self.source) if stop is None else stop
         if not isinstance(self.source, datasets.Dataset):
-            for index in range(len(self.source)):
+            for index in range(first, stop):
                 yield self.source[index], {}
             return
         features = self.source.features
         raw = self.source.with_format("arrow")
-        for start in range(0, len(raw), LENGTH_SLICE_ROWS):
-            for values in raw[start : start + LENGTH_SLICE_ROWS].to_pylist():
+        for start in range(first, stop, LENGTH_SLICE_ROWS):
+            for values in raw[start : min(start + LENGTH_SLICE_ROWS, stop)].to_pylist():
                 opened: dict[int, tuple[Image.Image, bytes | str]] = {}
                 try:
                     row = {key: _decode_lazily(value, features[key], opened) for key, value in values.items()}
@@ -528,7 +559,7 @@ def _read_conversations(jsonl_path, image_root, skip_log=None, answered: bool = 
     records: list[dict] = []
     line_of_id: dict[str, int] = {}
     size = path.stat().st_size
-    with open(path, "rb") as handle, tqdm(
+    with resolving_images(), open(path, "rb") as handle, tqdm(
         total=size, unit="B", unit_scale=True, desc=f"checking {path.name}", disable=size < PROGRESS_MIN_BYTES
     ) as progress:
         for line_number, raw in enumerate(handle, start=1):
@@ -628,20 +659,59 @@ def _parse_record(record, where: str, root: Path, answered: bool = True) -> dict
     return example
 
 
+# While a data file is read (`resolving_images`): the real path of each image folder met, so that each image
+# costs one lstat instead of one per path component; the files of a folder are thousands.
+_real_folders: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("real_folders", default=None)
+
+
+@contextlib.contextmanager
+def resolving_images():
+    """Remember image folders' real paths for as long as one data file is read (see `_resolve_image`)."""
+    token = _real_folders.set({})
+    try:
+        yield
+    finally:
+        _real_folders.reset(token)
+
+
+def _real_path(path: str) -> tuple[str, os.stat_result | None]:
+    """(the real path, the lstat of what it names or None if nothing is there), the folder's real path reused."""
+    folders = _real_folders.get()
+    parent, name = os.path.split(path)
+    if folders is None or name in ("", ".", ".."):
+        real = os.path.realpath(path)
+        return real, _lstat(real)
+    if parent not in folders:
+        folders[parent] = os.path.realpath(parent)
+    real = os.path.join(folders[parent], name)
+    status = _lstat(real)
+    if status is not None and stat.S_ISLNK(status.st_mode):
+        real = os.path.realpath(real)
+        status = _lstat(real)
+    return real, status
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
+
+
 def _resolve_image(relative, root: Path, where: str) -> str:
     if not isinstance(relative, str) or not relative:
         raise DataError(f"{where}: an image path must be a non-empty string, got {relative!r:.100}")
-    if Path(relative).is_absolute():
+    if os.path.isabs(relative):
         raise DataError(
             f"{where}: image path {relative!r} is absolute; refused: image paths must be relative to the image root "
             f"{root}, so a data file can only point at files under it"
         )
-    resolved = (root / relative).resolve()
-    if not resolved.is_relative_to(root):
+    resolved, status = _real_path(os.path.join(root, relative))
+    if resolved != str(root) and not resolved.startswith(os.path.join(root, "")):
         raise DataError(
             f"{where}: image path {relative!r} leads to {resolved}, outside the image root {root} (through '..' or a "
             "symlink); refused. Put the images under the image root, or pass the image root they belong to."
         )
-    if not resolved.is_file():
+    if status is None or not stat.S_ISREG(status.st_mode):
         raise FileNotFoundError(f"{where}: image file {root / relative} does not exist; add it or fix the path")
-    return str(resolved)
+    return resolved

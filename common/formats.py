@@ -40,7 +40,8 @@ from pathlib import Path
 import datasets
 
 from .conversation import DataError, ExampleError, check_messages, split_system
-from .data import RecipeDataset, _resolve_image, jsonl_prediction_examples, load_jsonl_conversations
+from .data import RecipeDataset, _resolve_image, jsonl_prediction_examples, load_jsonl_conversations, resolving_images
+from .scan_cache import converter_identity
 from .sources import first_rows, load_split
 
 logger = logging.getLogger(__name__)
@@ -326,19 +327,20 @@ def read_conversations(path, image_root, file_format: str = "auto", system_promp
         return [{**row, "messages": with_system(row["messages"], system_prompt)} for row in rows], file_format
     root = root.resolve()
     conversations, line_of_id = [], {}
-    for where, row in file_rows(path):
-        try:
-            conversation = file_conversation(row, file_format, root, path.name, where, answered)
-            if conversation["id"] in line_of_id:
-                raise DataError(f"{where}: id {conversation['id']!r} is already used at {line_of_id[conversation['id']]}; give every row its own id")
-        except (DataError, FileNotFoundError) as error:
-            if skip_log is None:
-                raise
-            skip_log.record(str(error), stage="validation")
-            continue
-        line_of_id[conversation["id"]] = where
-        conversation["messages"] = with_system(conversation["messages"], system_prompt)
-        conversations.append(conversation)
+    with resolving_images():
+        for where, row in file_rows(path):
+            try:
+                conversation = file_conversation(row, file_format, root, path.name, where, answered)
+                if conversation["id"] in line_of_id:
+                    raise DataError(f"{where}: id {conversation['id']!r} is already used at {line_of_id[conversation['id']]}; give every row its own id")
+            except (DataError, FileNotFoundError) as error:
+                if skip_log is None:
+                    raise
+                skip_log.record(str(error), stage="validation")
+                continue
+            line_of_id[conversation["id"]] = where
+            conversation["messages"] = with_system(conversation["messages"], system_prompt)
+            conversations.append(conversation)
     if not conversations:
         raise DataError(f"{path} holds no usable examples")
     return conversations, file_format
@@ -501,6 +503,13 @@ class EvaluationTurns:
         row, turn = self.pairs[index]
         return evaluation_examples(self.to_conversation(self.dataset[row], row), self.eval_turn)[turn]
 
+    @property
+    def _fingerprint(self) -> str:
+        """These examples' identity for `run_folder.data_fingerprint`, as a `datasets.Dataset` has one: the rows',
+        the conversion's and the turns scored, with no row converted (which would decode its images)."""
+        conversion = json.dumps(converter_identity(self.to_conversation), sort_keys=True, default=str)
+        return f"{self.dataset._fingerprint}:{self.eval_turn}:{len(self.pairs)}:{conversion}"
+
 
 def hold_out(rows, fraction: float, seed: int):
     """(training rows, evaluation rows): a seeded random `fraction` of the rows held out, at least one."""
@@ -634,8 +643,10 @@ class CustomData:
             train_name = f"{self.name} {options.split}"
             eval_name = f"{self.name} {options.eval_split}" if options.eval_split else f"{train_name} held out"
             eval_source = EvaluationTurns(self.eval, self.columns, turn, answered_turns(self.eval, options.messages_column, eval_name))
-        train_set = RecipeDataset(self.train, self.columns, train_name)
-        eval_set = RecipeDataset(eval_source, name=f"{eval_name} ({turn} turn{'s' if turn == 'all' else ''})", for_training=False)
+        files = [options.train_file] if options.train_file else []
+        train_set = RecipeDataset(self.train, self.columns, train_name, data_files=files)
+        eval_files = [options.eval_file] if options.eval_file else files
+        eval_set = RecipeDataset(eval_source, name=f"{eval_name} ({turn} turn{'s' if turn == 'all' else ''})", for_training=False, data_files=eval_files)
         return train_set, eval_set
 
     def warn(self, train_set: RecipeDataset, args) -> None:

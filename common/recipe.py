@@ -71,6 +71,7 @@ from .run_folder import (
     resumes,
     rotate,
 )
+from .scan_cache import ScanCache
 from .training import UnsafeCheckpointError, load_model, to_device
 from .validation import SkipLog, validate_evaluation_data, validate_training_data
 
@@ -135,17 +136,20 @@ def skip_log_for(args: FinetuneArguments) -> SkipLog | None:
 
 
 def check_evaluation_data(eval_set: RecipeDataset, processor, args: FinetuneArguments) -> RecipeDataset:
-    """The validation pass over an evaluation split, before training, with --skip_bad_examples applied."""
-    return validate_evaluation_data(eval_set, processor, args.num_crops, skip_log_for(args))
+    """The validation pass over an evaluation split, before training, with --skip_bad_examples applied; its
+    findings are kept in the run folder for a restart (`common.scan_cache`)."""
+    return validate_evaluation_data(eval_set, processor, args.num_crops, skip_log_for(args), cache=ScanCache(args.output_dir))
 
 
 def check_training_data(train_set: RecipeDataset, processor, args: FinetuneArguments) -> RecipeDataset:
     """Claim the output folder for this run (`common.run_folder`: stops at once if it holds another run), then
-    the validation pass (see `common.validation`), with --skip_bad_examples and --max_length applied."""
-    claim_run_folder(args, train_set)
+    the validation pass (see `common.validation`: shared out over the ranks, its findings kept in the run folder
+    for a restart), with --skip_bad_examples and --max_length applied."""
+    claim = claim_run_folder(args, train_set)
     # The validation pass checks the draws that the first epoch makes (see `RecipeDataset`).
     train_set.seed = args.seed
-    return validate_training_data(train_set, processor, args.num_crops, args.max_length, skip_log_for(args))
+    cache = ScanCache(args.output_dir, {id(train_set): claim.identity["data"]})
+    return validate_training_data(train_set, processor, args.num_crops, args.max_length, skip_log_for(args), cache=cache)
 
 
 def build_collator(processor, args: FinetuneArguments, train_set: RecipeDataset) -> Phi3VCollator:
@@ -222,7 +226,8 @@ class RecipeTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, RecipeDataset):
-            # The stock sampler would read every example (decoding its images) to measure it.
+            # The stock sampler would read every example (decoding its images) to measure it; the validation pass
+            # has left the lengths on the dataset.
             lengths = dataset.lengths(self.processing_class, self.args.num_crops)
             megabatch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return LengthGroupedSampler(megabatch, lengths=lengths)

@@ -8,6 +8,10 @@ stops the run with a message naming the row; with ``--skip_bad_examples`` every 
 and counted, and so is any row that fails later, while its pixels are decoded.
 ``OUTPUT_DIR/skipped_examples.jsonl`` lists them all. The pass ends with the token-length distribution of the
 rows kept and the id of the longest.
+
+The pass is done once per job: each rank checks its share of consecutive rows and the findings are gathered,
+so every rank decides the same and the first bad row named is the one a single process would name. The
+recipes keep the findings in the run folder (`common.scan_cache`), where a resume or a restart finds them.
 """
 
 from __future__ import annotations
@@ -18,8 +22,13 @@ import math
 from concurrent.futures import Executor
 from pathlib import Path
 
+import numpy as np
+
+from .collator import LoadingError, TokenCounts
 from .conversation import DataError, ExampleError
-from .data import RecipeDataset, ScannedRow, image_check_pool
+from .data import RecipeDataset, image_check_pool
+from .ranks import from_main, gathered, is_main_process, rank_and_world
+from .scan_cache import RowScan, ScanCache, scan_key
 
 logger = logging.getLogger(__name__)
 SKIP_LOG_NAME = "skipped_examples.jsonl"
@@ -58,77 +67,137 @@ def validate_training_data(
     max_length: int | None,
     skip_log: SkipLog | None,
     image_pool: Executor | None = None,
+    cache: ScanCache | None = None,
 ) -> RecipeDataset:
     """Check every row up front; without a skip log the first bad row raises, with one bad rows are dropped.
 
     `max_length` None or 0 allows any length. `image_pool` decodes the images (default: `image_check_pool()`,
-    shut down at the end).
+    shut down at the end). The rows are shared out over the ranks and the findings gathered (`checked_rows`);
+    with a `cache` they are recorded there, and read back instead of checking again. The returned dataset
+    remembers the token lengths of its rows for length-grouped batching.
     """
     if len(dataset) == 0:
         raise DataError(f"{dataset.name} holds no rows, so there is nothing to train on; check the data path and --max_train_samples")
-    keep: list[int] = []
-    lengths: list[int] = []
-    problems: list[ExampleError] = []
-    longest: ScannedRow | None = None
-    for scanned, error in _scan(dataset, processor, num_crops, image_pool, lambda row: _unusable(dataset, row, num_crops, max_length)):
-        if error is not None:
-            if skip_log is None:
-                raise error
-            problems.append(error)
-            skip_log.record(str(error), stage="validation")
-            continue
-        keep.append(scanned.index)
-        lengths.append(scanned.tokens.total)
-        if longest is None or scanned.tokens.total > longest.tokens.total:
-            longest = scanned
-    if not keep:
-        raise ExampleError(f"{dataset.name}: all {len(dataset)} rows are unusable; the first: {problems[0]}")
-    if problems:
+
+    def unusable(tokens: TokenCounts) -> bool:
+        return bool(max_length and tokens.total > max_length) or tokens.supervised == 0
+
+    scan = checked_rows(dataset, processor, num_crops, image_pool, cache, stop_at=unusable if skip_log is None else None)
+    rows = scan.scanned
+    bad = scan.total[:rows] < 0
+    if max_length:
+        bad |= scan.total[:rows] > max_length
+    bad |= scan.supervised[:rows] == 0
+    problems = np.flatnonzero(bad)
+    if problems.size and skip_log is None:
+        raise _problem(dataset, scan, int(problems[0]), num_crops, max_length)
+    first_problem = None
+    for index in problems.tolist():
+        error = _problem(dataset, scan, index, num_crops, max_length)
+        first_problem = first_problem or error
+        skip_log.record(str(error), stage="validation")
+    keep = np.flatnonzero(~bad)
+    if not keep.size:
+        raise ExampleError(f"{dataset.name}: all {len(dataset)} rows are unusable; the first: {first_problem}")
+    if problems.size:
         logger.warning(
             "%s: %d of %d rows skipped before training (listed in %s)",
-            dataset.name, len(problems), len(dataset), skip_log.path,
+            dataset.name, problems.size, len(dataset), skip_log.path,
         )
-        dataset = dataset.subset(keep)
+        dataset = dataset.subset(keep.tolist())
+    lengths = scan.total[keep]
+    dataset.remember_lengths(processor, num_crops, lengths)
     dataset.skip_log = skip_log
-    logger.info("%s: %d rows checked, %d used for training", dataset.name, len(keep) + len(problems), len(keep))
-    logger.info("%s", length_summary(dataset.name, lengths, longest.example_id, max_length))
+    logger.info("%s: %d rows checked, %d used for training", dataset.name, len(keep) + problems.size, len(keep))
+    longest = int(np.argmax(lengths))
+    logger.info("%s", length_summary(dataset.name, lengths, dataset.example_id(longest), max_length))
     return dataset
 
 
 def validate_evaluation_data(
-    dataset: RecipeDataset, processor, num_crops: int, skip_log: SkipLog | None, image_pool: Executor | None = None
+    dataset: RecipeDataset,
+    processor,
+    num_crops: int,
+    skip_log: SkipLog | None,
+    image_pool: Executor | None = None,
+    cache: ScanCache | None = None,
 ) -> RecipeDataset:
     """The same checks over an evaluation split, before training: a bad row stops the run now rather than after
     all of training. With a skip log bad rows are left out, and the returned dataset's ``skipped`` lists them
-    (``{"index", "id", "reason"}``) for the evaluation files, whose score then counts the rest only."""
+    (``{"index", "id", "reason"}``) for the evaluation files, whose score then counts the rest only. Shared
+    out over the ranks and recorded in `cache` as `validate_training_data` does."""
     if len(dataset) == 0:
         raise DataError(f"{dataset.name} holds no rows, so there is nothing to evaluate on; check the data path and --max_eval_samples")
-    keep: list[int] = []
+    scan = checked_rows(dataset, processor, num_crops, image_pool, cache, stop_at=(lambda tokens: False) if skip_log is None else None)
+    failed = sorted(scan.errors)
+    if failed and skip_log is None:
+        raise _problem(dataset, scan, failed[0], num_crops, None)
     skipped: list[dict] = []
-    for scanned, error in _scan(dataset, processor, num_crops, image_pool, lambda row: None):
-        if error is None:
-            keep.append(scanned.index)
-            continue
-        if skip_log is None:
-            raise error
-        skip_log.record(str(error), stage="validation")
-        skipped.append({"index": dataset.original_index(scanned.index), "id": scanned.example_id, "reason": str(error)})
-    if not keep:
+    for index in failed:
+        row_id, _, reason = scan.errors[index]
+        skip_log.record(reason, stage="validation")
+        skipped.append({"index": dataset.original_index(index), "id": row_id, "reason": reason})
+    kept = len(dataset) - len(skipped)
+    if not kept:
         raise ExampleError(f"{dataset.name}: all {len(dataset)} rows are unusable; the first: {skipped[0]['reason']}")
     if skipped:
-        logger.warning("%s: %d of %d rows skipped before training; evaluations score the other %d", dataset.name, len(skipped), len(dataset), len(keep))
-        dataset = dataset.subset(keep)
+        logger.warning("%s: %d of %d rows skipped before training; evaluations score the other %d", dataset.name, len(skipped), len(dataset), kept)
+        dataset = dataset.subset([index for index in range(len(dataset)) if index not in scan.errors])
         dataset.skipped = skipped
-    logger.info("%s: %d rows checked, %d used for evaluation", dataset.name, len(keep) + len(skipped), len(keep))
+    logger.info("%s: %d rows checked, %d used for evaluation", dataset.name, kept + len(skipped), kept)
     return dataset
 
 
-def _scan(dataset: RecipeDataset, processor, num_crops: int, image_pool: Executor | None, unusable):
-    """(row, its ExampleError or None) for every row; `unusable(row)` adds the caller's own checks."""
+def checked_rows(
+    dataset: RecipeDataset, processor, num_crops: int, image_pool: Executor | None, cache: ScanCache | None, stop_at=None
+) -> RowScan:
+    """What the checks find in every row, on every rank: read from `cache` when it holds this data's record
+    (`common.scan_cache`), else each rank checks its share of consecutive rows and the shares are gathered.
+
+    `stop_at(tokens)` given: a rank stops at its first row that fails or that `stop_at` calls unusable (the
+    run is about to stop at the first bad row; the rows after a rank's first one cannot come before it).
+    """
+    key = None
+    if cache is not None:
+        if is_main_process():
+            key = scan_key(dataset, processor, num_crops, cache.contents.get(id(dataset)))
+        recorded = from_main(cache.load(dataset.name, key, len(dataset)) if key else None)
+        if recorded is not None:
+            logger.info("%s: validation results of %d rows reused from %s (recorded by an earlier start on the same data and settings)",
+                        dataset.name, len(dataset), cache.path(dataset.name))
+            return recorded
+    rank, world = rank_and_world()
+    share = range(len(dataset) * rank // world, len(dataset) * (rank + 1) // world)
+    scan = RowScan.joined(gathered(_scan_share(dataset, processor, num_crops, image_pool, share, stop_at)))
+    if world > 1:
+        logger.info("%s: rows checked in %d processes, %d to %d rows each", dataset.name, world, len(dataset) // world, -(-len(dataset) // world))
+    if key is not None and scan.complete:
+        cache.save(dataset.name, key, scan)
+    return scan
+
+
+def _scan_share(dataset: RecipeDataset, processor, num_crops: int, image_pool: Executor | None, share: range, stop_at) -> RowScan:
+    part = RowScan.empty(len(share))
+    for scanned in _scan(dataset, processor, num_crops, image_pool, share):
+        offset = scanned.index - share.start
+        part.scanned = offset + 1
+        if scanned.error is not None:
+            kind = "LoadingError" if isinstance(scanned.error, LoadingError) else "ExampleError"
+            part.errors[offset] = (scanned.example_id, kind, str(scanned.error))
+            if stop_at is not None:
+                break
+            continue
+        part.total[offset], part.supervised[offset] = scanned.tokens
+        if stop_at is not None and stop_at(scanned.tokens):
+            break
+    return part
+
+
+def _scan(dataset: RecipeDataset, processor, num_crops: int, image_pool: Executor | None, rows: range):
+    """Each row of `rows` as `RecipeDataset.scan` finds it, its images checked on `image_pool` or a pool of our own."""
     own_pool = image_check_pool() if image_pool is None else None
     try:
-        for scanned in dataset.scan(processor, num_crops, image_pool or own_pool):
-            yield scanned, scanned.error or unusable(scanned)
+        yield from dataset.scan(processor, num_crops, image_pool or own_pool, rows)
     finally:
         if own_pool is not None:
             # Stopping at a bad row must not wait for the checks still queued behind it.
@@ -137,7 +206,7 @@ def _scan(dataset: RecipeDataset, processor, num_crops: int, image_pool: Executo
 
 def length_summary(name: str, lengths: list[int], longest_id, max_length: int | None) -> str:
     """One line: min, median, p99 and max tokens per example (nearest-rank percentiles) and the longest's id."""
-    ordered = sorted(lengths)
+    ordered = np.sort(np.asarray(lengths)).tolist()
 
     def percentile(fraction: float) -> int:
         return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
@@ -149,18 +218,21 @@ def length_summary(name: str, lengths: list[int], longest_id, max_length: int | 
     )
 
 
-def _unusable(dataset: RecipeDataset, scanned: ScannedRow, num_crops: int, max_length: int | None) -> ExampleError | None:
-    where = f"{dataset.name} row {dataset.original_index(scanned.index)} (id {scanned.example_id!r})"
-    if max_length and scanned.tokens.total > max_length:
+def _problem(dataset: RecipeDataset, scan: RowScan, index: int, num_crops: int, max_length: int | None) -> ExampleError:
+    """The error that makes row `index` unusable: the one its check raised, or its length or its labels."""
+    if index in scan.errors:
+        _, kind, reason = scan.errors[index]
+        return (LoadingError if kind == "LoadingError" else ExampleError)(reason)
+    where = f"{dataset.name} row {dataset.original_index(index)} (id {dataset.example_id(index)!r})"
+    total = int(scan.total[index])
+    if max_length and total > max_length:
         return ExampleError(
-            f"{where} is {scanned.tokens.total} tokens long, more than --max_length {max_length}. Image tokens cannot "
+            f"{where} is {total} tokens long, more than --max_length {max_length}. Image tokens cannot "
             f"be cut: raise --max_length (0 turns the limit off) if the GPU has the memory, lower --num_crops (now "
             f"{num_crops}), or pass --skip_bad_examples to drop such rows."
         )
-    if scanned.tokens.supervised == 0:
-        return ExampleError(
-            f"{where} has no supervised token: every label is masked, so there is nothing to learn from it (training "
-            "on it gives loss 0). Check that its answers survive the to_example function and the chat template, or "
-            "pass --skip_bad_examples to drop such rows."
-        )
-    return None
+    return ExampleError(
+        f"{where} has no supervised token: every label is masked, so there is nothing to learn from it (training "
+        "on it gives loss 0). Check that its answers survive the to_example function and the chat template, or "
+        "pass --skip_bad_examples to drop such rows."
+    )
