@@ -23,23 +23,10 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from .errors import DataError, ExampleError
 from .processing_phi3v import IMAGE_TAG_PATTERN, Phi3VProcessor
 
 IGNORE_INDEX = -100
-
-
-class DataError(ValueError):
-    """Input data cannot be used; the message names the file, line or row and what to do."""
-
-
-class ExampleError(DataError):
-    """A single example cannot be used; the message says which one and why."""
-
-
-def error_reason(error: BaseException) -> str:
-    """A library error's first line, to quote inside a sentence of our own."""
-    text = str(error).strip()
-    return text.splitlines()[0].rstrip(".") if text else type(error).__name__
 
 
 @dataclass

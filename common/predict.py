@@ -39,10 +39,11 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from .conversation import DataError, error_reason
 from .data import load_image
+from .errors import DataError, ExportError, error_reason
+from .export import adapter_base
 from .formats import FILE_FORMATS, prediction_examples, with_system
-from .export import ExportError, adapter_base, follow_umask, replace_atomically
+from .io import follow_umask, replace_atomically
 
 logger = logging.getLogger(__name__)
 

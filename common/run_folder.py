@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from .conversation import error_reason
-from .export import base_checkpoint
+from .checkpoint_files import base_checkpoint
+from .errors import error_reason
 from .ranks import barrier, from_main, gathered, is_main_process, rank_and_world
 
 logger = logging.getLogger(__name__)
