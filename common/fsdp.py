@@ -15,11 +15,13 @@ with `shard_model` and `full_state_dict`, which follow the rules accelerate 1.15
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+from .deepspeed_config import NO_DEEPSPEED
+from .io import json_text_or_file
 
 __all__ = ["WRAPPED_LAYERS", "FSDP_OPTIONS", "fsdp_refusal", "configure_fsdp", "is_fsdp_sharded", "shard_model", "full_state_dict"]
 
@@ -46,7 +48,6 @@ TRAINER_CONFIG = {
     # The Trainer writes model.safetensors (and so our official format) only from a full state dict.
     "state_dict_type": "FULL_STATE_DICT",
 }
-NO_DEEPSPEED = (None, "none", "None", "")
 
 
 def _option_words(fsdp) -> list[str]:
@@ -60,7 +61,7 @@ def _user_config(value) -> dict:
     if isinstance(value, (str, Path)):
         text = str(value)
         try:
-            value = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text(encoding="utf-8"))
+            value = json_text_or_file(text)
         except (OSError, ValueError) as error:
             raise ValueError(f"--fsdp_config {text}: not readable JSON ({error}); give a JSON file or an inline {{...}}") from error
     if not isinstance(value, dict):
@@ -78,7 +79,7 @@ def fsdp_refusal(args) -> str | None:
             "--fsdp needs CUDA GPUs: on CPU accelerate ignores it and would train plain DDP instead; to shard on CPU "
             "use --deepspeed ds_configs/zero3.json"
         )
-    if args.deepspeed not in NO_DEEPSPEED:
+    if args.deepspeed is not None and args.deepspeed not in NO_DEEPSPEED:
         return "--fsdp and --deepspeed exclude each other (each shards the model its own way); give one of them"
     if args.use_lora or args.use_qlora:
         # Untested here, and accelerate leaves QLoRA's uint8-packed 4-bit weights unsharded anyway.

@@ -36,6 +36,13 @@ def write_json_atomically(path: Path, payload) -> None:
     replace_atomically(path, write)
 
 
+def json_text_or_file(text: str):
+    """Inline JSON (text starting with ``{``) or the JSON in the file `text` names: how --fsdp_config and
+    --accelerator_config are given. Raises OSError or ValueError."""
+    text = str(text)
+    return json.loads(text if text.lstrip().startswith("{") else Path(text).read_text(encoding="utf-8"))
+
+
 def follow_umask(*paths: Path) -> None:
     """Give files the mode the process umask gives new files. safetensors and temporary files are written
     0600, which would hide a shared cluster's weights and results from the rest of a group."""

@@ -14,10 +14,9 @@ transformers (a field that a new version adds fails that test until it is classi
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 from .compile import compile_refusal
+from .io import json_text_or_file
 
 NOT_APPLICABLE: dict[str, str] = {
     **{
@@ -133,13 +132,13 @@ def _json_setting(value) -> dict:
         return value
     if dataclasses.is_dataclass(value):
         return dataclasses.asdict(value)
-    text = str(value)
     try:
-        loaded = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        # TrainingArguments' own parse reports what is wrong with it.
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
+        loaded = json_text_or_file(value)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--accelerator_config {value}: not readable JSON ({error}); give a JSON file or an inline {{...}}") from error
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--accelerator_config must be a JSON object, got {type(loaded).__name__}")
+    return loaded
 
 
 def _splits_batches(value) -> bool:
