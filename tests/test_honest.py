@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from common import plotting
 from common.arguments import parse_args
 from common.run_folder import COMPLETE_MARKER, RunFolderError, _verify_manifest, file_sha256, hash_parts, part_files
 
@@ -37,3 +38,13 @@ def test_an_unreadable_accelerator_config_stops_parsing_with_its_name(tmp_path, 
     assert stopped.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and f"--accelerator_config {missing}: not readable JSON" in error[0]
+
+
+def test_a_bug_while_plotting_is_logged_as_an_error_with_its_type(tmp_path, monkeypatch, caplog):
+    def broken(series):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(plotting, "_build_figure", broken)
+    assert plotting.plot_training_curves([{"step": 1, "loss": 1.0}], tmp_path / "curves.png") is None
+    errors = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1 and "TypeError: a bug" in errors[0].getMessage() and errors[0].exc_info
