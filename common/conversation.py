@@ -118,22 +118,21 @@ def _encode_turns(processor: Phi3VProcessor, messages: list, token_counts) -> tu
     return input_ids, labels
 
 
-def encode_conversation(processor: Phi3VProcessor, example: dict, num_crops: int) -> EncodedExample:
-    """Token ids and labels of a training example (see the module docstring)."""
+def _encode_example(processor: Phi3VProcessor, example: dict, num_crops: int, for_training: bool) -> EncodedExample:
     images = example.get("images") or []
     messages = example.get("messages")
-    check_messages(messages, len(images), for_training=True)
+    check_messages(messages, len(images), for_training=for_training)
     pixel_values, image_sizes, token_counts = process_images(processor, images, num_crops)
     input_ids, labels = _encode_turns(processor, messages, token_counts)
-    return EncodedExample(input_ids, labels, pixel_values, image_sizes)
+    return EncodedExample(input_ids, labels if for_training else None, pixel_values, image_sizes)
+
+
+def encode_conversation(processor: Phi3VProcessor, example: dict, num_crops: int) -> EncodedExample:
+    """Token ids and labels of a training example (see the module docstring)."""
+    return _encode_example(processor, example, num_crops, for_training=True)
 
 
 def encode_prompt(processor: Phi3VProcessor, example: dict, num_crops: int) -> EncodedExample:
     """Token ids of an evaluation example's prompt: its earlier turns as in training, then its last user message
     with the generation prompt."""
-    images = example.get("images") or []
-    messages = example.get("messages")
-    check_messages(messages, len(images), for_training=False)
-    pixel_values, image_sizes, token_counts = process_images(processor, images, num_crops)
-    input_ids, _ = _encode_turns(processor, messages, token_counts)
-    return EncodedExample(input_ids, None, pixel_values, image_sizes)
+    return _encode_example(processor, example, num_crops, for_training=False)

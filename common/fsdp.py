@@ -15,13 +15,12 @@ with `shard_model` and `full_state_dict`, which follow the rules accelerate 1.15
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from .deepspeed_config import NO_DEEPSPEED
-from .io import json_text_or_file
+from .io import json_object
 
 __all__ = ["WRAPPED_LAYERS", "FSDP_OPTIONS", "fsdp_refusal", "configure_fsdp", "is_fsdp_sharded", "shard_model", "full_state_dict"]
 
@@ -58,14 +57,7 @@ def _user_config(value) -> dict:
     """--fsdp_config as a dict (inline JSON, a JSON file or a dict), keys without the optional ``fsdp_`` prefix."""
     if not value:
         return {}
-    if isinstance(value, (str, Path)):
-        text = str(value)
-        try:
-            value = json_text_or_file(text)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"--fsdp_config {text}: not readable JSON ({error}); give a JSON file or an inline {{...}}") from error
-    if not isinstance(value, dict):
-        raise ValueError(f"--fsdp_config must be a JSON object, got {type(value).__name__}")
+    value = json_object("--fsdp_config", value)
     return {key.removeprefix("fsdp_"): setting for key, setting in value.items()}
 
 

@@ -1,4 +1,5 @@
-"""Writing files so that a crash never leaves half of one, with the modes the umask asks for."""
+"""Writing files so that a crash never leaves half of one, with the modes the umask asks for; reading the JSON
+an option names."""
 
 from __future__ import annotations
 
@@ -36,11 +37,18 @@ def write_json_atomically(path: Path, payload) -> None:
     replace_atomically(path, write)
 
 
-def json_text_or_file(text: str):
-    """Inline JSON (text starting with ``{``) or the JSON in the file `text` names: how --fsdp_config and
-    --accelerator_config are given. Raises OSError or ValueError."""
-    text = str(text)
-    return json.loads(text if text.lstrip().startswith("{") else Path(text).read_text(encoding="utf-8"))
+def json_object(flag: str, value) -> dict:
+    """The JSON object an option gives as a dict, inline (text starting with ``{``) or as a JSON file's path:
+    how --fsdp_config and --accelerator_config are given. Anything else is a ValueError naming `flag`."""
+    if isinstance(value, (str, Path)):
+        text = str(value)
+        try:
+            value = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{flag} {text}: not readable JSON ({error}); give a JSON file or an inline {{...}}") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def follow_umask(*paths: Path) -> None:

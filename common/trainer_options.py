@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from .compile import compile_refusal
-from .io import json_text_or_file
+from .io import json_object
 
 NOT_APPLICABLE: dict[str, str] = {
     **{
@@ -128,17 +128,9 @@ def _default(args, name: str):
 def _json_setting(value) -> dict:
     """--accelerator_config as given: a dict, an AcceleratorConfig, inline JSON or a JSON file (what
     TrainingArguments accepts)."""
-    if isinstance(value, dict):
-        return value
     if dataclasses.is_dataclass(value):
         return dataclasses.asdict(value)
-    try:
-        loaded = json_text_or_file(value)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"--accelerator_config {value}: not readable JSON ({error}); give a JSON file or an inline {{...}}") from error
-    if not isinstance(loaded, dict):
-        raise ValueError(f"--accelerator_config must be a JSON object, got {type(loaded).__name__}")
-    return loaded
+    return json_object("--accelerator_config", value)
 
 
 def _splits_batches(value) -> bool:

@@ -5,7 +5,6 @@ import json
 import pytest
 
 from common import plotting
-from common.arguments import parse_args
 from common.run_folder import COMPLETE_MARKER, RunFolderError, _verify_manifest, file_sha256, hash_parts, part_files
 
 
@@ -29,15 +28,6 @@ def test_a_markers_leftover_temporary_is_not_a_part(tmp_path):
     (tmp_path / f".{COMPLETE_MARKER}.x1y2.tmp").write_text(json.dumps({}))
     (tmp_path / COMPLETE_MARKER).write_text(json.dumps({}))
     assert part_files(tmp_path) == ["model.safetensors"]
-
-
-def test_an_unreadable_accelerator_config_stops_parsing_with_its_name(tmp_path, capsys):
-    missing = tmp_path / "accelerate.json"
-    with pytest.raises(SystemExit) as stopped:
-        parse_args(argv=["--output_dir", str(tmp_path / "out"), "--use_lora", "--accelerator_config", str(missing)])
-    assert stopped.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and f"--accelerator_config {missing}: not readable JSON" in error[0]
 
 
 def test_a_bug_while_plotting_is_logged_as_an_error_with_its_type(tmp_path, monkeypatch, caplog):
