@@ -66,7 +66,7 @@ from _lengths import (  # noqa: E402
     token_layout,
 )
 from common.configuration_phi3v import CLIP_VIT_L_14_336, Phi3VConfig  # noqa: E402
-from common.modeling_phi3v import Phi3VForCausalLM  # noqa: E402
+from common.modeling_phi3v import ATTENTION_CHOICES, Phi3VForCausalLM  # noqa: E402
 from common.tiny import TINY_VISION, official_config_dict  # noqa: E402
 
 MODES = ("full", "frozen_vision", "lora", "qlora")
@@ -540,7 +540,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num_crops", type=int, default=DOCVQA_NUM_CROPS, help="tiles per image (1..16)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), help="default: bf16 on cuda, fp32 on cpu")
-    parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
+    parser.add_argument("--attn", choices=ATTENTION_CHOICES, default="sdpa")
     parser.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
         "--padding_mask", choices=("auto", "keep"), default="auto",

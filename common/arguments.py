@@ -24,15 +24,16 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
 from .build_lock import check_build_locks
+from .deepspeed_config import NO_DEEPSPEED, deepspeed_config
 from .fsdp import configure_fsdp, fsdp_refusal
 from .image_processing_phi3v import MAX_NUM_CROPS
+from .modeling_phi3v import ATTENTION_CHOICES
 from .trainer_options import REFUSED, command_line_refusal
 from .trainer_options import refusal as trainer_option_refusal
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DEEPSPEED_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"
-ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
 # The reference recipe's defaults of the flags that have a Hugging Face synonym (`resolve_synonyms`).
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_EVAL_BATCH_SIZE = 8
@@ -260,7 +261,7 @@ class FinetuneArguments(TrainingArguments):
             # Measured in bench/: sdpa attends over the whole packed row with a block-diagonal mask, which costs
             # more than the padding it removes; flash attention's variable-length kernel does not.
             logger.warning("--padding_free without flash attention is correct but slower than padded batches")
-        if self.deepspeed in ("none", "None", ""):
+        if self.deepspeed in NO_DEEPSPEED:
             self.deepspeed = None
         elif self.deepspeed is None and self.training_mode in ("full", "frozen_vision") and not self.fsdp:
             self.deepspeed = str(DEFAULT_DEEPSPEED_CONFIG)
@@ -392,9 +393,7 @@ class FinetuneArguments(TrainingArguments):
                 raise ArgumentError(
                     f"{flag} has nothing to train: --freeze_vision_model freezes the CLIP tower, separators and projection; drop one of the two"
                 )
-            deepspeed = self.deepspeed if isinstance(self.deepspeed, dict) else {}
-            if isinstance(self.deepspeed, str) and Path(self.deepspeed).is_file():
-                deepspeed = json.loads(Path(self.deepspeed).read_text())
+            deepspeed = deepspeed_config(self.deepspeed)
             own = sorted({"optimizer", "scheduler"} & set(deepspeed))
             if own:
                 # DeepSpeed would build them itself, with one rate for every parameter.

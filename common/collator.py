@@ -20,16 +20,15 @@ from PIL import Image
 from .conversation import (
     IGNORE_INDEX,
     EncodedExample,
-    ExampleError,
     answer_suffix,
     check_messages,
     encode_conversation,
     encode_prompt,
-    error_reason,
     prompt_text,
     split_system,
 )
-from .image_processing_phi3v import TILE, _best_scale, check_num_crops, num_image_tokens, upright_size
+from .errors import ExampleError, error_reason
+from .image_processing_phi3v import TILE, best_scale, check_num_crops, num_image_tokens, upright_size
 from .processing_phi3v import Phi3VProcessor
 
 __all__ = [
@@ -90,7 +89,7 @@ def hd_output_size(size: tuple[int, int], num_crops: int) -> tuple[int, int]:
         width, height = height, width
     ratio = width / height
     # Same scale rule and rounding as hd_transform, so the token count cannot drift from the real one.
-    new_w = _best_scale(ratio, num_crops) * TILE
+    new_w = best_scale(ratio, num_crops) * TILE
     new_h = max(1, int(new_w / ratio))
     padded_h = math.ceil(new_h / TILE) * TILE
     return (new_w, padded_h) if transposed else (padded_h, new_w)

@@ -20,15 +20,15 @@ the cache length at every step.
 from __future__ import annotations
 
 import functools
-import json
 import logging
-from pathlib import Path
 
 import torch
 import torch._dynamo
 import torch._inductor
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
+
+from .deepspeed_config import deepspeed_config
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +74,7 @@ def compile_layers(model: torch.nn.Module, backend: str = "inductor", mode: str 
 
 
 def _deepspeed_stage(args) -> int | None:
-    config = args.deepspeed
-    if isinstance(config, str) and config not in ("none", "None", "") and Path(config).is_file():
-        config = json.loads(Path(config).read_text())
-    if isinstance(config, dict):
-        return config.get("zero_optimization", {}).get("stage")
-    return None
+    return deepspeed_config(args.deepspeed).get("zero_optimization", {}).get("stage")
 
 
 def compile_refusal(args) -> str | None:

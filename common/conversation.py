@@ -23,23 +23,10 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from .errors import ExampleError
 from .processing_phi3v import IMAGE_TAG_PATTERN, Phi3VProcessor
 
 IGNORE_INDEX = -100
-
-
-class DataError(ValueError):
-    """Input data cannot be used; the message names the file, line or row and what to do."""
-
-
-class ExampleError(DataError):
-    """A single example cannot be used; the message says which one and why."""
-
-
-def error_reason(error: BaseException) -> str:
-    """A library error's first line, to quote inside a sentence of our own."""
-    text = str(error).strip()
-    return text.splitlines()[0].rstrip(".") if text else type(error).__name__
 
 
 @dataclass
@@ -131,22 +118,21 @@ def _encode_turns(processor: Phi3VProcessor, messages: list, token_counts) -> tu
     return input_ids, labels
 
 
-def encode_conversation(processor: Phi3VProcessor, example: dict, num_crops: int) -> EncodedExample:
-    """Token ids and labels of a training example (see the module docstring)."""
+def _encode_example(processor: Phi3VProcessor, example: dict, num_crops: int, for_training: bool) -> EncodedExample:
     images = example.get("images") or []
     messages = example.get("messages")
-    check_messages(messages, len(images), for_training=True)
+    check_messages(messages, len(images), for_training=for_training)
     pixel_values, image_sizes, token_counts = process_images(processor, images, num_crops)
     input_ids, labels = _encode_turns(processor, messages, token_counts)
-    return EncodedExample(input_ids, labels, pixel_values, image_sizes)
+    return EncodedExample(input_ids, labels if for_training else None, pixel_values, image_sizes)
+
+
+def encode_conversation(processor: Phi3VProcessor, example: dict, num_crops: int) -> EncodedExample:
+    """Token ids and labels of a training example (see the module docstring)."""
+    return _encode_example(processor, example, num_crops, for_training=True)
 
 
 def encode_prompt(processor: Phi3VProcessor, example: dict, num_crops: int) -> EncodedExample:
     """Token ids of an evaluation example's prompt: its earlier turns as in training, then its last user message
     with the generation prompt."""
-    images = example.get("images") or []
-    messages = example.get("messages")
-    check_messages(messages, len(images), for_training=False)
-    pixel_values, image_sizes, token_counts = process_images(processor, images, num_crops)
-    input_ids, _ = _encode_turns(processor, messages, token_counts)
-    return EncodedExample(input_ids, None, pixel_values, image_sizes)
+    return _encode_example(processor, example, num_crops, for_training=False)

@@ -33,7 +33,8 @@ from PIL import Image, JpegImagePlugin, PngImagePlugin
 from tqdm import tqdm
 
 from .collator import LoadingError, TokenCounts, example_tokens
-from .conversation import DataError, ExampleError, check_messages, error_reason
+from .conversation import check_messages
+from .errors import DataError, ExampleError, error_reason
 from .image_processing_phi3v import TRANSPOSING_ORIENTATIONS, check_rgb_convertible, exif_orientation, to_rgb, upright
 from .processing_phi3v import IMAGE_TAG_PATTERN, Phi3VProcessor
 

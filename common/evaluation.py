@@ -11,10 +11,8 @@ Loading models and data stays with the callers; this module only runs them.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -23,20 +21,16 @@ from tqdm import tqdm
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .collator import LoadingError, Phi3VGenerationCollator
-from .conversation import ExampleError
-from .export import replace_atomically, stop_token_ids
+from .errors import ExampleError
 from .fsdp import is_fsdp_sharded
+from .io import write_json_atomically
 from .metrics import SCORERS
+from .processing_phi3v import stop_token_ids
+from .ranks import rank_and_world
 
 __all__ = ["AnswerGenerator", "evaluate", "stop_token_ids"]
 
 logger = logging.getLogger(__name__)
-
-
-def _rank_and_world_size() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _unwrap(model):
@@ -69,19 +63,6 @@ def _full_parameters(module, zero3: bool):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-
-
-def _write_json_atomically(path: Path, payload: dict) -> None:
-    # A reader (or a resumed run) never sees a half-written file, even if the job dies mid-write.
-    def write(temporary: Path) -> None:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    replace_atomically(path, write)
 
 
 class AnswerGenerator:
@@ -184,7 +165,7 @@ def evaluate(
     if num_examples == 0:
         raise ValueError("no evaluation examples")
 
-    rank, world_size = _rank_and_world_size()
+    rank, world_size = rank_and_world()
     zero3 = is_deepspeed_zero3_enabled()
     synced_gpus = (zero3 or is_fsdp_sharded(model)) and world_size > 1
     shard: list[int | None] = list(range(rank, num_examples, world_size))
@@ -242,7 +223,7 @@ def evaluate(
     skipped = list(getattr(examples, "skipped", []))
     summary = {"metric": metric, "score": score, "num_examples": num_examples, "num_skipped": len(skipped)}
     if rank == 0:
-        _write_json_atomically(Path(output_file), {**summary, "skipped": skipped, "examples": records})
+        write_json_atomically(Path(output_file), {**summary, "skipped": skipped, "examples": records})
         left_out = f" ({len(skipped)} unusable examples skipped, not counted)" if skipped else ""
         logger.info("%s: %s = %.4f over %d examples%s (written to %s)", desc, metric, score, num_examples, left_out, output_file)
     return summary

@@ -39,8 +39,9 @@ from pathlib import Path
 
 import datasets
 
-from .conversation import DataError, ExampleError, check_messages, split_system
+from .conversation import check_messages, split_system
 from .data import RecipeDataset, _resolve_image, jsonl_prediction_examples, load_jsonl_conversations, resolving_images
+from .errors import DataError, ExampleError
 from .scan_cache import converter_identity
 from .sources import first_rows, load_split
 

@@ -15,11 +15,12 @@ with `shard_model` and `full_state_dict`, which follow the rules accelerate 1.15
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+from .deepspeed_config import NO_DEEPSPEED
+from .io import json_object
 
 __all__ = ["WRAPPED_LAYERS", "FSDP_OPTIONS", "fsdp_refusal", "configure_fsdp", "is_fsdp_sharded", "shard_model", "full_state_dict"]
 
@@ -46,7 +47,6 @@ TRAINER_CONFIG = {
     # The Trainer writes model.safetensors (and so our official format) only from a full state dict.
     "state_dict_type": "FULL_STATE_DICT",
 }
-NO_DEEPSPEED = (None, "none", "None", "")
 
 
 def _option_words(fsdp) -> list[str]:
@@ -57,14 +57,7 @@ def _user_config(value) -> dict:
     """--fsdp_config as a dict (inline JSON, a JSON file or a dict), keys without the optional ``fsdp_`` prefix."""
     if not value:
         return {}
-    if isinstance(value, (str, Path)):
-        text = str(value)
-        try:
-            value = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise ValueError(f"--fsdp_config {text}: not readable JSON ({error}); give a JSON file or an inline {{...}}") from error
-    if not isinstance(value, dict):
-        raise ValueError(f"--fsdp_config must be a JSON object, got {type(value).__name__}")
+    value = json_object("--fsdp_config", value)
     return {key.removeprefix("fsdp_"): setting for key, setting in value.items()}
 
 
@@ -78,7 +71,7 @@ def fsdp_refusal(args) -> str | None:
             "--fsdp needs CUDA GPUs: on CPU accelerate ignores it and would train plain DDP instead; to shard on CPU "
             "use --deepspeed ds_configs/zero3.json"
         )
-    if args.deepspeed not in NO_DEEPSPEED:
+    if args.deepspeed is not None and args.deepspeed not in NO_DEEPSPEED:
         return "--fsdp and --deepspeed exclude each other (each shards the model its own way); give one of them"
     if args.use_lora or args.use_qlora:
         # Untested here, and accelerate leaves QLoRA's uint8-packed 4-bit weights unsharded anyway.

@@ -145,7 +145,7 @@ def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.floor(values * (255 / white) + 0.5), 0, 255).astype(np.uint8)
 
 
-def _best_scale(ratio: float, num_crops: int) -> int:
+def best_scale(ratio: float, num_crops: int) -> int:
     """Largest s with s * ceil(s / ratio) <= num_crops: s tiles across, as many rows as the aspect needs."""
     scale = 1
     while (scale + 1) * math.ceil((scale + 1) / ratio) <= num_crops:
@@ -170,7 +170,7 @@ def _resize_landscape(image: Image.Image, num_crops: int) -> tuple[Image.Image, 
         image = image.transpose(Image.Transpose.TRANSPOSE)
     width, height = image.size
     ratio = width / height
-    scale = _best_scale(ratio, num_crops)
+    scale = best_scale(ratio, num_crops)
     new_w = scale * TILE
     # The reference computes int(new_w / ratio); at extreme aspect ratios that is 0, which PIL cannot
     # resize to, so one row is kept instead.

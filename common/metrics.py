@@ -13,9 +13,9 @@ Two metrics are used by the recipes:
 * Strict exact match (``exact_match`` in :data:`SCORERS`, for `finetune_hf_trainer_custom.py`): the answer
   equals a reference once whitespace at either end is stripped; case and dots count.
 
-Every per-example scorer has the signature ``(prediction: str, references: list[str]) -> float``
-and every aggregate metric ``(predictions: list[str], references: list[list[str]]) -> float``,
-so an evaluation loop can look both up by name in :data:`SCORERS` and :data:`METRICS`.
+Every per-example scorer has the signature ``(prediction: str, references: list[str]) -> float``,
+so an evaluation loop looks it up by name in :data:`SCORERS`; a split's score is the mean of its
+examples' (`common.evaluation.evaluate`).
 """
 
 from __future__ import annotations
@@ -28,13 +28,9 @@ __all__ = [
     "levenshtein",
     "normalize_answer",
     "anls",
-    "mean_anls",
     "exact_match",
     "strict_match",
-    "accuracy",
-    "multi_reference_accuracy",
     "SCORERS",
-    "METRICS",
 ]
 
 
@@ -97,50 +93,11 @@ def anls(
     return best
 
 
-def _check_lengths(predictions: Sequence[str], references: Sequence) -> None:
-    if len(predictions) != len(references):
-        raise ValueError(
-            f"got {len(predictions)} predictions but {len(references)} references"
-        )
-    if len(predictions) == 0:
-        raise ValueError("cannot compute a metric over zero examples")
-
-
-def mean_anls(
-    predictions: Sequence[str],
-    references_list: Sequence[Sequence[str]],
-    threshold: float = 0.5,
-    ignore_case: bool = False,
-) -> float:
-    """ANLS averaged over examples; ``references_list[i]`` holds all answers of example i."""
-    _check_lengths(predictions, references_list)
-    total = sum(
-        anls(p, refs, threshold=threshold, ignore_case=ignore_case)
-        for p, refs in zip(predictions, references_list)
-    )
-    return total / len(predictions)
-
-
 def exact_match(prediction: str, references: Sequence[str]) -> float:
     """1.0 when the normalised prediction equals any normalised reference, else 0.0."""
     _check_references(references)
     pred = normalize_answer(prediction)
     return float(any(pred == normalize_answer(ref) for ref in references))
-
-
-def accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Fraction of examples whose prediction matches its single reference after normalisation."""
-    _check_lengths(predictions, references)
-    return multi_reference_accuracy(predictions, [[ref] for ref in references])
-
-
-def multi_reference_accuracy(
-    predictions: Sequence[str], references_list: Sequence[Sequence[str]]
-) -> float:
-    """Accuracy where an example is correct if it matches any of its references."""
-    _check_lengths(predictions, references_list)
-    total = sum(exact_match(p, refs) for p, refs in zip(predictions, references_list))
-    return total / len(predictions)
 
 
 def strict_match(prediction: str, references: Sequence[str]) -> float:
@@ -155,14 +112,4 @@ SCORERS: dict[str, Callable[[str, Sequence[str]], float]] = {
     "exact_match": strict_match,
 }
 
-def mean_strict_match(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> float:
-    """`strict_match` averaged over examples."""
-    _check_lengths(predictions, references_list)
-    return sum(strict_match(p, refs) for p, refs in zip(predictions, references_list)) / len(predictions)
 
-
-METRICS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]], float]] = {
-    "anls": mean_anls,
-    "accuracy": multi_reference_accuracy,
-    "exact_match": mean_strict_match,
-}

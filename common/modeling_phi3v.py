@@ -26,6 +26,8 @@ from transformers.utils import is_flash_attn_2_available
 from .configuration_phi3v import Phi3VConfig
 
 CROP_SIZE = 336
+# The attention kernels the model runs with (`attn_implementation`).
+ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
 
 
 class Phi3VCLIPEncoder(nn.Module):

@@ -138,7 +138,8 @@ def plot_training_curves(
 
     Returns the written path, or None when the figure could not be written: this runs at the
     end of training, after the checkpoint is saved, and a plotting problem must not turn a
-    finished run into a failed one. The reason is logged as a warning.
+    finished run into a failed one. A file system problem is logged as a warning; anything
+    else is a bug here, logged as an error with its type and traceback.
     """
     out_path = Path(out_path)
     try:
@@ -146,8 +147,12 @@ def plot_training_curves(
         fig = _build_figure(series)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out_path, format="png", dpi=100)
-    except Exception:
-        logger.warning("could not write training curves to %s", out_path, exc_info=True)
+    except OSError as error:
+        logger.warning("could not write training curves to %s: %s", out_path, error)
+        return None
+    except Exception as error:
+        logger.error("drawing the training curves failed (%s: %s); the run's results are saved, %s is not",
+                     type(error).__name__, error, out_path, exc_info=True)
         return None
     return out_path
 

@@ -44,19 +44,12 @@ from PIL import Image
 from safetensors import SafetensorError
 from tqdm import tqdm
 
-from .conversation import DataError, error_reason
 from .data import load_image
-from .export import (
-    BaseCheckpoint,
-    ExportError,
-    adapter_base,
-    check_weight_files,
-    follow_umask,
-    mismatch_reason,
-    replace_atomically,
-    write_failure,
-)
+from .errors import DataError, ExportError, error_reason
+from .export import adapter_base, check_weight_files, mismatch_reason, write_failure
 from .formats import FILE_FORMATS, prediction_examples, with_system
+from .io import follow_umask, replace_atomically
+from .official_files import BaseCheckpoint
 from .preemption import PREEMPTED_EXIT_CODE, RECORD_ENV, STOP_SIGNALS
 from .run_folder import file_sha256
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .ranks import largest, rank_and_world
+from .ranks import largest, rank_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -176,11 +176,6 @@ os.register_at_fork(
 
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
-
-
-def rank_prefix() -> str:
-    rank, world = rank_and_world()
-    return f"[rank {rank}] " if world > 1 else ""
 
 
 def announce_stop(stop: StopOnSignal, checkpoint: Path) -> str:

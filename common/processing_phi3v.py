@@ -20,7 +20,8 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer, BatchFeature
 from transformers.utils import cached_file
 
-from common.image_processing_phi3v import Phi3VImageProcessor
+from .official_files import write_processor_files
+from .image_processing_phi3v import Phi3VImageProcessor
 
 IMAGE_TAG_PATTERN = re.compile(r"<\|image_(\d+)\|>")
 # The keywords of from_pretrained that say where files come from; the rest are tokenizer settings.
@@ -108,9 +109,7 @@ class Phi3VProcessor:
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """Write the official checkpoint's tokenizer and processor files into `save_directory`, loadable by
-        transformers 4.x with the checkpoint's code and by 5.x (see `common.export.write_processor_files`)."""
-        from .export import write_processor_files
-
+        transformers 4.x with the checkpoint's code and by 5.x (see `common.official_files.write_processor_files`)."""
         write_processor_files(self, save_directory)
 
     @property
@@ -238,3 +237,16 @@ class Phi3VProcessor:
 
     def __repr__(self):
         return f"{type(self).__name__}(image_processor={self.image_processor!r}, tokenizer={self.tokenizer!r})"
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Where an answer ends: ``<|end|>`` (answers end with it), the tokenizer's eos ``<|endoftext|>`` (the
+    reference stops there) and ``</s>``. The evaluation and every saved generation_config.json use these."""
+    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
+    if tokenizer.eos_token_id is None or end_id is None or end_id == tokenizer.unk_token_id:
+        raise ValueError("the tokenizer needs an eos token and a <|end|> token to know where an answer stops")
+    ids = [end_id, tokenizer.eos_token_id]
+    sentence_end = tokenizer.convert_tokens_to_ids("</s>")
+    if sentence_end is not None and sentence_end != tokenizer.unk_token_id:
+        ids.append(sentence_end)
+    return list(dict.fromkeys(ids))

@@ -62,3 +62,9 @@ def gathered(value) -> list:
     boxes = [None] * dist.get_world_size()
     dist.all_gather_object(boxes, value)
     return boxes
+
+
+def rank_prefix() -> str:
+    """What a line one rank prints starts with: its rank, when there are several."""
+    rank, world = rank_and_world()
+    return f"[rank {rank}] " if world > 1 else ""

@@ -8,7 +8,6 @@ A dataset script calls these in order: ``setup_logging``, its own dataset buildi
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import logging
@@ -29,26 +28,25 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .arguments import FinetuneArguments, evaluates_during_training
 from .checkpoint_files import weights_only_loads
 from .collator import Phi3VCollator
-from .conversation import DataError
 from .data import RecipeDataset
+from .official_files import BaseCheckpoint
+from .dtypes import SAVE_DTYPES, dtype_name
+from .errors import DataError
 from .export import (
-    SAVE_DTYPES,
     TOWER_PREFIX,
-    BaseCheckpoint,
     complete_model_folder,
-    dtype_name,
     finalize_weights,
-    follow_umask_in,
     load_merged,
     with_unused_base_tensors,
     write_final_model,
 )
+from .io import follow_umask_in, write_json_atomically
 from .modeling_phi3v import Phi3VForCausalLM
 from .optimizer import build_optimizer, log_part_rates, part_groups, separate_rates
-from .periodic_evaluation import AnswersAsTargets, GenerationEvaluation
+from .periodic_evaluation import AnswersAsTargets, GenerationEvaluation, run_evaluation
 from .plotting import plot_training_curves
 from .preemption import PREEMPTED_EXIT_CODE, StopOnSignal, announce_stop
-from .ranks import any_rank, barrier, from_main, is_main_process, largest
+from .ranks import any_rank, barrier, from_main, is_main_process, largest, rank_prefix
 from .run_folder import (
     RunFolderError,
     begin_checkpoint,
@@ -111,8 +109,7 @@ def exit_on_bad_input(main):
             return main(*args, **kwargs)
         except (DataError, FileNotFoundError, UnsafeCheckpointError, RunFolderError, CheckpointWriteError) as error:
             release_held_locks()
-            rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() and dist.get_world_size() > 1 else ""
-            print(f"{rank}error: {error}", file=sys.stderr, flush=True)
+            print(f"{rank_prefix()}error: {error}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
 
     return wrapper
@@ -546,8 +543,6 @@ def evaluate_after(processor, eval_dataset, metric: str, args: FinetuneArguments
 def loss_evaluations(trainer: RecipeTrainer, args: FinetuneArguments) -> dict[str, dict]:
     """For a trainer built without a metric: the eval_loss of the start of training ("before") and a new one after
     training ("after", unless --skip_eval_after), each also written to eval_before.json / eval_after.json."""
-    from .evaluation import _write_json_atomically
-
     evaluations = {}
     start = next((entry for entry in trainer.state.log_history if "eval_loss" in entry), None)
     if not args.skip_eval_before and start is not None:
@@ -558,36 +553,8 @@ def loss_evaluations(trainer: RecipeTrainer, args: FinetuneArguments) -> dict[st
     for name, loss in evaluations.items():
         summaries[name] = {"metric": "loss", "score": loss, "num_examples": len(trainer.eval_dataset), "num_skipped": 0}
         if is_main_process():
-            _write_json_atomically(Path(args.output_dir) / f"eval_{name}.json", summaries[name])
+            write_json_atomically(Path(args.output_dir) / f"eval_{name}.json", summaries[name])
     return summaries
-
-
-def generation_autocast(args: FinetuneArguments):
-    """fp16 mixed precision loads fp32 weights (`training.model_dtype`): generate under the fp16 autocast that
-    training computes in, rather than in fp32 at a fraction of a V100's tensor-core speed."""
-    if args.fp16 and args.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def run_evaluation(
-    model, processor, eval_dataset, metric: str, args: FinetuneArguments, file_name: str, desc: str | None = None
-) -> dict:
-    from .evaluation import evaluate
-
-    with generation_autocast(args):
-        return evaluate(
-            model,
-            processor,
-            eval_dataset,
-            metric=metric,
-            output_file=Path(args.output_dir) / file_name,
-            num_crops=args.num_crops,
-            batch_size=args.eval_batch_size,
-            max_new_tokens=args.max_new_tokens,
-            desc=desc or file_name.removesuffix(".json"),
-            num_workers=args.dataloader_num_workers,
-        )
 
 
 def saved_model_step(args: FinetuneArguments, log_history: list[dict]) -> int:

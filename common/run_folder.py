@@ -45,8 +45,9 @@ from enum import Enum
 from pathlib import Path
 
 from .checkpoint_files import UnsafeCheckpointFile, check_torch_file, torch_files
-from .conversation import error_reason
-from .export import base_checkpoint
+from .errors import error_reason
+from .io import write_json_atomically
+from .official_files import base_checkpoint
 from .ranks import barrier, from_main, gathered, is_main_process, rank_and_world
 
 logger = logging.getLogger(__name__)
@@ -206,12 +207,6 @@ def read_json(path: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def write_json_atomic(path: Path, payload) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def step_of(checkpoint: Path) -> int:
     return int(CHECKPOINT_NAME.fullmatch(checkpoint.name).group(1))
 
@@ -231,26 +226,39 @@ def final_weights(folder: Path) -> list[str]:
 
 def part_files(checkpoint: Path) -> list[str]:
     """Every file of a checkpoint (relative, with /), our markers excepted: what its manifest covers."""
-    markers = {COMPLETE_MARKER, WRITING_MARKER, COMPLETE_MARKER + ".tmp"}
-    return sorted(p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file() and p.name not in markers)
+    markers = (COMPLETE_MARKER, WRITING_MARKER)
+    # A marker's temporary (`write_json_atomically`) is left behind only by a crash during its write.
+    temporaries = tuple(f".{marker}." for marker in markers)
+    return sorted(
+        p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*")
+        if p.is_file() and p.name not in markers and not (p.name.startswith(temporaries) and p.name.endswith(".tmp"))
+    )
 
 
-def file_sha256(path: Path) -> str | None:
-    try:
-        with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
-    except OSError:
-        return None
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def hash_parts(checkpoint: Path, names: list[str]) -> dict[str, str | None]:
+def hash_parts(checkpoint: Path, names: list[str]) -> dict[str, str]:
     """SHA-256 of each named file, the files shared out over the ranks (each hashes every world-th one), so
-    the time a checkpoint costs to hash shrinks with the number of processes. Collective: every rank calls it."""
+    the time a checkpoint costs to hash shrinks with the number of processes. Collective: every rank calls it,
+    and every rank raises when any of them could not read its file (a hash left out would never be checked)."""
     rank, world = rank_and_world()
-    mine = {name: file_sha256(checkpoint / name) for name in names[rank::world]}
-    merged: dict[str, str | None] = {}
-    for part in gathered(mine):
+    mine, unreadable = {}, None
+    for name in names[rank::world]:
+        try:
+            mine[name] = file_sha256(checkpoint / name)
+        except OSError as error:
+            unreadable = f"{checkpoint / name} ({error_reason(error)})"
+            break
+    merged: dict[str, str] = {}
+    problems = []
+    for part, problem in gathered((mine, unreadable)):
         merged.update(part)
+        problems += [problem] if problem else []
+    if problems:
+        raise RunFolderError(f"could not read {problems[0]} to hash it; check the file system and the file's permissions, then run again")
     return {name: merged[name] for name in names}
 
 
@@ -678,7 +686,7 @@ def current_claim(args) -> Claim | None:
 def _write_record(folder: Path, claim: Claim, args) -> None:
     # The commit a hub base was read at (the hub's `main` moves on); None for a local folder.
     base = {"model_name_or_path": args.model_name_or_path, "revision": base_checkpoint(args.model_name_or_path).revision}
-    write_json_atomic(folder / RUN_RECORD, {
+    write_json_atomically(folder / RUN_RECORD, {
         "run_id": claim.run_id,
         "identity_hash": claim.identity_hash,
         "identity": claim.identity,
@@ -762,7 +770,7 @@ def _record_extension(folder: Path, record: dict, identity: dict, extension: str
     }
     updated = {**record, "identity_hash": identity_hash(identity), "identity": identity,
                "extensions": [*record.get("extensions", []), entry]}
-    write_json_atomic(folder / RUN_RECORD, updated)
+    write_json_atomically(folder / RUN_RECORD, updated)
     logger.warning("extending run %s (%s): it continues from %s", record.get("run_id"), extension,
                    Path(checkpoint).name if checkpoint else "the start")
 
@@ -826,7 +834,8 @@ def _verify_manifest(checkpoint: Path, manifest: dict) -> None:
     """Every rank: the checkpoint's files must be exactly those its manifest lists, with the same hashes."""
     names = from_main(part_files(checkpoint))
     hashes = hash_parts(checkpoint, names)
-    changed = sorted(name for name in set(names) | set(manifest) if hashes.get(name) != manifest.get(name))
+    # A name on one side only is always a change, whatever the other side recorded.
+    changed = sorted(name for name in set(names) | set(manifest) if name not in hashes or name not in manifest or hashes[name] != manifest[name])
     if changed:
         shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
         raise RunFolderError(
@@ -870,12 +879,12 @@ def begin_checkpoint(checkpoint: Path, claim: Claim, step: int) -> None:
     folder being written again (resume from an older checkpoint) loses its old complete marker first."""
     checkpoint.mkdir(parents=True, exist_ok=True)
     (checkpoint / COMPLETE_MARKER).unlink(missing_ok=True)
-    write_json_atomic(checkpoint / WRITING_MARKER, {"global_step": step, "run_id": claim.run_id})
+    write_json_atomically(checkpoint / WRITING_MARKER, {"global_step": step, "run_id": claim.run_id})
 
 
 def finish_checkpoint(checkpoint: Path, claim: Claim, step: int, hashes: dict) -> None:
     """Main process, after every rank wrote its part: the manifest makes the checkpoint complete."""
-    write_json_atomic(checkpoint / COMPLETE_MARKER, {
+    write_json_atomically(checkpoint / COMPLETE_MARKER, {
         "global_step": step,
         "run_id": claim.run_id,
         "identity_hash": claim.identity_hash,

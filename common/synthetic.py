@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import random
 import tarfile
 from collections.abc import Iterable, Sequence
@@ -367,8 +368,6 @@ def llava_rows(image_dir: Path, n: int = 24, seed: int = 0) -> list[dict]:
 
 def write_custom_llava(out: Path, n: int = 24, seed: int = 0) -> Path:
     """`out/train.json` (a JSON array of `llava_rows`) with its images in `out`; returns the file."""
-    import json
-
     rows = llava_rows(out, n, seed)
     path = out / "train.json"
     path.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")

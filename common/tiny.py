@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .official_files import write_tokenizer_files
 from .configuration_phi3v import CLIP_VIT_L_14_336, Phi3VConfig
-from .export import write_tokenizer_files
 from .modeling_phi3v import Phi3VForCausalLM
 from .tiny_tokenizer import build_tiny_tokenizer
 

@@ -14,10 +14,9 @@ transformers (a field that a new version adds fails that test until it is classi
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 from .compile import compile_refusal
+from .io import json_object
 
 NOT_APPLICABLE: dict[str, str] = {
     **{
@@ -129,17 +128,9 @@ def _default(args, name: str):
 def _json_setting(value) -> dict:
     """--accelerator_config as given: a dict, an AcceleratorConfig, inline JSON or a JSON file (what
     TrainingArguments accepts)."""
-    if isinstance(value, dict):
-        return value
     if dataclasses.is_dataclass(value):
         return dataclasses.asdict(value)
-    text = str(value)
-    try:
-        loaded = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        # TrainingArguments' own parse reports what is wrong with it.
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
+    return json_object("--accelerator_config", value)
 
 
 def _splits_batches(value) -> bool:

@@ -27,8 +27,9 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .arguments import FinetuneArguments
 from .compile import compile_layers
-from .conversation import error_reason
-from .export import base_checkpoint, dtype_name, warn_if_code_is_missing
+from .official_files import base_checkpoint, warn_if_code_is_missing
+from .dtypes import dtype_name
+from .errors import error_reason
 from .modeling_phi3v import Phi3VForCausalLM
 from .processing_phi3v import Phi3VProcessor
 from .ranks import is_main_process

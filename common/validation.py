@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .collator import LoadingError, TokenCounts
-from .conversation import DataError, ExampleError
+from .errors import DataError, ExampleError
 from .data import RecipeDataset, image_check_pool
 from .ranks import from_main, gathered, is_main_process, rank_and_world
 from .scan_cache import RowScan, ScanCache, scan_key

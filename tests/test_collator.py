@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from common.collator import Phi3VCollator, Phi3VGenerationCollator, example_length, example_tokens, hd_output_size
-from common.conversation import IGNORE_INDEX, ExampleError, encode_conversation, encode_prompt
+from common.conversation import IGNORE_INDEX, encode_conversation, encode_prompt
+from common.errors import ExampleError
 from common.image_processing_phi3v import hd_transform
 from common.modeling_phi3v import Phi3VForCausalLM
 from common.processing_phi3v import Phi3VProcessor

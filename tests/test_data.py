@@ -11,7 +11,8 @@ import torch
 from PIL import Image, ImageFile
 
 from common.collator import Phi3VCollator
-from common.conversation import DataError, ExampleError, encode_conversation
+from common.conversation import encode_conversation
+from common.errors import DataError, ExampleError
 from common.data import RecipeDataset, jsonl_eval_examples, load_jsonl_conversations
 from common.processing_phi3v import Phi3VProcessor
 

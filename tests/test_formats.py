@@ -9,7 +9,8 @@ import datasets
 import pytest
 from PIL import Image
 
-from common.conversation import IGNORE_INDEX, DataError, encode_conversation, encode_prompt
+from common.conversation import IGNORE_INDEX, encode_conversation, encode_prompt
+from common.errors import DataError
 from common.formats import (
     ColumnConversations,
     data_warnings,

@@ -1,7 +1,6 @@
 """python -m common.predict: one prompt, batch mode over JSONL or a folder, torchrun sharding, kill and resume."""
 
 import json
-import os
 import subprocess
 import sys
 import time

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from common.conversation import ExampleError
+from common.errors import ExampleError
 from common.data import RecipeDataset
 from common.formats import ColumnConversations, read_conversations
 from common.processing_phi3v import Phi3VProcessor

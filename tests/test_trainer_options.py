@@ -93,6 +93,15 @@ def test_refused_options_stop_at_parse_time_with_their_reason(name, tmp_path, ca
     assert capsys.readouterr().err.strip().endswith(f"error: {REFUSED[name]}")
 
 
+def test_an_unreadable_accelerator_config_stops_parsing_with_its_name(tmp_path, capsys):
+    missing = tmp_path / "accelerate.json"
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(argv=["--output_dir", str(tmp_path / "out"), "--use_lora", "--accelerator_config", str(missing)])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"--accelerator_config {missing}: not readable JSON" in error[0]
+
+
 def test_refused_options_at_their_default_or_harmless_values_pass(tmp_path):
     args, = parse_args(argv=["--output_dir", str(tmp_path), "--use_lora", "--label_names", "labels",
                              "--accelerator_config", '{"even_batches": true}', "--remove_unused_columns", "false"])

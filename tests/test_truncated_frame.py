@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.conversation import ExampleError
+from common.errors import ExampleError
 from common.data import RecipeDataset, image_check_pool, jsonl_eval_examples
 from common.processing_phi3v import Phi3VProcessor
 from common.validation import validate_evaluation_data

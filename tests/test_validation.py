@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from common.arguments import parse_args
-from common.conversation import DataError, ExampleError
+from common.errors import DataError, ExampleError
 from common.data import RecipeDataset, image_check_pool, load_jsonl_conversations
 from common.processing_phi3v import Phi3VProcessor
 from common.validation import SkipLog, validate_training_data
