@@ -37,7 +37,7 @@ DEFAULT_BATCH_SIZE = 64
 DEFAULT_EVAL_BATCH_SIZE = 8
 DEFAULT_WEIGHT_DECAY = 0.01
 SAVE_DTYPE_CHOICES = ("base", "float32", "bfloat16", "float16")
-# The samplers RecipeTrainer builds for a RecipeDataset (common/recipe.py: `_get_train_sampler`).
+# The samplers RecipeTrainer builds for a RecipeDataset (common/recipe.py: `RecipeTrainer.train_sampler`).
 TRAIN_SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
 # pip names of the --report_to integrations whose package name differs from the integration's.
 LOGGER_PACKAGES = {"comet_ml": "comet-ml", "azure_ml": "azureml-core", "flyte": "flytekit"}

@@ -9,6 +9,7 @@ lock, move a previous run aside, then, once the training data is read, claim and
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import gc
@@ -70,7 +71,32 @@ def setup_logging(args: FinetuneArguments) -> None:
     level = logging.INFO if args.process_index == 0 else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
     transformers.logging.set_verbosity_warning()
-    logging.getLogger("transformers.trainer").setLevel(level)
+    trainer_logger = logging.getLogger("transformers.trainer")
+    trainer_logger.setLevel(level)
+    trainer_logger.addFilter(UNUSED_TOWER_KEYS)
+
+
+class UnusedTowerKeys(logging.Filter):
+    """Leaves the base's unused tower tensors out of the Trainer's "unexpected keys" warning when it loads a
+    checkpoint back: every checkpoint carries them (`RecipeTrainer._save`), they are not weights the model lacks
+    a place for. The warning goes when nothing else is left in it."""
+
+    WARNING = "There were unexpected keys in the checkpoint model loaded: "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.WARNING):
+            return True
+        try:
+            names = ast.literal_eval(message[len(self.WARNING):].rstrip("."))
+        except (ValueError, SyntaxError):
+            return True
+        others = [name for name in names if not name.startswith(TOWER_PREFIX)]
+        record.msg, record.args = f"{self.WARNING}{others}.", ()
+        return bool(others)
+
+
+UNUSED_TOWER_KEYS = UnusedTowerKeys()
 
 
 def exit_on_bad_input(main):
@@ -125,9 +151,16 @@ def build_collator(processor, args: FinetuneArguments, train_set: RecipeDataset)
     )
 
 
-# The one Trainer internal the recipes override, read against transformers 5.24.0 (requirements.txt); the test
-# tests/test_run_object.py fails when its signature changes.
-SAVE_CHECKPOINT_SIGNATURE = "(self, model: torch.nn.modules.module.Module, trial: 'optuna.Trial | dict[str, Any] | None') -> None"
+# The Trainer internals the recipes build on, read against transformers 5.24.0 (requirements.txt): the checkpoint
+# save is overridden, the DataLoader builder called. tests/test_run_object.py fails when a signature changes.
+TRAINER_INTERNALS = {
+    "_save_checkpoint": "(self, model: torch.nn.modules.module.Module, trial: 'optuna.Trial | dict[str, Any] | None') -> None",
+    "_get_dataloader": (
+        "(self, dataset: torch.utils.data.dataset.Dataset, description: str, batch_size: int, sampler_fn: "
+        "collections.abc.Callable[[torch.utils.data.dataset.Dataset], torch.utils.data.sampler.Sampler] | None = None, "
+        "is_training: bool = False, dataloader_key: str | None = None) -> torch.utils.data.dataloader.DataLoader"
+    ),
+}
 
 
 class RecipeTrainer(Trainer):
@@ -174,14 +207,27 @@ class RecipeTrainer(Trainer):
             self.optimizer = build_optimizer(self, opt_model, groups)
         return self.optimizer
 
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = self.train_dataset if train_dataset is None else train_dataset
+    def get_train_dataloader(self):
+        """The Trainer's training DataLoader with the sampler `train_sampler` chooses."""
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        # The Trainer's own body with its sampler swapped; `_get_dataloader` is read against transformers 5.24.0
+        # too (its signature is checked by tests/test_run_object.py).
+        return self._get_dataloader(
+            dataset=self.train_dataset, description="Training", batch_size=self._train_batch_size,
+            sampler_fn=self.train_sampler, is_training=True,
+        )
+
+    def train_sampler(self, dataset=None):
+        """--train_sampling_strategy group_by_length over a RecipeDataset: batches grouped by exact token lengths,
+        measured without decoding images; any other strategy or dataset: the Trainer's own sampler."""
+        dataset = self.train_dataset if dataset is None else dataset
         if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, RecipeDataset):
             # The stock sampler would read every example (decoding its images) to measure it.
             lengths = dataset.lengths(self.processing_class, self.args.num_crops)
             megabatch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return LengthGroupedSampler(megabatch, lengths=lengths)
-        return super()._get_train_sampler(train_dataset)
+        return super()._get_train_sampler(dataset)
 
     def _save(self, output_dir=None, state_dict=None):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -196,13 +242,9 @@ class RecipeTrainer(Trainer):
                 complete_model_folder(folder, self.args.model_name_or_path, self.processing_class.tokenizer)
             follow_umask_in(folder)
 
-    def _issue_warnings_after_load(self, load_result):
-        # The unused tower tensors every checkpoint carries (see _save) are not weights the model lacks a place for.
-        unexpected = [name for name in load_result.unexpected_keys if not name.startswith(TOWER_PREFIX)]
-        super()._issue_warnings_after_load(load_result._replace(unexpected_keys=unexpected))
-
     def _save_checkpoint(self, model, trial):
-        # The Trainer's checkpoint save, written by the run folder: markers, manifest, rotation (see the class).
+        # The Trainer's checkpoint save (read against transformers 5.24.0), written by the run folder: markers,
+        # manifest, rotation (see the class).
         if self.run_folder.claim_made is None:
             # Trainer.train called directly, without a script's main(): the folder is claimed at the first save.
             self.run_folder.lock()

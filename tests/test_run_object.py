@@ -3,21 +3,26 @@
 import inspect
 from types import SimpleNamespace
 
+import pytest
 from transformers import Trainer
 
-from common.recipe import SAVE_CHECKPOINT_SIGNATURE, RecipeTrainer
+import logging
+
+from common.export import TOWER_PREFIX
+from common.recipe import TRAINER_INTERNALS, UNUSED_TOWER_KEYS, RecipeTrainer
 from common.run_folder import COMPLETE_MARKER, RunFolder
 
 
-def test_the_overridden_trainer_internal_has_the_signature_it_was_read_against():
-    # A transformers upgrade that changes Trainer._save_checkpoint must be read again before RecipeTrainer's
-    # override (and the run folder's protocol behind it) is trusted.
-    assert str(inspect.signature(Trainer._save_checkpoint)) == SAVE_CHECKPOINT_SIGNATURE
+@pytest.mark.parametrize("name", sorted(TRAINER_INTERNALS))
+def test_the_trainer_internals_used_have_the_signatures_they_were_read_against(name):
+    # A transformers upgrade that changes one must be read again before RecipeTrainer's use of it (and the run
+    # folder's protocol behind the checkpoint save) is trusted.
+    assert str(inspect.signature(getattr(Trainer, name))) == TRAINER_INTERNALS[name]
 
 
-def test_recipe_trainer_overrides_one_private_trainer_method():
+def test_recipe_trainer_overrides_only_the_checkpoint_save_and_the_weights_save():
     private = {name for name in vars(RecipeTrainer) if name.startswith("_") and not name.startswith("__") and hasattr(Trainer, name)}
-    assert private <= {"_save_checkpoint", "_save", "_get_train_sampler", "_issue_warnings_after_load"}
+    assert private == {"_save_checkpoint", "_save"}
 
 
 def test_the_end_of_training_keeps_only_the_best_of_this_runs_checkpoints(tmp_path):
@@ -28,3 +33,14 @@ def test_the_end_of_training_keeps_only_the_best_of_this_runs_checkpoints(tmp_pa
     folder.claim_made = SimpleNamespace(run_id="mine")
     folder.keep_only_best(str(tmp_path / "checkpoint-2"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_loading_a_checkpoint_back_warns_only_of_keys_other_than_the_unused_tower_tensors():
+    def warned(names):
+        record = logging.LogRecord("transformers.trainer", logging.WARNING, __file__, 1,
+                                   f"There were unexpected keys in the checkpoint model loaded: {names}.", None, None)
+        return record.getMessage() if UNUSED_TOWER_KEYS.filter(record) else None
+
+    tower = f"{TOWER_PREFIX}post_layernorm.weight"
+    assert warned([tower]) is None
+    assert warned([tower, "lm_head.bias"]) == "There were unexpected keys in the checkpoint model loaded: ['lm_head.bias']."
