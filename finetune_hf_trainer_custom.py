@@ -54,7 +54,6 @@ from common.recipe import (
     finish,
     free_memory,
     loss_evaluations,
-    save_final,
     setup_logging,
     skip_log_for,
     train,
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     if metric and not args.skip_eval_before:
         evaluations["before"] = evaluate_before(model, processor, eval_set, metric, args)
     train(trainer, args)
-    save_final(trainer, args, processor)
+    run_folder.save_final(trainer, processor)
     if metric is None:
         evaluations = loss_evaluations(trainer, args)
 

@@ -44,7 +44,6 @@ from common.recipe import (
     exit_on_bad_input,
     finish,
     free_memory,
-    save_final,
     setup_logging,
     train,
 )
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_eval_before:
         evaluations["before"] = evaluate_before(model, processor, eval_set, METRIC, args)
     train(trainer, args)
-    save_final(trainer, args, processor)
+    run_folder.save_final(trainer, processor)
 
     log_history = trainer.state.log_history
     del trainer, model

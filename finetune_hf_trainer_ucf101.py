@@ -45,7 +45,6 @@ from common.recipe import (
     free_memory,
     load_trained_model,
     run_evaluation,
-    save_final,
     setup_logging,
     skip_log_for,
     train,
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_eval_before:
         evaluations["before"] = evaluate_before(model, processor, eval_set, METRIC, args)
     train(trainer, args)
-    save_final(trainer, args, processor)
+    run_folder.save_final(trainer, processor)
 
     log_history = trainer.state.log_history
     del trainer, model

@@ -1,10 +1,10 @@
-"""The mechanics every recipe shares: logging, the Trainer, resume, the final save and reloading for evaluation.
+"""The mechanics every recipe shares: logging, the Trainer, training with resume and reloading for evaluation.
 
 A dataset script calls these in order: ``setup_logging``, the run folder's steps (`common.run_folder.RunFolder`:
 lock, move a previous run aside, then, once the training data is read, claim and clear interrupted checkpoints),
 ``check_training_data`` (the validation pass), ``load_model``/``setup_training_mode`` (common/training.py),
-``build_collator``, ``build_trainer``, ``evaluate_before``, ``train``, ``save_final``, ``evaluate_after`` and
-``finish``; its ``main`` is wrapped in ``exit_on_bad_input``.
+``build_collator``, ``build_trainer``, ``evaluate_before``, ``train``, the run folder's ``save_final``,
+``evaluate_after`` and ``finish``; its ``main`` is wrapped in ``exit_on_bad_input``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import functools
 import gc
 import logging
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -36,12 +35,8 @@ from .export import (
     TOWER_PREFIX,
     BaseCheckpoint,
     complete_model_folder,
-    dtype_name,
-    finalize_weights,
     follow_umask_in,
-    load_merged,
     with_unused_base_tensors,
-    write_final_model,
 )
 from .modeling_phi3v import Phi3VForCausalLM
 from .optimizer import build_optimizer, log_part_rates, part_groups, separate_rates
@@ -54,8 +49,6 @@ from .run_folder import (
     RunFolder,
     RunFolderError,
     check_free_space,
-    failed_final_save_message,
-    final_weights,
     newest_complete,
     read_json,
     release_held_locks,
@@ -447,56 +440,6 @@ def stop_preempted(stop: StopOnSignal, checkpoint: Path) -> None:
     raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
-# The final save is written here first and moved into place once complete.
-FINAL_STAGING = "final-model.partial"
-
-
-def save_final(trainer: RecipeTrainer, args: FinetuneArguments, processor) -> Path:
-    """The final model or LoRA adapter, plus the processor, in output_dir, in the official checkpoint's format
-    (`common.export`); a full model in the base's dtype unless --save_dtype says otherwise.
-
-    It is written into OUTPUT_DIR/final-model.partial and its files moved to their final names (weights last)
-    once all of it is written, so a save that fails (a full disk) leaves no half-written model under those
-    names: the run ends with one line saying so and which checkpoint survives."""
-    output_dir = Path(args.output_dir)
-    staging = output_dir / FINAL_STAGING
-    if is_main_process():
-        # Left by an earlier final save that was killed.
-        shutil.rmtree(staging, ignore_errors=True)
-    barrier()
-    attempt = trainer.run_folder.attempt
-    attempt(staging, trainer.save_model, str(staging), describe=failed_final_save_message)
-    attempt(staging, move_final_into_place, staging, args, main_only=True, describe=failed_final_save_message)
-    trainer.save_state()
-    barrier()
-    if args.merge_lora:
-        merge_lora_adapter(args, output_dir, output_dir / "merged", processor)
-    return output_dir
-
-
-def move_final_into_place(staging: Path, args: FinetuneArguments) -> None:
-    """Main process: a full model's weights cast to the saved dtype, then every file of the staged final save
-    moved to its name in --output_dir, the weights last."""
-    if args.training_mode in ("full", "frozen_vision"):
-        dtype = finalize_weights(staging, args.model_name_or_path, SAVE_DTYPES.get(args.save_dtype))
-        logger.info("final model written to %s with %s weights", staging.parent, dtype_name(dtype))
-    weights = set(final_weights(staging))
-    for entry in sorted(staging.iterdir(), key=lambda path: path.name in weights):
-        entry.replace(staging.parent / entry.name)
-    staging.rmdir()
-
-
-def merge_lora_adapter(args: FinetuneArguments, adapter_dir: Path, merged_dir: Path, processor) -> None:
-    """Merge into the base loaded afresh in fp32 (adapters cannot be folded into 4-bit weights exactly), then
-    write it as a final model in the base's dtype or --save_dtype."""
-    if is_main_process():
-        merged = load_merged(adapter_dir, args.model_name_or_path)
-        dtype = write_final_model(merged, processor, merged_dir, args.model_name_or_path, SAVE_DTYPES.get(args.save_dtype))
-        logger.info("merged LoRA model written to %s with %s weights", merged_dir, dtype_name(dtype))
-        del merged
-    barrier()
-
-
 def load_trained_model(args: FinetuneArguments, output_dir: str | Path | None = None, quantize: bool | None = None):
     """Load what training wrote, the way a user would.
 
@@ -623,7 +566,6 @@ __all__ = [
     "RecipeTrainer",
     "build_trainer",
     "train",
-    "save_final",
     "load_trained_model",
     "CheckpointWriteError",
     "finish",

@@ -45,7 +45,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from .conversation import error_reason
-from .export import base_checkpoint
+from .export import SAVE_DTYPES, base_checkpoint, dtype_name, finalize_weights, load_merged, write_final_model
 from .ranks import any_rank, barrier, from_main, gathered, is_main_process, rank_and_world
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 INCOMPLETE_PREFIX = "incomplete-"
 PREVIOUS_RUN_PREFIX = "previous-run-"
 LOCK_NAME = "run.lock"
+# The final save is written here first and moved into place once complete.
+FINAL_STAGING = "final-model.partial"
 # How long a reader waits for a lock file that another start has created but not yet filled in.
 LOCK_WRITE_WAIT_S = 2.0
 
@@ -763,6 +765,50 @@ class RunFolder:
         checkpoints stays, as the Trainer's own end-of-training cleanup leaves it."""
         if self.save_total_limit == 1 and best is not None and is_main_process():
             rotate(self.folder, self.claim_made.run_id, 1, best, newest_too=False)
+        barrier()
+
+    def save_final(self, trainer, processor) -> Path:
+        """The final model or LoRA adapter, plus the processor, in --output_dir, in the official checkpoint's
+        format (`common.export`); a full model in the base's dtype unless --save_dtype says otherwise; with
+        --merge_lora also the merged model in OUTPUT_DIR/merged.
+
+        It is written by `trainer` into OUTPUT_DIR/final-model.partial and its files moved to their final names
+        (weights last) once all of it is written, so a save that fails (a full disk) leaves no half-written model
+        under those names: the run ends with one line saying so and which checkpoint survives."""
+        staging = self.folder / FINAL_STAGING
+        if is_main_process():
+            # Left by an earlier final save that was killed.
+            shutil.rmtree(staging, ignore_errors=True)
+        barrier()
+        self.attempt(staging, trainer.save_model, str(staging), describe=failed_final_save_message)
+        self.attempt(staging, self._move_final_into_place, staging, main_only=True, describe=failed_final_save_message)
+        trainer.save_state()
+        barrier()
+        if self.args.merge_lora:
+            self._merge_lora_adapter(self.folder / "merged", processor)
+        return self.folder
+
+    def _move_final_into_place(self, staging: Path) -> None:
+        """Main process: a full model's weights cast to the saved dtype, then every file of the staged final save
+        moved to its name in --output_dir, the weights last."""
+        args = self.args
+        if args.training_mode in ("full", "frozen_vision"):
+            dtype = finalize_weights(staging, args.model_name_or_path, SAVE_DTYPES.get(args.save_dtype))
+            logger.info("final model written to %s with %s weights", staging.parent, dtype_name(dtype))
+        weights = set(final_weights(staging))
+        for entry in sorted(staging.iterdir(), key=lambda path: path.name in weights):
+            entry.replace(staging.parent / entry.name)
+        staging.rmdir()
+
+    def _merge_lora_adapter(self, merged_dir: Path, processor) -> None:
+        """Merge the saved adapter into the base loaded afresh in fp32 (adapters cannot be folded into 4-bit
+        weights exactly), then write it as a final model in the base's dtype or --save_dtype."""
+        args = self.args
+        if is_main_process():
+            merged = load_merged(self.folder, args.model_name_or_path)
+            dtype = write_final_model(merged, processor, merged_dir, args.model_name_or_path, SAVE_DTYPES.get(args.save_dtype))
+            logger.info("merged LoRA model written to %s with %s weights", merged_dir, dtype_name(dtype))
+            del merged
         barrier()
 
     @staticmethod
