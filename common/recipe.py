@@ -145,8 +145,10 @@ def build_collator(processor, args: FinetuneArguments, train_set: RecipeDataset)
 
 
 # The Trainer internals the recipes build on, read against transformers 5.24.0 (requirements.txt): the checkpoint
-# save is overridden, the DataLoader builder called. tests/test_run_object.py fails when a signature changes.
+# save and the weights save are overridden, the DataLoader builder called. tests/test_run_object.py fails when a
+# signature changes.
 TRAINER_INTERNALS = {
+    "_save": "(self, output_dir: str | None = None, state_dict: dict | None = None) -> None",
     "_save_checkpoint": "(self, model: torch.nn.modules.module.Module, trial: 'optuna.Trial | dict[str, Any] | None') -> None",
     "_get_dataloader": (
         "(self, dataset: torch.utils.data.dataset.Dataset, description: str, batch_size: int, sampler_fn: "
@@ -223,6 +225,8 @@ class RecipeTrainer(Trainer):
         return super()._get_train_sampler(dataset)
 
     def _save(self, output_dir=None, state_dict=None):
+        # The weights save (read against transformers 5.24.0): the one place every engine's state dict passes
+        # (plain, DeepSpeed, FSDP) before save_pretrained; no public hook sees it.
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         # A DeepSpeed run without gathered weights passes an empty dict; its weights are not ours to write.
         if self.args.should_save and isinstance(model, Phi3VForCausalLM) and (state_dict is None or len(state_dict)):

@@ -44,3 +44,33 @@ def test_loading_a_checkpoint_back_warns_only_of_keys_other_than_the_unused_towe
     tower = f"{TOWER_PREFIX}post_layernorm.weight"
     assert warned([tower]) is None
     assert warned([tower, "lm_head.bias"]) == "There were unexpected keys in the checkpoint model loaded: ['lm_head.bias']."
+
+
+def test_claiming_changes_no_checkpoint_and_clearing_removes_only_the_interrupted_write(tiny_checkpoint, tmp_path):
+    from common.arguments import parse_args
+    from common.run_folder import begin_checkpoint, finish_checkpoint, hash_parts, part_files
+
+    out = tmp_path / "out"
+    rows = [{"images": [], "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]}]
+
+    def run_folder(*flags):
+        args, = parse_args(argv=["--model_name_or_path", str(tiny_checkpoint), "--output_dir", str(out), "--deepspeed", "none", *flags])
+        folder = RunFolder(args)
+        folder.lock()
+        folder.move_previous_run_aside()
+        return folder
+
+    first = run_folder()
+    claim = first.claim(rows)
+    complete, interrupted = out / "checkpoint-1", out / "checkpoint-2"
+    begin_checkpoint(complete, claim, 1)
+    (complete / "trainer_state.json").write_text("{}")
+    finish_checkpoint(complete, claim, 1, hash_parts(complete, part_files(complete)))
+    begin_checkpoint(interrupted, claim, 2)
+    first.release()
+
+    resumed = run_folder("--resume_from_checkpoint", "latest")
+    assert resumed.claim(rows).checkpoint == str(complete) and interrupted.is_dir()
+    resumed.clear_interrupted_checkpoints()
+    assert not interrupted.exists() and complete.is_dir() and resumed.claim_made.run_id == claim.run_id
+    resumed.release()
