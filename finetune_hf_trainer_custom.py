@@ -54,11 +54,11 @@ from common.recipe import (
     finish,
     free_memory,
     loss_evaluations,
-    save_final,
     setup_logging,
     skip_log_for,
     train,
 )
+from common.run_folder import RunFolder
 from common.training import load_model, load_processor, setup_training_mode
 
 
@@ -114,23 +114,28 @@ def main(argv: list[str] | None = None) -> None:
     metric = chosen_metric(argv)
     args, data_args = parse_args(CustomArguments, argv=argv, defaults={"max_new_tokens": 64}, metric=metric)
     setup_logging(args)
+    run_folder = RunFolder(args)
+    run_folder.lock()
+    run_folder.move_previous_run_aside()
 
     data = CustomData(data_args, args.seed, skip_log_for(args))
     train_set, eval_set = data.datasets()
 
     processor = load_processor(args)
-    train_set = check_training_data(train_set, processor, args)
+    run_folder.claim(train_set)
+    run_folder.clear_interrupted_checkpoints()
+    train_set = check_training_data(train_set, processor, args, run_folder)
     eval_set = check_evaluation_data(eval_set, processor, args)
     data.warn(train_set, args)
     model = setup_training_mode(load_model(args), args)
     collator = build_collator(processor, args, train_set)
-    trainer = build_trainer(model, args, train_set, collator, processor, eval_set, metric)
+    trainer = build_trainer(model, args, run_folder, train_set, collator, processor, eval_set, metric)
 
     evaluations = {}
     if metric and not args.skip_eval_before:
         evaluations["before"] = evaluate_before(model, processor, eval_set, metric, args)
     train(trainer, args)
-    save_final(trainer, args, processor)
+    run_folder.save_final(trainer, processor)
     if metric is None:
         evaluations = loss_evaluations(trainer, args)
 
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     free_memory()
     if metric and not args.skip_eval_after:
         evaluations["after"] = evaluate_after(processor, eval_set, metric, args)
-    finish(args, log_history, evaluations)
+    finish(args, run_folder, log_history, evaluations)
 
 
 if __name__ == "__main__":

@@ -50,10 +50,10 @@ from common.recipe import (
     exit_on_bad_input,
     finish,
     free_memory,
-    save_final,
     setup_logging,
     train,
 )
+from common.run_folder import RunFolder
 from common.sources import cauldron_train_example, first_rows, load_split
 from common.training import load_model, load_processor, setup_training_mode
 
@@ -105,6 +105,9 @@ def eval_example(row: dict, index: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args, data_args = parse_args(DocVQAArguments, argv=argv, metric=METRIC)
     setup_logging(args)
+    run_folder = RunFolder(args)
+    run_folder.lock()
+    run_folder.move_previous_run_aside()
 
     if data_args.full_train:
         train_rows, to_train_example = load_split(CAULDRON, "docvqa", "train", data_args.dataset_path), cauldron_train_example
@@ -116,24 +119,26 @@ def main(argv: list[str] | None = None) -> None:
     eval_set = RecipeDataset(first_rows(eval_rows, data_args.max_eval_samples), eval_example, "docvqa test", for_training=False)
 
     processor = load_processor(args)
-    train_set = check_training_data(train_set, processor, args)
+    run_folder.claim(train_set)
+    run_folder.clear_interrupted_checkpoints()
+    train_set = check_training_data(train_set, processor, args, run_folder)
     eval_set = check_evaluation_data(eval_set, processor, args)
     model = setup_training_mode(load_model(args), args)
     collator = build_collator(processor, args, train_set)
-    trainer = build_trainer(model, args, train_set, collator, processor, eval_set, METRIC)
+    trainer = build_trainer(model, args, run_folder, train_set, collator, processor, eval_set, METRIC)
 
     evaluations = {}
     if not args.skip_eval_before:
         evaluations["before"] = evaluate_before(model, processor, eval_set, METRIC, args)
     train(trainer, args)
-    save_final(trainer, args, processor)
+    run_folder.save_final(trainer, processor)
 
     log_history = trainer.state.log_history
     del trainer, model
     free_memory()
     if not args.skip_eval_after:
         evaluations["after"] = evaluate_after(processor, eval_set, METRIC, args)
-    finish(args, log_history, evaluations)
+    finish(args, run_folder, log_history, evaluations)
 
 
 if __name__ == "__main__":

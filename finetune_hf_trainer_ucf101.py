@@ -45,11 +45,11 @@ from common.recipe import (
     free_memory,
     load_trained_model,
     run_evaluation,
-    save_final,
     setup_logging,
     skip_log_for,
     train,
 )
+from common.run_folder import RunFolder
 from common.sources import first_rows
 from common.training import load_model, load_processor, setup_training_mode
 
@@ -75,6 +75,9 @@ def split_file(data_dir: Path, split: str) -> Path:
 def main(argv: list[str] | None = None) -> None:
     args, data_args = parse_args(UCF101Arguments, argv=argv, defaults={"num_crops": 4, "max_new_tokens": 16}, metric=METRIC)
     setup_logging(args)
+    run_folder = RunFolder(args)
+    run_folder.lock()
+    run_folder.move_previous_run_aside()
 
     data_dir = Path(data_args.data_dir)
     images = data_dir / "images"
@@ -85,20 +88,22 @@ def main(argv: list[str] | None = None) -> None:
     eval_set = RecipeDataset(first_rows(eval_rows, data_args.max_eval_samples), name="ucf101 val", for_training=False, data_files=[val_file])
 
     processor = load_processor(args)
-    train_set = check_training_data(train_set, processor, args)
+    run_folder.claim(train_set)
+    run_folder.clear_interrupted_checkpoints()
+    train_set = check_training_data(train_set, processor, args, run_folder)
     eval_set = check_evaluation_data(eval_set, processor, args)
     if data_args.eval_on_test:
         test_rows = jsonl_eval_examples(split_file(data_dir, "test"), images, skip_log_for(args))
         test_set = check_evaluation_data(RecipeDataset(test_rows, name="ucf101 test", for_training=False), processor, args)
     model = setup_training_mode(load_model(args), args)
     collator = build_collator(processor, args, train_set)
-    trainer = build_trainer(model, args, train_set, collator, processor, eval_set, METRIC)
+    trainer = build_trainer(model, args, run_folder, train_set, collator, processor, eval_set, METRIC)
 
     evaluations = {}
     if not args.skip_eval_before:
         evaluations["before"] = evaluate_before(model, processor, eval_set, METRIC, args)
     train(trainer, args)
-    save_final(trainer, args, processor)
+    run_folder.save_final(trainer, processor)
 
     log_history = trainer.state.log_history
     del trainer, model
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         evaluations["after"] = evaluate_after(processor, eval_set, METRIC, args)
     if data_args.eval_on_test:
         evaluations["test"] = run_evaluation(load_trained_model(args), processor, test_set, METRIC, args, "eval_test.json")
-    finish(args, log_history, evaluations)
+    finish(args, run_folder, log_history, evaluations)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ DEFAULT_BATCH_SIZE = 64
 DEFAULT_EVAL_BATCH_SIZE = 8
 DEFAULT_WEIGHT_DECAY = 0.01
 SAVE_DTYPE_CHOICES = ("base", "float32", "bfloat16", "float16")
-# The samplers RecipeTrainer builds for a RecipeDataset (common/recipe.py: `_get_train_sampler`).
+# The samplers RecipeTrainer builds for a RecipeDataset (common/recipe.py: `RecipeTrainer.train_sampler`).
 TRAIN_SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
 # pip names of the --report_to integrations whose package name differs from the integration's.
 LOGGER_PACKAGES = {"comet_ml": "comet-ml", "azure_ml": "azureml-core", "flyte": "flytekit"}
@@ -239,6 +239,8 @@ class FinetuneArguments(TrainingArguments):
     )
     # Not a command-line flag: what --torch_compile, --torch_compile_backend and --torch_compile_mode asked for.
     compile_layers: dict | None = field(default=None, init=False)
+    # Not a command-line flag: what --use_liger_kernel asked for (applied where the model is loaded).
+    liger_kernels: bool = field(default=False, init=False)
 
     def __post_init__(self):
         if not cuda_available():
@@ -277,6 +279,10 @@ class FinetuneArguments(TrainingArguments):
             # whole-model compile breaks the graph at every data-dependent step between the layers.
             self.compile_layers = {"backend": self.torch_compile_backend, "mode": self.torch_compile_mode}
             self.torch_compile, self.torch_compile_backend, self.torch_compile_mode = False, None, None
+        if self.use_liger_kernel:
+            # Applied to the decoder where the model is loaded (training.apply_liger_kernels): the Trainer's own
+            # Liger hook looks the model type up in Liger's table, where "phi3_v" is missing.
+            self.liger_kernels, self.use_liger_kernel = True, False
 
     def resolve_synonyms(self) -> None:
         """The recipe's batch and weight-decay flags and Hugging Face's names for them set the same fields: either

@@ -56,7 +56,7 @@ from .official_files import (
 )
 from .dtypes import SAVE_DTYPES, dtype_name
 from .errors import ExportError, error_reason
-from .io import follow_umask_in, replace_atomically
+from .io import follow_umask_in, replace_atomically, whole_file
 from .modeling_phi3v import Phi3VForCausalLM
 from .processing_phi3v import Phi3VProcessor, stop_token_ids
 
@@ -200,8 +200,6 @@ def adapter_base(adapter: Path, base: str | None, remedy: str = "pass --base wit
 
 def check_weight_files(folder: Path) -> None:
     """Every safetensors file of a local model or adapter folder is whole, before anything loads."""
-    from .run_folder import whole_file
-
     if not folder.is_dir():
         return
     for path in sorted(folder.glob("*.safetensors")):

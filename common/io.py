@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
+import zipfile
 from pathlib import Path
 
 
@@ -62,3 +64,33 @@ def follow_umask(*paths: Path) -> None:
 
 def follow_umask_in(folder: Path) -> None:
     follow_umask(*(path for path in folder.glob("*.safetensors") if path.is_file()))
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None when it is missing, unreadable or cut short."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def whole_file(path: Path) -> bool:
+    """Present and not cut short: a safetensors file as long as its header says, a torch file with its zip
+    directory (written last), JSON that parses. Used for checkpoints that carry no manifest."""
+    if not path.is_file():
+        return False
+    try:
+        if path.suffix == ".safetensors":
+            with open(path, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(length))
+            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+            return path.stat().st_size >= 8 + length + max(ends, default=0)
+        if path.suffix in (".pt", ".pth", ".bin"):
+            return zipfile.is_zipfile(path)
+        if path.suffix == ".json":
+            return read_json(path) is not None
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return False
+    return True

@@ -98,6 +98,13 @@ class StopOnSignal(TrainerCallback):
                   "newest complete checkpoint, which --resume_from_checkpoint latest takes", file=sys.stderr, flush=True)
             os._exit(128 + signum)
 
+    def on_save(self, args, state, control, **kwargs):
+        if self.stopped_at_step is not None:
+            # The checkpoint to resume from is written: the resumed run loads the best checkpoint when it really
+            # ends, so this one forgets it (its record stays in the checkpoints' trainer_state.json) and the
+            # Trainer does not load it back now.
+            state.best_model_checkpoint = None
+
     def on_step_end(self, args, state, control, **kwargs):
         # One tiny all-reduce per optimizer step: what lets every rank stop at the same step.
         signum = largest(self.signum) if self.stopped_at_step is None else 0

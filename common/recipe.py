@@ -1,25 +1,25 @@
-"""The mechanics every recipe shares: logging, the Trainer, resume, the final save and reloading for evaluation.
+"""The mechanics every recipe shares: logging, the Trainer, training with resume and reloading for evaluation.
 
-A dataset script calls these in order: ``setup_logging``, its own dataset building, ``check_training_data``
-(the validation pass), ``load_model``/``setup_training_mode`` (common/training.py), ``build_collator``,
-``build_trainer``, ``evaluate_before``, ``train``, ``save_final``, ``evaluate_after`` and ``finish``; its
-``main`` is wrapped in ``exit_on_bad_input``.
+A dataset script calls these in order: ``setup_logging``, the run folder's steps (`common.run_folder.RunFolder`:
+lock, move a previous run aside, then, once the training data is read, claim and clear interrupted checkpoints),
+``check_training_data`` (the validation pass), ``load_model``/``setup_training_mode`` (common/training.py),
+``build_collator``, ``build_trainer``, ``evaluate_before``, ``train``, the run folder's ``save_final``,
+``evaluate_after`` and ``finish``; its ``main`` is wrapped in ``exit_on_bad_input``.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import gc
 import logging
 import math
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import transformers
-from safetensors import SafetensorError
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer import TRAINER_STATE_NAME
@@ -30,15 +30,12 @@ from .checkpoint_files import weights_only_loads
 from .collator import Phi3VCollator
 from .data import RecipeDataset
 from .official_files import BaseCheckpoint
-from .dtypes import SAVE_DTYPES, dtype_name
+from .dtypes import SAVE_DTYPES
 from .errors import DataError
 from .export import (
     TOWER_PREFIX,
     complete_model_folder,
-    finalize_weights,
-    load_merged,
     with_unused_base_tensors,
-    write_final_model,
 )
 from .io import follow_umask_in, write_json_atomically
 from .modeling_phi3v import Phi3VForCausalLM
@@ -46,28 +43,16 @@ from .optimizer import build_optimizer, log_part_rates, part_groups, separate_ra
 from .periodic_evaluation import AnswersAsTargets, GenerationEvaluation, run_evaluation
 from .plotting import plot_training_curves
 from .preemption import PREEMPTED_EXIT_CODE, StopOnSignal, announce_stop
-from .ranks import any_rank, barrier, from_main, is_main_process, largest, rank_prefix
+from .ranks import barrier, is_main_process, largest, rank_prefix
 from .run_folder import (
+    CheckpointWriteError,
+    RunFolder,
     RunFolderError,
-    begin_checkpoint,
     check_free_space,
-    check_output_dir,
-    claim_run_folder,
-    current_claim,
-    failed_final_save_message,
-    failed_write_message,
-    finish_checkpoint,
-    final_weights,
-    free_bytes,
-    hash_parts,
-    lock_output_dir,
     newest_complete,
-    part_files,
     read_json,
     release_held_locks,
-    release_output_dir,
     resumes,
-    rotate,
 )
 from .scan_cache import ScanCache
 from .training import UnsafeCheckpointError, load_model, to_device
@@ -75,28 +60,37 @@ from .validation import SkipLog, validate_evaluation_data, validate_training_dat
 
 logger = logging.getLogger(__name__)
 
-# What a failed checkpoint write raises: OSError (ENOSPC, EIO, permissions), RuntimeError from torch.save
-# ("PytorchStreamWriter failed writing file"), SafetensorError from safetensors.
-SAVE_ERRORS = (OSError, RuntimeError, SafetensorError)
-
-
-class CheckpointWriteError(Exception):
-    """A checkpoint could not be written; the message names the folder, the free space and what survives."""
-
-
 def setup_logging(args: FinetuneArguments) -> None:
-    """Our progress at INFO on the main process; transformers only warns, except the Trainer's run summary.
-
-    Being every script's first step, it also claims --output_dir for this run (`run_folder.lock_output_dir`) and
-    checks that it can take a new run (`run_folder.check_output_dir`), so that a folder another run is using or
-    holds stops the run before any data is read.
-    """
+    """Our progress at INFO on the main process; transformers only warns, except the Trainer's run summary."""
     level = logging.INFO if args.process_index == 0 else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
     transformers.logging.set_verbosity_warning()
-    logging.getLogger("transformers.trainer").setLevel(level)
-    lock_output_dir(args)
-    check_output_dir(args)
+    trainer_logger = logging.getLogger("transformers.trainer")
+    trainer_logger.setLevel(level)
+    trainer_logger.addFilter(UNUSED_TOWER_KEYS)
+
+
+class UnusedTowerKeys(logging.Filter):
+    """Leaves the base's unused tower tensors out of the Trainer's "unexpected keys" warning when it loads a
+    checkpoint back: every checkpoint carries them (`RecipeTrainer._save`), they are not weights the model lacks
+    a place for. The warning goes when nothing else is left in it."""
+
+    WARNING = "There were unexpected keys in the checkpoint model loaded: "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.WARNING):
+            return True
+        try:
+            names = ast.literal_eval(message[len(self.WARNING):].rstrip("."))
+        except (ValueError, SyntaxError):
+            return True
+        others = [name for name in names if not name.startswith(TOWER_PREFIX)]
+        record.msg, record.args = f"{self.WARNING}{others}.", ()
+        return bool(others)
+
+
+UNUSED_TOWER_KEYS = UnusedTowerKeys()
 
 
 def exit_on_bad_input(main):
@@ -138,14 +132,12 @@ def check_evaluation_data(eval_set: RecipeDataset, processor, args: FinetuneArgu
     return validate_evaluation_data(eval_set, processor, args.num_crops, skip_log_for(args), cache=ScanCache(args.output_dir))
 
 
-def check_training_data(train_set: RecipeDataset, processor, args: FinetuneArguments) -> RecipeDataset:
-    """Claim the output folder for this run (`common.run_folder`: stops at once if it holds another run), then
-    the validation pass (see `common.validation`: shared out over the ranks, its findings kept in the run folder
+def check_training_data(train_set: RecipeDataset, processor, args: FinetuneArguments, run_folder: RunFolder) -> RecipeDataset:
+    """The validation pass (see `common.validation`: shared out over the ranks, its findings kept in the run folder
     for a restart), with --skip_bad_examples and --max_length applied."""
-    claim = claim_run_folder(args, train_set)
     # The validation pass checks the draws that the first epoch makes (see `RecipeDataset`).
     train_set.seed = args.seed
-    cache = ScanCache(args.output_dir, {id(train_set): claim.identity["data"]})
+    cache = ScanCache(args.output_dir, {id(train_set): run_folder.claim(train_set).identity["data"]})
     return validate_training_data(train_set, processor, args.num_crops, args.max_length, skip_log_for(args), cache=cache)
 
 
@@ -155,19 +147,37 @@ def build_collator(processor, args: FinetuneArguments, train_set: RecipeDataset)
     )
 
 
-class RecipeTrainer(Trainer):
-    """The HF Trainer with length-grouped batches from exact token lengths, checkpoints that `common.run_folder`
-    can trust, and a clean stop on SIGTERM/SIGUSR1 (`common.preemption`).
+# The Trainer internals the recipes build on, read against transformers 5.24.0 (requirements.txt): the checkpoint
+# save and the weights save are overridden, the DataLoader builder called. tests/test_run_object.py fails when a
+# signature changes.
+TRAINER_INTERNALS = {
+    "_save": "(self, output_dir: str | None = None, state_dict: dict | None = None) -> None",
+    "_save_checkpoint": "(self, model: torch.nn.modules.module.Module, trial: 'optuna.Trial | dict[str, Any] | None') -> None",
+    "_get_dataloader": (
+        "(self, dataset: torch.utils.data.dataset.Dataset, description: str, batch_size: int, sampler_fn: "
+        "collections.abc.Callable[[torch.utils.data.dataset.Dataset], torch.utils.data.sampler.Sampler] | None = None, "
+        "is_training: bool = False, dataloader_key: str | None = None) -> torch.utils.data.dataloader.DataLoader"
+    ),
+}
 
-    A checkpoint is marked complete, with a manifest of its files, only once every rank has written its part;
-    rotation then deletes only this run's older checkpoints. A write that fails (a full disk) ends the run with
-    one line saying what survives.
+
+class RecipeTrainer(Trainer):
+    """The HF Trainer with length-grouped batches from exact token lengths, checkpoints that its run folder
+    (`common.run_folder.RunFolder`) writes and can trust, and a clean stop on SIGTERM/SIGUSR1 (`common.preemption`).
+
+    `run_folder` is the script's; a trainer built without one (the tests) makes its own from `args` and claims
+    the folder at its first save. The run folder rotates the checkpoints (it read --save_total_limit when it was
+    built): the Trainer's own rotation, which would delete other runs' and incomplete checkpoints, is off.
     """
 
-    def __init__(self, *args, generation_evaluation: GenerationEvaluation | None = None, **kwargs):
+    def __init__(self, *args, run_folder: RunFolder | None = None, generation_evaluation: GenerationEvaluation | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.run_folder = RunFolder(self.args) if run_folder is None else run_folder
+        self.args.save_total_limit = None
         self.stop_signal = StopOnSignal()
         self.add_callback(self.stop_signal)
+        self.add_callback(ContinueSchedule(self.run_folder))
+        self.add_callback(KeepOnlyBest(self.run_folder, self.stop_signal))
         self.generation_evaluation = generation_evaluation
         if isinstance(self.train_dataset, RecipeDataset):
             self.train_dataset.seed = self.args.seed
@@ -183,16 +193,6 @@ class RecipeTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def _load_best_model(self):
-        if self.stop_signal.stopped_at_step is not None:
-            # Stopped by a signal: the resumed run loads the best checkpoint when it really ends. Forgetting the
-            # best here (its record stays in the checkpoints' trainer_state.json) also keeps the Trainer's
-            # end-of-training cleanup for --save_total_limit 1 from deleting the checkpoint just written to
-            # resume from.
-            self.state.best_model_checkpoint = None
-            return
-        super()._load_best_model()
-
     def create_optimizer(self, model=None):
         """The optimizer --optim names, with a learning rate per part (`common.optimizer`); logs each part's rate."""
         if self.optimizer is None:
@@ -205,32 +205,32 @@ class RecipeTrainer(Trainer):
             self.optimizer = build_optimizer(self, opt_model, groups)
         return self.optimizer
 
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        # On every resume: a run of the same length gets back the rates it had; an extended one (even one stopped
-        # again before its first checkpoint) the new schedule's.
-        rates = continue_schedule(self.lr_scheduler)
-        claim = current_claim(self.args)
-        if claim is not None and claim.extension:
-            logger.warning(
-                "extended run (%s): step %d of %d; the learning-rate schedule is rebuilt for %d steps and continues "
-                "from step %d at %s", claim.extension, self.state.global_step, self.state.max_steps, self.state.max_steps,
-                self.state.global_step, ", ".join(f"{rate:.3g}" for rate in rates) if rates else "the rates it had",
-            )
+    def get_train_dataloader(self):
+        """The Trainer's training DataLoader with the sampler `train_sampler` chooses."""
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        # The Trainer's own body with its sampler swapped; `_get_dataloader` is read against transformers 5.24.0
+        # too (its signature is checked by tests/test_run_object.py).
+        return self._get_dataloader(
+            dataset=self.train_dataset, description="Training", batch_size=self._train_batch_size,
+            sampler_fn=self.train_sampler, is_training=True,
+        )
 
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = self.train_dataset if train_dataset is None else train_dataset
+    def train_sampler(self, dataset=None):
+        """--train_sampling_strategy group_by_length over a RecipeDataset: batches grouped by exact token lengths,
+        measured without decoding images; any other strategy or dataset: the Trainer's own sampler."""
+        dataset = self.train_dataset if dataset is None else dataset
         if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, RecipeDataset):
             # The stock sampler would read every example (decoding its images) to measure it; the validation pass
             # has left the lengths on the dataset.
             lengths = dataset.lengths(self.processing_class, self.args.num_crops)
             megabatch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return LengthGroupedSampler(megabatch, lengths=lengths)
-        return super()._get_train_sampler(train_dataset)
+        return super()._get_train_sampler(dataset)
 
     def _save(self, output_dir=None, state_dict=None):
+        # The weights save (read against transformers 5.24.0): the one place every engine's state dict passes
+        # (plain, DeepSpeed, FSDP) before save_pretrained; no public hook sees it.
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         # A DeepSpeed run without gathered weights passes an empty dict; its weights are not ours to write.
         if self.args.should_save and isinstance(model, Phi3VForCausalLM) and (state_dict is None or len(state_dict)):
@@ -243,59 +243,27 @@ class RecipeTrainer(Trainer):
                 complete_model_folder(folder, self.args.model_name_or_path, self.processing_class.tokenizer)
             follow_umask_in(folder)
 
-    def _issue_warnings_after_load(self, load_result):
-        # The unused tower tensors every checkpoint carries (see _save) are not weights the model lacks a place for.
-        unexpected = [name for name in load_result.unexpected_keys if not name.startswith(TOWER_PREFIX)]
-        super()._issue_warnings_after_load(load_result._replace(unexpected_keys=unexpected))
-
     def _save_checkpoint(self, model, trial):
-        # `train` claims the folder before training; Trainer.train called directly claims it at the first save.
-        claim = current_claim(self.args) or claim_run_folder(self.args, self.train_dataset)
-        run_dir = Path(self._get_output_dir(trial=trial))
-        step = self.state.global_step
-        checkpoint = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-        main = is_main_process()
+        # The Trainer's checkpoint save (read against transformers 5.24.0), written by the run folder: markers,
+        # manifest, rotation (see the class).
+        if self.run_folder.claim_made is None:
+            # Trainer.train called directly, without a script's main(): the folder is claimed at the first save.
+            self.run_folder.lock()
+            self.run_folder.move_previous_run_aside()
+            self.run_folder.claim(self.train_dataset)
         self.stop_signal.saving = True
         try:
-            self._attempt(checkpoint, begin_checkpoint, checkpoint, claim, step, main_only=True)
-            limit = self.args.save_total_limit
-            # Rotation must wait for the manifest (deleting the previous checkpoint before the new one is
-            # complete could leave nothing to resume from), and must spare other runs' checkpoints.
-            self.args.save_total_limit = None
-            try:
-                self._attempt(checkpoint, super()._save_checkpoint, model, trial)
-            finally:
-                self.args.save_total_limit = limit
-            hashes = hash_parts(checkpoint, from_main(part_files(checkpoint) if main else None))
-            self._attempt(checkpoint, finish_checkpoint, checkpoint, claim, step, hashes, main_only=True)
-            if main:
-                rotate(run_dir, claim.run_id, limit, self.state.best_model_checkpoint)
-            barrier()
+            checkpoint = self.run_folder.save_checkpoint(
+                lambda: super(RecipeTrainer, self)._save_checkpoint(model, trial), self.state.global_step,
+                self.state.best_model_checkpoint,
+            )
         finally:
             self.stop_signal.saving = False
         self.stop_signal.newest_complete = str(checkpoint)
 
-    def _attempt(self, checkpoint: Path, action, *args, main_only: bool = False, describe=failed_write_message) -> None:
-        """One part of a checkpoint write (or of the final save, into its staging folder), then a vote: if it
-        failed on any rank, every rank stops here together (no rank is left waiting in a collective), the partial
-        folder is removed, and the failing ones say why in one line (`describe`)."""
-        failure = None
-        try:
-            if is_main_process() or not main_only:
-                action(*args)
-        except SAVE_ERRORS as error:
-            failure = error
-        if not any_rank(failure is not None):
-            return
-        # Measured before our partial write is removed: the space the write ran out of.
-        free = free_bytes(checkpoint.parent)
-        if is_main_process():
-            shutil.rmtree(checkpoint, ignore_errors=True)
-        barrier()
-        if failure is None:
-            # Another rank's write failed; its line says why.
-            raise SystemExit(1)
-        raise CheckpointWriteError(describe(checkpoint, failure, free)) from failure
+    def save_checkpoint(self) -> None:
+        """A checkpoint of the current step outside the Trainer's own schedule (a stop after the last step)."""
+        self._save_checkpoint(self.model_wrapped, trial=None)
 
 
 def continue_schedule(scheduler) -> list[float] | None:
@@ -313,6 +281,39 @@ def continue_schedule(scheduler) -> list[float] | None:
         group["lr"] = rate
     scheduler._last_lr = rates
     return rates
+
+
+class ContinueSchedule(TrainerCallback):
+    """On every resume, once the Trainer has loaded the checkpoint's optimizer and scheduler: a run of the same
+    length gets back the rates it had; an extended one (even one stopped again before its first checkpoint) the
+    new schedule's (`continue_schedule`)."""
+
+    def __init__(self, run_folder: RunFolder):
+        self.run_folder = run_folder
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        if state.global_step == 0:
+            return
+        rates = continue_schedule(lr_scheduler)
+        claim = self.run_folder.claim_made
+        if claim is not None and claim.extension:
+            logger.warning(
+                "extended run (%s): step %d of %d; the learning-rate schedule is rebuilt for %d steps and continues "
+                "from step %d at %s", claim.extension, state.global_step, state.max_steps, state.max_steps,
+                state.global_step, ", ".join(f"{rate:.3g}" for rate in rates) if rates else "the rates it had",
+            )
+
+
+class KeepOnlyBest(TrainerCallback):
+    """The end of training under --save_total_limit 1: only the best checkpoint stays (`RunFolder.keep_only_best`).
+    Not after a stop by a signal, whose resumed run needs the checkpoint just written."""
+
+    def __init__(self, run_folder: RunFolder, stop: StopOnSignal):
+        self.run_folder, self.stop = run_folder, stop
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.stop.stopped_at_step is None and self.run_folder.claim_made is not None:
+            self.run_folder.keep_only_best(state.best_model_checkpoint)
 
 
 class EpochOfDraws(TrainerCallback):
@@ -335,7 +336,8 @@ class TrainingCurvesCallback(TrainerCallback):
 
 
 def build_trainer(
-    model, args: FinetuneArguments, train_dataset, data_collator, processor, eval_dataset=None, metric: str | None = None
+    model, args: FinetuneArguments, run_folder: RunFolder, train_dataset, data_collator, processor, eval_dataset=None,
+    metric: str | None = None,
 ) -> RecipeTrainer:
     """The Trainer for a recipe; with --eval_strategy steps|epoch it also scores `metric` on `eval_dataset` (an
     evaluation split, as for `evaluate_before`) during training. As the Trainer is what will write to --output_dir,
@@ -367,6 +369,7 @@ def build_trainer(
         data_collator=data_collator,
         processing_class=processor,
         callbacks=[TrainingCurvesCallback()],
+        run_folder=run_folder,
         generation_evaluation=evaluation,
     )
 
@@ -410,10 +413,11 @@ def expected_save_bytes(model, args: FinetuneArguments) -> tuple[int, int]:
 
 
 def train(trainer: RecipeTrainer, args: FinetuneArguments):
-    """Train from scratch or from the checkpoint `claim_run_folder` chose; on SIGTERM/SIGUSR1 write a checkpoint
+    """Train from scratch or from the checkpoint `RunFolder.claim` chose; on SIGTERM/SIGUSR1 write a checkpoint
     and exit with PREEMPTED_EXIT_CODE instead of returning."""
-    # Done by check_training_data already; a script that skips the validation pass claims the folder here.
-    claim = claim_run_folder(args, trainer.train_dataset)
+    claim = trainer.run_folder.claim_made
+    if claim is None:
+        raise RuntimeError("train: claim the run folder first (RunFolder.claim in the script's main)")
     stop = trainer.stop_signal
     stop.newest_complete = claim.checkpoint
     with weights_only_loads():
@@ -425,7 +429,7 @@ def train(trainer: RecipeTrainer, args: FinetuneArguments):
         stop.signum, stop.stopped_at_step = signum, trainer.state.global_step
         last = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{stop.stopped_at_step}"
         if newest_complete(Path(args.output_dir), claim.run_id) != last:
-            trainer._save_checkpoint(trainer.model_wrapped, trial=None)
+            trainer.save_checkpoint()
     if stop.stopped_at_step is not None:
         stop_preempted(stop, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{stop.stopped_at_step}")
     trainer.log_metrics("train", result.metrics)
@@ -443,55 +447,6 @@ def stop_preempted(stop: StopOnSignal, checkpoint: Path) -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     raise SystemExit(PREEMPTED_EXIT_CODE)
-
-
-# The final save is written here first and moved into place once complete.
-FINAL_STAGING = "final-model.partial"
-
-
-def save_final(trainer: RecipeTrainer, args: FinetuneArguments, processor) -> Path:
-    """The final model or LoRA adapter, plus the processor, in output_dir, in the official checkpoint's format
-    (`common.export`); a full model in the base's dtype unless --save_dtype says otherwise.
-
-    It is written into OUTPUT_DIR/final-model.partial and its files moved to their final names (weights last)
-    once all of it is written, so a save that fails (a full disk) leaves no half-written model under those
-    names: the run ends with one line saying so and which checkpoint survives."""
-    output_dir = Path(args.output_dir)
-    staging = output_dir / FINAL_STAGING
-    if is_main_process():
-        # Left by an earlier final save that was killed.
-        shutil.rmtree(staging, ignore_errors=True)
-    barrier()
-    trainer._attempt(staging, trainer.save_model, str(staging), describe=failed_final_save_message)
-    trainer._attempt(staging, move_final_into_place, staging, args, main_only=True, describe=failed_final_save_message)
-    trainer.save_state()
-    barrier()
-    if args.merge_lora:
-        merge_lora_adapter(args, output_dir, output_dir / "merged", processor)
-    return output_dir
-
-
-def move_final_into_place(staging: Path, args: FinetuneArguments) -> None:
-    """Main process: a full model's weights cast to the saved dtype, then every file of the staged final save
-    moved to its name in --output_dir, the weights last."""
-    if args.training_mode in ("full", "frozen_vision"):
-        dtype = finalize_weights(staging, args.model_name_or_path, SAVE_DTYPES.get(args.save_dtype))
-        logger.info("final model written to %s with %s weights", staging.parent, dtype_name(dtype))
-    weights = set(final_weights(staging))
-    for entry in sorted(staging.iterdir(), key=lambda path: path.name in weights):
-        entry.replace(staging.parent / entry.name)
-    staging.rmdir()
-
-
-def merge_lora_adapter(args: FinetuneArguments, adapter_dir: Path, merged_dir: Path, processor) -> None:
-    """Merge into the base loaded afresh in fp32 (adapters cannot be folded into 4-bit weights exactly), then
-    write it as a final model in the base's dtype or --save_dtype."""
-    if is_main_process():
-        merged = load_merged(adapter_dir, args.model_name_or_path)
-        dtype = write_final_model(merged, processor, merged_dir, args.model_name_or_path, SAVE_DTYPES.get(args.save_dtype))
-        logger.info("merged LoRA model written to %s with %s weights", merged_dir, dtype_name(dtype))
-        del merged
-    barrier()
 
 
 def load_trained_model(args: FinetuneArguments, output_dir: str | Path | None = None, quantize: bool | None = None):
@@ -566,7 +521,7 @@ def saved_model_step(args: FinetuneArguments, log_history: list[dict]) -> int:
     return max((entry.get("step", 0) for entry in log_history), default=0)
 
 
-def finish(args: FinetuneArguments, log_history: list[dict], evaluations: dict[str, dict]) -> None:
+def finish(args: FinetuneArguments, run_folder: RunFolder, log_history: list[dict], evaluations: dict[str, dict]) -> None:
     """Redraw the curves with the before/after evaluation scores, print a summary, give the output folder's lock
     back, close the process group."""
     if is_main_process():
@@ -580,7 +535,7 @@ def finish(args: FinetuneArguments, log_history: list[dict], evaluations: dict[s
             logger.warning("%d examples were skipped as unusable; see %s", skip_log.count(), skip_log.path)
         for name, summary in evaluations.items():
             logger.info("evaluation (%s): %s = %.4f on %d examples", name, summary["metric"], summary["score"], summary["num_examples"])
-    release_output_dir(args)
+    run_folder.release()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -590,7 +545,6 @@ __all__ = [
     "RecipeTrainer",
     "build_trainer",
     "train",
-    "save_final",
     "load_trained_model",
     "CheckpointWriteError",
     "finish",

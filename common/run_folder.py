@@ -7,7 +7,7 @@ every rank has written its part, ``checkpoint_complete.json``: the run id, the i
 file in the checkpoint (its manifest).
 
 - One run at a time: ``run.lock`` (host, pid, run id) is created atomically at start and removed at exit; a live
-  holder is refused by name, a dead one of this host taken over (`lock_output_dir`).
+  holder is refused by name, a dead one of this host taken over (`RunFolder.lock`).
 - A new run (no --resume_from_checkpoint) into a folder that holds checkpoints or a final model stops at start,
   before anything is loaded. With --overwrite_output_dir, the previous run's outputs are moved into
   ``OUTPUT_DIR/previous-run-ID/`` first; nothing is deleted, and files that no run writes stay where they are.
@@ -36,19 +36,20 @@ import os
 import re
 import shutil
 import socket
-import struct
 import time
 import uuid
-import zipfile
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from .checkpoint_files import UnsafeCheckpointFile, check_torch_file, torch_files
 from .errors import error_reason
-from .io import write_json_atomically
+from .export import SAVE_DTYPES, dtype_name, finalize_weights, load_merged, write_final_model
+from .io import read_json, whole_file, write_json_atomically
 from .official_files import base_checkpoint
-from .ranks import barrier, from_main, gathered, is_main_process, rank_and_world
+from .ranks import any_rank, barrier, from_main, gathered, is_main_process, rank_and_world
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 INCOMPLETE_PREFIX = "incomplete-"
 PREVIOUS_RUN_PREFIX = "previous-run-"
 LOCK_NAME = "run.lock"
+# The final save is written here first and moved into place once complete.
+FINAL_STAGING = "final-model.partial"
 # How long a reader waits for a lock file that another start has created but not yet filled in.
 LOCK_WRITE_WAIT_S = 2.0
 
@@ -91,6 +94,15 @@ FINAL_WEIGHT_PATTERNS = ("model*.safetensors", "adapter_model.safetensors", "pyt
 
 class RunFolderError(Exception):
     """A run folder that cannot be used as asked; the message says what is there and what to do."""
+
+
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written; the message names the folder, the free space and what survives."""
+
+
+# What a failed checkpoint write raises: OSError (ENOSPC, EIO, permissions), RuntimeError from torch.save
+# ("PytorchStreamWriter failed writing file"), SafetensorError from safetensors.
+SAVE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 @dataclass(frozen=True)
@@ -198,15 +210,6 @@ def differences(old: dict, new: dict, limit: int = 4) -> str:
 # Files
 
 
-def read_json(path: Path) -> dict | None:
-    """The JSON object in `path`, or None when it is missing, unreadable or cut short."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def step_of(checkpoint: Path) -> int:
     return int(CHECKPOINT_NAME.fullmatch(checkpoint.name).group(1))
 
@@ -260,27 +263,6 @@ def hash_parts(checkpoint: Path, names: list[str]) -> dict[str, str]:
     if problems:
         raise RunFolderError(f"could not read {problems[0]} to hash it; check the file system and the file's permissions, then run again")
     return {name: merged[name] for name in names}
-
-
-def whole_file(path: Path) -> bool:
-    """Present and not cut short: a safetensors file as long as its header says, a torch file with its zip
-    directory (written last), JSON that parses. Used for checkpoints that carry no manifest."""
-    if not path.is_file():
-        return False
-    try:
-        if path.suffix == ".safetensors":
-            with open(path, "rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(length))
-            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-            return path.stat().st_size >= 8 + length + max(ends, default=0)
-        if path.suffix in (".pt", ".pth", ".bin"):
-            return zipfile.is_zipfile(path)
-        if path.suffix == ".json":
-            return read_json(path) is not None
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
-        return False
-    return True
 
 
 def missing_parts(checkpoint: Path, world_size: int, deepspeed: bool) -> list[str]:
@@ -482,7 +464,6 @@ def _set_aside(lock: Path, stale: bytes) -> bool:
 
 
 _held_locks: dict[Path, bytes] = {}
-_lock_run_ids: dict[int, tuple[object, str]] = {}
 
 
 def release_held_locks() -> None:
@@ -554,41 +535,6 @@ def check_not_base_folder(args) -> None:
         )
 
 
-def lock_output_dir(args) -> str:
-    """Claim --output_dir for one run before anything is read: the main process takes the lock (`take_lock`),
-    every rank gets the run id it holds (the resumed run's, from run.json, or a new one). Later calls with the
-    same arguments return the same id."""
-    if id(args) in _lock_run_ids:
-        return _lock_run_ids[id(args)][1]
-    check_not_base_folder(args)
-    folder = Path(args.output_dir)
-
-    def decide():
-        record = read_json(folder / RUN_RECORD) if resumes(args) else None
-        run_id = (record or {}).get("run_id") or uuid.uuid4().hex[:12]
-        take_lock(folder, run_id)
-        return run_id
-
-    run_id = _decided_on_main(decide)
-    _lock_run_ids[id(args)] = (args, run_id)
-    return run_id
-
-
-def release_output_dir(args) -> None:
-    """The run is over (or stops): give its --output_dir's lock back."""
-    if id(args) in _lock_run_ids and is_main_process():
-        lock = Path(args.output_dir) / LOCK_NAME
-        if lock in _held_locks:
-            release_lock(lock, _held_locks[lock])
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Claiming the folder at start
-
-
-_claims: dict[int, tuple[object, Claim]] = {}
-
-
 def resumes(args) -> bool:
     return args.resume_from_checkpoint not in (None, "", "false", "False")
 
@@ -620,67 +566,254 @@ def describe_outputs(folder: Path) -> str:
     return " and ".join(parts)
 
 
-def check_output_dir(args) -> None:
-    """Before anything is loaded: a new run into a folder holding another run's checkpoints or final model stops
-    (or, with --overwrite_output_dir, moves them aside first)."""
-    folder = Path(args.output_dir)
-    if resumes(args):
-        if args.overwrite_output_dir:
-            raise RunFolderError(
-                "--overwrite_output_dir and --resume_from_checkpoint exclude each other: give --resume_from_checkpoint "
-                f"to continue the run in {folder}, or --overwrite_output_dir to start a new one there"
-            )
-        return
+class RunFolder:
+    """--output_dir as one run's: built once in a script's main() from the parsed arguments, each step a call of
+    its own, in this order: `lock`, `move_previous_run_aside`, `claim` (the run's identity and the checkpoint to
+    resume), `clear_interrupted_checkpoints`; then, during training, `save_checkpoint` (manifests and rotation)
+    and, at the end, `release`. Every rank makes the same calls; files are changed by the main process only."""
 
-    def decide():
-        held = describe_outputs(folder)
-        if not held:
+    def __init__(self, args):
+        self.args = args
+        self.folder = Path(args.output_dir)
+        # Read once: the Trainer's own rotation is turned off (`RecipeTrainer`), this folder rotates instead.
+        self.save_total_limit = getattr(args, "save_total_limit", None)
+        self.run_id: str | None = None
+        self.claim_made: Claim | None = None
+        # Main process: what `claim` found newer than the checkpoint it chose, for `clear_interrupted_checkpoints`.
+        self._interrupted: list[tuple[str, str | None]] = []
+
+    @property
+    def resumes(self) -> bool:
+        return resumes(self.args)
+
+    def lock(self) -> str:
+        """Claim --output_dir for one run before anything is read: the main process takes the lock (`take_lock`),
+        every rank gets the run id it holds (the resumed run's, from run.json, or a new one)."""
+        if self.run_id is not None:
+            return self.run_id
+        check_not_base_folder(self.args)
+
+        def decide():
+            record = read_json(self.folder / RUN_RECORD) if self.resumes else None
+            run_id = (record or {}).get("run_id") or uuid.uuid4().hex[:12]
+            take_lock(self.folder, run_id)
+            return run_id
+
+        self.run_id = _decided_on_main(decide)
+        return self.run_id
+
+    def release(self) -> None:
+        """The run is over (or stops): give its --output_dir's lock back."""
+        lock = self.folder / LOCK_NAME
+        if self.run_id is not None and is_main_process() and lock in _held_locks:
+            release_lock(lock, _held_locks[lock])
+
+    def move_previous_run_aside(self) -> None:
+        """Before anything is loaded: a new run into a folder holding another run's checkpoints or final model
+        stops, or, with --overwrite_output_dir, moves them into OUTPUT_DIR/previous-run-ID/ (nothing is deleted)."""
+        folder, args = self.folder, self.args
+        if resumes(args):
+            if args.overwrite_output_dir:
+                raise RunFolderError(
+                    "--overwrite_output_dir and --resume_from_checkpoint exclude each other: give --resume_from_checkpoint "
+                    f"to continue the run in {folder}, or --overwrite_output_dir to start a new one there"
+                )
             return
-        record = read_json(folder / RUN_RECORD)
-        owner = f"run {record['run_id']}" if record and "run_id" in record else "an earlier run"
-        if not args.overwrite_output_dir:
-            raise RunFolderError(
-                f"{folder} already holds {held} of {owner}; to continue that run add --resume_from_checkpoint latest, "
-                "to start a new run there anyway add --overwrite_output_dir (moves its outputs into "
-                f"{folder}/{PREVIOUS_RUN_PREFIX}..., nothing is deleted), or choose another --output_dir"
-            )
-        stamp = record["run_id"] if record and "run_id" in record else datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        target = unused_name(folder / f"{PREVIOUS_RUN_PREFIX}{stamp}")
-        target.mkdir()
-        for entry in sorted(folder.iterdir()):
-            if entry != target and any(fnmatch.fnmatch(entry.name, pattern) for pattern in RUN_OUTPUT_PATTERNS):
-                entry.rename(target / entry.name)
-        logger.warning("--overwrite_output_dir: moved %s of %s (%s) into %s; delete it once you no longer need it",
-                       held, owner, human_size(folder_size(target)), target)
 
-    _decided_on_main(decide)
+        def decide():
+            held = describe_outputs(folder)
+            if not held:
+                return
+            record = read_json(folder / RUN_RECORD)
+            owner = f"run {record['run_id']}" if record and "run_id" in record else "an earlier run"
+            if not args.overwrite_output_dir:
+                raise RunFolderError(
+                    f"{folder} already holds {held} of {owner}; to continue that run add --resume_from_checkpoint latest, "
+                    "to start a new run there anyway add --overwrite_output_dir (moves its outputs into "
+                    f"{folder}/{PREVIOUS_RUN_PREFIX}..., nothing is deleted), or choose another --output_dir"
+                )
+            stamp = record["run_id"] if record and "run_id" in record else datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            target = unused_name(folder / f"{PREVIOUS_RUN_PREFIX}{stamp}")
+            target.mkdir()
+            for entry in sorted(folder.iterdir()):
+                if entry != target and any(fnmatch.fnmatch(entry.name, pattern) for pattern in RUN_OUTPUT_PATTERNS):
+                    entry.rename(target / entry.name)
+            logger.warning("--overwrite_output_dir: moved %s of %s (%s) into %s; delete it once you no longer need it",
+                           held, owner, human_size(folder_size(target)), target)
 
+        _decided_on_main(decide)
 
-def claim_run_folder(args, dataset) -> Claim:
-    """Make --output_dir this run's: lock it (`lock_output_dir`), check it as `check_output_dir` does, record a new run in run.json or find
-    the checkpoint to resume and verify that it belongs to this run and is whole. Every rank calls it, before
-    the model is loaded; later calls with the same arguments return the first answer."""
-    if id(args) in _claims:
-        return _claims[id(args)][1]
-    run_id = lock_output_dir(args)
-    check_output_dir(args)
-    folder = Path(args.output_dir)
-    identity = run_identity(args, dataset)
-    if resumes(args):
-        claim = _claim_for_resume(args, folder, identity, run_id)
-    else:
-        claim = Claim(run_id, identity, None)
-        if is_main_process():
+    def claim(self, dataset) -> Claim:
+        """Make the locked folder this run's: record a new run in run.json, or find the checkpoint to resume and
+        verify that it belongs to this run and is whole. Every rank calls it, before the model is loaded; it
+        changes no checkpoint (`clear_interrupted_checkpoints` does). Later calls return the first answer."""
+        if self.claim_made is not None:
+            return self.claim_made
+        if self.run_id is None:
+            raise RuntimeError("RunFolder.claim: lock the folder first (RunFolder.lock)")
+        identity = run_identity(self.args, dataset)
+        if self.resumes:
+            claim = self._claim_for_resume(identity)
+        else:
+            claim = Claim(self.run_id, identity, None)
+            if is_main_process():
+                self.folder.mkdir(parents=True, exist_ok=True)
+                _write_record(self.folder, claim, self.args)
+        barrier()
+        self.claim_made = claim
+        return claim
+
+    def _claim_for_resume(self, identity: dict) -> Claim:
+        args, folder = self.args, self.folder
+        world_size = rank_and_world()[1]
+        deepspeed = bool(args.deepspeed)
+        digest = identity_hash(identity)
+        requested = str(args.resume_from_checkpoint)
+
+        def decide():
+            record = read_json(folder / RUN_RECORD)
+            extension = None
+            if record and record.get("identity_hash") != digest:
+                extension = extension_of(record.get("identity", {}), identity)
+                if extension is None:
+                    raise RunFolderError(
+                        f"{folder} holds run {record.get('run_id')}, trained with other settings "
+                        f"({differences(record.get('identity', {}), identity)}); resume it with the settings it started with "
+                        "(a larger --max_steps or --num_train_epochs alone extends it), or start a new run with "
+                        "--overwrite_output_dir instead of --resume_from_checkpoint, or another --output_dir"
+                    )
+            run_id = record.get("run_id") if record else None
+            if requested.lower() in ("latest", "true"):
+                found, self._interrupted = _newest_resumable(folder, run_id, digest, identity, world_size, deepspeed)
+            else:
+                found = _named_checkpoint(Path(requested), run_id, digest, identity, world_size, deepspeed)
+            return (*found, extension)
+
+        checkpoint, manifest, run_id, extension = _decided_on_main(decide)
+        if manifest is not None:
+            _verify_manifest(Path(checkpoint), manifest)
+        if checkpoint is not None:
+            _check_format(Path(checkpoint), deepspeed)
+            _check_torch_files(Path(checkpoint))
+        claim = Claim(run_id or self.run_id, identity, checkpoint, extension)
+        if extension and is_main_process():
+            _record_extension(folder, read_json(folder / RUN_RECORD), identity, extension, checkpoint)
+        if is_main_process() and not (folder / RUN_RECORD).is_file():
+            # A folder from the stock Trainer or an older version of this project: from now on it is this run's.
             folder.mkdir(parents=True, exist_ok=True)
             _write_record(folder, claim, args)
-    barrier()
-    _claims[id(args)] = (args, claim)
-    return claim
+        if checkpoint is None:
+            logger.warning("--resume_from_checkpoint %s: no checkpoint to resume in %s, training from the start", requested, folder)
+        else:
+            logger.info("resuming from %s", checkpoint)
+        return claim
 
+    def clear_interrupted_checkpoints(self) -> None:
+        """After `claim` with --resume_from_checkpoint latest: of the checkpoints newer than the one it chose, this
+        run's own interrupted writes are removed, other incomplete ones moved to OUTPUT_DIR/incomplete-checkpoint-N."""
 
-def current_claim(args) -> Claim | None:
-    entry = _claims.get(id(args))
-    return entry[1] if entry else None
+        def decide():
+            for checkpoint, problems in self._interrupted:
+                if problems is None:
+                    logger.warning("removing %s: this run's write of it never completed (it was stopped while saving)", checkpoint)
+                    shutil.rmtree(checkpoint)
+                else:
+                    move_aside(Path(checkpoint), problems)
+            self._interrupted = []
+
+        _decided_on_main(decide)
+
+    def save_checkpoint(self, write, step: int, best: str | None) -> Path:
+        """Write checkpoint-`step` with `write` (every rank), marked as this run's while it is written and complete,
+        with its manifest, once every rank has written its part; then rotation (--save_total_limit) deletes only
+        this run's older checkpoints. A write that fails on any rank ends the run on every rank with one line."""
+        claim = self.claim_made
+        checkpoint = self.folder / f"checkpoint-{step}"
+        main = is_main_process()
+        self.attempt(checkpoint, begin_checkpoint, checkpoint, claim, step, main_only=True)
+        self.attempt(checkpoint, write)
+        hashes = hash_parts(checkpoint, from_main(part_files(checkpoint) if main else None))
+        self.attempt(checkpoint, finish_checkpoint, checkpoint, claim, step, hashes, main_only=True)
+        if main:
+            # After the manifest: deleting the previous checkpoint before the new one is complete could leave
+            # nothing to resume from.
+            rotate(self.folder, claim.run_id, self.save_total_limit, best)
+        barrier()
+        return checkpoint
+
+    def keep_only_best(self, best: str | None) -> None:
+        """At the end of training under --save_total_limit 1 with a best checkpoint: only the best of this run's
+        checkpoints stays, as the Trainer's own end-of-training cleanup leaves it."""
+        if self.save_total_limit == 1 and best is not None and is_main_process():
+            rotate(self.folder, self.claim_made.run_id, 1, best, newest_too=False)
+        barrier()
+
+    def save_final(self, trainer, processor) -> Path:
+        """The final model or LoRA adapter, plus the processor, in --output_dir, in the official checkpoint's
+        format (`common.export`); a full model in the base's dtype unless --save_dtype says otherwise; with
+        --merge_lora also the merged model in OUTPUT_DIR/merged.
+
+        It is written by `trainer` into OUTPUT_DIR/final-model.partial and its files moved to their final names
+        (weights last) once all of it is written, so a save that fails (a full disk) leaves no half-written model
+        under those names: the run ends with one line saying so and which checkpoint survives."""
+        staging = self.folder / FINAL_STAGING
+        if is_main_process():
+            # Left by an earlier final save that was killed.
+            shutil.rmtree(staging, ignore_errors=True)
+        barrier()
+        self.attempt(staging, trainer.save_model, str(staging), describe=failed_final_save_message)
+        self.attempt(staging, self._move_final_into_place, staging, main_only=True, describe=failed_final_save_message)
+        trainer.save_state()
+        barrier()
+        if self.args.merge_lora:
+            self._merge_lora_adapter(self.folder / "merged", processor)
+        return self.folder
+
+    def _move_final_into_place(self, staging: Path) -> None:
+        """Main process: a full model's weights cast to the saved dtype, then every file of the staged final save
+        moved to its name in --output_dir, the weights last."""
+        args = self.args
+        if args.training_mode in ("full", "frozen_vision"):
+            dtype = finalize_weights(staging, args.model_name_or_path, SAVE_DTYPES.get(args.save_dtype))
+            logger.info("final model written to %s with %s weights", staging.parent, dtype_name(dtype))
+        weights = set(final_weights(staging))
+        for entry in sorted(staging.iterdir(), key=lambda path: path.name in weights):
+            entry.replace(staging.parent / entry.name)
+        staging.rmdir()
+
+    def _merge_lora_adapter(self, merged_dir: Path, processor) -> None:
+        """Merge the saved adapter into the base loaded afresh in fp32 (adapters cannot be folded into 4-bit
+        weights exactly), then write it as a final model in the base's dtype or --save_dtype."""
+        args = self.args
+        if is_main_process():
+            merged = load_merged(self.folder, args.model_name_or_path)
+            dtype = write_final_model(merged, processor, merged_dir, args.model_name_or_path, SAVE_DTYPES.get(args.save_dtype))
+            logger.info("merged LoRA model written to %s with %s weights", merged_dir, dtype_name(dtype))
+            del merged
+        barrier()
+
+    @staticmethod
+    def attempt(folder: Path, action, *args, main_only: bool = False, describe=None) -> None:
+        """One part of a checkpoint write (or of the final save, into its staging folder), then a vote: if it
+        failed on any rank, every rank stops here together (no rank is left waiting in a collective), the partial
+        folder is removed, and the failing ones say why in one line (`describe`, default `failed_write_message`)."""
+        failure = None
+        try:
+            if is_main_process() or not main_only:
+                action(*args)
+        except SAVE_ERRORS as error:
+            failure = error
+        if not any_rank(failure is not None):
+            return
+        # Measured before our partial write is removed: the space the write ran out of.
+        free = free_bytes(folder.parent)
+        if is_main_process():
+            shutil.rmtree(folder, ignore_errors=True)
+        barrier()
+        if failure is None:
+            # Another rank's write failed; its line says why.
+            raise SystemExit(1)
+        raise CheckpointWriteError((describe or failed_write_message)(folder, failure, free)) from failure
 
 
 def _write_record(folder: Path, claim: Claim, args) -> None:
@@ -693,51 +826,6 @@ def _write_record(folder: Path, claim: Claim, args) -> None:
         "base": base,
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     })
-
-
-def _claim_for_resume(args, folder: Path, identity: dict, locked_run_id: str) -> Claim:
-    world_size = rank_and_world()[1]
-    deepspeed = bool(args.deepspeed)
-    digest = identity_hash(identity)
-    requested = str(args.resume_from_checkpoint)
-
-    def decide():
-        record = read_json(folder / RUN_RECORD)
-        extension = None
-        if record and record.get("identity_hash") != digest:
-            extension = extension_of(record.get("identity", {}), identity)
-            if extension is None:
-                raise RunFolderError(
-                    f"{folder} holds run {record.get('run_id')}, trained with other settings "
-                    f"({differences(record.get('identity', {}), identity)}); resume it with the settings it started with "
-                    "(a larger --max_steps or --num_train_epochs alone extends it), or start a new run with "
-                    "--overwrite_output_dir instead of --resume_from_checkpoint, or another --output_dir"
-                )
-        run_id = record.get("run_id") if record else None
-        if requested.lower() in ("latest", "true"):
-            found = _newest_resumable(folder, run_id, digest, identity, world_size, deepspeed)
-        else:
-            found = _named_checkpoint(Path(requested), run_id, digest, identity, world_size, deepspeed)
-        return (*found, extension)
-
-    checkpoint, manifest, run_id, extension = _decided_on_main(decide)
-    if manifest is not None:
-        _verify_manifest(Path(checkpoint), manifest)
-    if checkpoint is not None:
-        _check_format(Path(checkpoint), deepspeed)
-        _check_torch_files(Path(checkpoint))
-    claim = Claim(run_id or locked_run_id, identity, checkpoint, extension)
-    if extension and is_main_process():
-        _record_extension(folder, read_json(folder / RUN_RECORD), identity, extension, checkpoint)
-    if is_main_process() and not (folder / RUN_RECORD).is_file():
-        # A folder from the stock Trainer or an older version of this project: from now on it is this run's.
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_record(folder, claim, args)
-    if checkpoint is None:
-        logger.warning("--resume_from_checkpoint %s: no checkpoint to resume in %s, training from the start", requested, folder)
-    else:
-        logger.info("resuming from %s", checkpoint)
-    return claim
 
 
 # What a run may change when it resumes: training longer. Everything else that changes the weights stays fixed.
@@ -791,27 +879,27 @@ def _owned(marker: dict, run_id: str | None, digest: str, identity: dict, checkp
 
 
 def _newest_resumable(folder: Path, run_id, digest, identity, world_size, deepspeed):
-    """(checkpoint, its manifest or None, run id) for `latest`: the newest checkpoint that is ours and whole, or
-    whole by its files. On the way, this run's own interrupted writes are removed and other incomplete
-    checkpoints moved aside."""
+    """((checkpoint, its manifest or None, run id), interrupted) for `latest`: the newest checkpoint that is ours
+    and whole, or whole by its files; `interrupted` lists the newer ones passed over, each (path, None) for this
+    run's own interrupted write or (path, what is missing) for another incomplete one."""
+    interrupted = []
     for checkpoint in reversed(checkpoint_folders(folder)):
         marker = read_json(checkpoint / COMPLETE_MARKER)
         writing = read_json(checkpoint / WRITING_MARKER)
         if marker and "files" in marker:
             _owned(marker, run_id, digest, identity, checkpoint)
-            return str(checkpoint), marker["files"], marker["run_id"]
+            return (str(checkpoint), marker["files"], marker["run_id"]), interrupted
         if writing and run_id and writing.get("run_id") == run_id and not marker:
-            logger.warning("removing %s: this run's write of it never completed (it was stopped while saving)", checkpoint)
-            shutil.rmtree(checkpoint)
+            interrupted.append((str(checkpoint), None))
             continue
         problems = checkpoint_problems(checkpoint, world_size, deepspeed)
         if problems:
-            move_aside(checkpoint, problems)
+            interrupted.append((str(checkpoint), problems))
             continue
         logger.warning("%s has no manifest (written by the stock Trainer or an older version of this project): its files "
                        "are whole, but nothing shows that it was trained with these settings", checkpoint)
-        return str(checkpoint), None, run_id
-    return None, None, run_id
+        return (str(checkpoint), None, run_id), interrupted
+    return (None, None, run_id), interrupted
 
 
 def _named_checkpoint(checkpoint: Path, run_id, digest, identity, world_size, deepspeed):
@@ -903,11 +991,11 @@ def newest_complete(folder: Path, run_id: str | None = None) -> Path | None:
     return None
 
 
-def rotate(folder: Path, run_id: str, limit: int | None, keep: str | None) -> None:
+def rotate(folder: Path, run_id: str, limit: int | None, keep: str | None, newest_too: bool = True) -> None:
     """Main process: keep at most `limit` complete checkpoints of this run, as the HF Trainer does: the newest,
     and among them `keep` (the best one, when the Trainer tracks it) in place of the oldest of them. With a limit
-    of 1 and a best that is not the newest, both stay (the newest is what a resume needs). This run's other
-    checkpoints are deleted; other runs' are never touched."""
+    of 1 and a best that is not the newest, both stay (the newest is what a resume needs) unless not
+    `newest_too` (training has ended). This run's other checkpoints are deleted; other runs' are never touched."""
     if not limit or limit < 1:
         return
     ours = [p for p in checkpoint_folders(folder) if (read_json(p / COMPLETE_MARKER) or {}).get("run_id") == run_id]
@@ -916,7 +1004,7 @@ def rotate(folder: Path, run_id: str, limit: int | None, keep: str | None) -> No
     if best is None:
         kept = newest_first[:limit]
     else:
-        kept = [best, *newest_first[:max(limit - 1, 0 if best == ours[-1] else 1)]]
+        kept = [best, *newest_first[:max(limit - 1, 0 if best == ours[-1] or not newest_too else 1)]]
     for checkpoint in ours:
         if checkpoint not in kept:
             logger.info("deleting %s (--save_total_limit %d)", checkpoint, limit)
@@ -966,14 +1054,11 @@ def failed_final_save_message(staging: Path, error: BaseException, free: int | N
 
 __all__ = [
     "RunFolderError",
+    "CheckpointWriteError",
+    "RunFolder",
     "Claim",
-    "check_output_dir",
     "check_free_space",
-    "claim_run_folder",
-    "lock_output_dir",
-    "release_output_dir",
     "release_held_locks",
-    "current_claim",
     "resumes",
     "missing_parts",
     "COMPLETE_MARKER",

@@ -180,10 +180,8 @@ def load_model(args: FinetuneArguments, path: str | Path | None = None, quantize
             ) from error
         raise checkpoint_not_found(source, "model", error) from error
     model.config.use_cache = False
-    if args.use_liger_kernel:
+    if args.liger_kernels:
         apply_liger_kernels(model)
-        # The Trainer's own Liger hook looks the model type up in Liger's table, where "phi3_v" is missing.
-        args.use_liger_kernel = False
     return model
 
 

@@ -10,7 +10,7 @@ from transformers import Trainer, TrainerCallback
 from common.arguments import parse_args
 from common.collator import Phi3VCollator
 from common.recipe import RecipeTrainer
-from common.run_folder import RunFolderError, claim_run_folder
+from common.run_folder import RunFolder, RunFolderError
 from common.training import load_model, load_processor, setup_training_mode
 
 RATES = {"decoder": 4e-3, "vision tower": 1e-3, "projection": 2e-3}
@@ -143,8 +143,10 @@ def test_resume_restores_each_groups_state_and_refuses_other_rates(tiny_checkpoi
         assert torch.equal(a, b), name
 
     other = parse(tiny_checkpoint, out, "--max_steps", "2", "--resume_from_checkpoint", "latest", "--vision_learning_rate", "5e-4")
+    folder = RunFolder(other)
+    folder.lock()
     with pytest.raises(RunFolderError, match=r"trained with other settings \(vision_learning_rate 0\.001 -> 0\.0005\)"):
-        claim_run_folder(other, EXAMPLES)
+        folder.claim(EXAMPLES)
 
 
 @pytest.mark.parametrize(

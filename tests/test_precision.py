@@ -183,5 +183,5 @@ def test_every_sampling_strategy_works_or_is_refused_at_parse_time(tiny_checkpoi
     args = parse(tmp_path, *flags, model=tiny_checkpoint)
     dataset = RecipeDataset(make_docvqa(n=4)["train"], mini_train_example, "docvqa train")
     trainer = RecipeTrainer(model=load_model(args), args=args, train_dataset=dataset, processing_class=load_processor(args))
-    sampler = trainer._get_train_sampler()
+    sampler = trainer.train_sampler()
     assert type(sampler) is SAMPLERS[strategy] and len(sampler) == len(dataset)

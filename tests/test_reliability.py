@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from common.data import RecipeDataset
 from common.preemption import PREEMPTED_EXIT_CODE, REPEAT_GRACE_S
-from common.run_folder import check_output_dir, data_fingerprint, file_sha256
+from common.run_folder import RunFolder, data_fingerprint, file_sha256
 
 from .recipe_utils import DRIVER, REPO_ROOT, assert_ok, offline_env, run_script, weights
 
@@ -409,7 +409,7 @@ def test_overwrite_output_dir_moves_the_previous_run_aside(straight_run, tmp_pat
     out = copy_run(straight_run, tmp_path / "out")
     (out / "my-notes.txt").write_text("mine")
     run_id = json.loads((out / "run.json").read_text())["run_id"]
-    check_output_dir(SimpleNamespace(output_dir=str(out), resume_from_checkpoint=None, overwrite_output_dir=True))
+    RunFolder(SimpleNamespace(output_dir=str(out), resume_from_checkpoint=None, overwrite_output_dir=True)).move_previous_run_aside()
     moved = out / f"previous-run-{run_id}"
     assert sorted(p.name for p in out.iterdir()) == ["my-notes.txt", moved.name]
     assert (moved / "checkpoint-6" / "optimizer.pt").is_file() and (moved / "model.safetensors").is_file()
