@@ -1,5 +1,6 @@
 """Running recipe scripts end to end from tests: in one process or under torchrun, always offline."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -64,3 +65,17 @@ def parse_refusal(capsys, parse, *args) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "error:" in lines[0]
     return lines[0]
+
+
+@contextlib.contextmanager
+def small_filesystem(folder: Path, size: str):
+    """A tmpfs of `size` (e.g. "80m") mounted on `folder` for the block: a disk that fills up; the test is
+    skipped where mounting is not allowed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)

@@ -2,12 +2,12 @@
 leaves nothing half-written under the final names and says what survived."""
 
 import re
-import subprocess
 
 import pytest
 
 from common.run_folder import FINAL_WEIGHT_PATTERNS, folder_size
 
+from .recipe_utils import small_filesystem
 from .test_reliability import kill_args, one_error_line, run_script, write_jsonl_data
 
 pytestmark = pytest.mark.slow
@@ -18,13 +18,8 @@ MIB = 1 << 20
 def small_disk(tmp_path):
     """A 100 MiB filesystem: one checkpoint of the tiny model under the default ZeRO-2 (~84 MiB) fits, the final
     save after it (its weights, then their copy in the saved dtype: ~33 MiB) does not."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(disk)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield disk
-    subprocess.run(["umount", str(disk)], check=False)
+    with small_filesystem(tmp_path / "disk", "100m") as disk:
+        yield disk
 
 
 def default_engine_args(tiny_checkpoint, data, out):

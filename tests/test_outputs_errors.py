@@ -17,7 +17,7 @@ from common.preemption import PREEMPTED_EXIT_CODE
 from common.tiny import build_tiny_checkpoint
 
 from .test_export import make_adapter
-from .recipe_utils import REPO_ROOT, offline_env
+from .recipe_utils import REPO_ROOT, offline_env, small_filesystem
 from .test_predict import PROMPT, count_lines, write_images
 
 
@@ -181,13 +181,8 @@ def test_export_removes_a_stale_partial_folder_and_follows_the_umask(tiny_checkp
 
 @pytest.fixture
 def small_disk(tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield disk
-    subprocess.run(["umount", str(disk)], check=False)
+    with small_filesystem(tmp_path / "disk", "12m") as disk:
+        yield disk
 
 
 def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(tiny_checkpoint, small_disk, capsys):

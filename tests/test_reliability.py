@@ -20,7 +20,7 @@ from common.data import RecipeDataset
 from common.preemption import PREEMPTED_EXIT_CODE, REPEAT_GRACE_S
 from common.run_folder import RunFolder, data_fingerprint, file_sha256
 
-from .recipe_utils import DRIVER, REPO_ROOT, assert_ok, offline_env, run_script, weights
+from .recipe_utils import DRIVER, REPO_ROOT, assert_ok, offline_env, run_script, small_filesystem, weights
 
 pytestmark = pytest.mark.slow
 CLASS_PROMPT = "Classify the video into one of the following classes: Red, Blue ."
@@ -432,14 +432,9 @@ def test_resume_takes_a_complete_checkpoint_without_marker_and_moves_a_partial_o
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_resumes(tiny_checkpoint, kill_data, tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
     # One single-process checkpoint of the tiny model takes ~53 MB: the first fits, the second does not (the
     # check before training would refuse this disk: --skip_disk_check lets the write itself fail).
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(disk)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with small_filesystem(tmp_path / "disk", "80m") as disk:
         out = disk / "out"
         args = [*kill_args(tiny_checkpoint, kill_data, out), "--max_steps", "2", "--save_steps", "1", "--skip_disk_check"]
         result = run_script("finetune_hf_trainer_ucf101.py", args, tmp_path)
@@ -453,8 +448,6 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_resum
         assert_ok(resumed)
         assert f"resuming from {out / 'checkpoint-1'}" in resumed.stderr
         assert (out / "model.safetensors").is_file()
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
 
 
 def test_data_fingerprint_follows_the_rows_not_where_the_data_lies(tmp_path):
