@@ -43,6 +43,7 @@ from typing import Literal
 
 from common.arguments import ArgumentError, parse_args
 from common.formats import CustomData
+from common.preemption import stop_signals_end_the_run
 from common.recipe import (
     build_collator,
     build_trainer,
@@ -109,6 +110,7 @@ def chosen_metric(argv: list[str] | None) -> str | None:
     return None if metric == "none" else metric
 
 
+@stop_signals_end_the_run
 @exit_on_bad_input
 def main(argv: list[str] | None = None) -> None:
     metric = chosen_metric(argv)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 from common.arguments import parse_args
 from common.data import RecipeDataset
+from common.preemption import stop_signals_end_the_run
 from common.recipe import (
     build_collator,
     build_trainer,
@@ -101,6 +102,7 @@ def eval_example(row: dict, index: int) -> dict:
     }
 
 
+@stop_signals_end_the_run
 @exit_on_bad_input
 def main(argv: list[str] | None = None) -> None:
     args, data_args = parse_args(DocVQAArguments, argv=argv, metric=METRIC)

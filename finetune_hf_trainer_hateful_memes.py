@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from common.arguments import parse_args
 from common.data import RecipeDataset
+from common.preemption import stop_signals_end_the_run
 from common.recipe import (
     build_collator,
     build_trainer,
@@ -63,6 +64,7 @@ class HatefulMemesArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N held-out rows only."})
 
 
+@stop_signals_end_the_run
 @exit_on_bad_input
 def main(argv: list[str] | None = None) -> None:
     args, data_args = parse_args(HatefulMemesArguments, argv=argv, defaults={"max_new_tokens": 16}, metric=METRIC)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from common.arguments import parse_args
 from common.data import RecipeDataset, jsonl_eval_examples, load_jsonl_conversations
+from common.preemption import stop_signals_end_the_run
 from common.recipe import (
     build_collator,
     build_trainer,
@@ -71,6 +72,7 @@ def split_file(data_dir: Path, split: str) -> Path:
     return path
 
 
+@stop_signals_end_the_run
 @exit_on_bad_input
 def main(argv: list[str] | None = None) -> None:
     args, data_args = parse_args(UCF101Arguments, argv=argv, defaults={"num_crops": 4, "max_new_tokens": 16}, metric=METRIC)

@@ -19,6 +19,7 @@ the evaluations during training) never act on them (`children_leave_stop_signals
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -191,10 +192,74 @@ def announce_stop(stop: StopOnSignal, checkpoint: Path) -> str:
         f"stopped by {signal.Signals(stop.signum).name} after step {stop.stopped_at_step}: {checkpoint} is complete; run the same "
         f"command with --resume_from_checkpoint latest to continue (exit code {PREEMPTED_EXIT_CODE})"
     )
-    record = os.environ.get(RECORD_ENV)
-    if record and os.environ.get("LOCAL_RANK", "0") == "0":
-        Path(record).write_text(message + "\n", encoding="utf-8")
+    _record_for_launcher(message)
     return message
 
 
-__all__ = ["PREEMPTED_EXIT_CODE", "StopOnSignal", "announce_stop", "children_leave_stop_signals", "RECORD_ENV", "STOP_SIGNALS"]
+class StoppedBySignal(Exception):
+    """SIGTERM or SIGUSR1 outside `Trainer.train`, where there is no optimizer step to finish."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    # Launchers pass on the signal the scheduler already sent to every process: the repeat must not interrupt
+    # the exit this one starts.
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)
+    raise StoppedBySignal(signum)
+
+
+def stop_signals_end_the_run(main):
+    """Wrap a script's main: a stop signal before or after training (the validation pass, the evaluations before
+    and after it, the final save) ends every process with `PREEMPTED_EXIT_CODE` and one line, as one during
+    training does after its checkpoint, instead of the signal's default death (which also killed the evaluations'
+    DataLoader workers first); `StopOnSignal` takes the signals over for `Trainer.train`. Nothing half-done is
+    kept: the final save goes through a staging folder, and the newest complete checkpoint stays what resume
+    takes. Every rank must get the signal (a scheduler's stop, or `common.launch` passing one on, does that)."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        if not _in_main_thread():
+            return main(*args, **kwargs)
+        previous = {signum: signal.signal(signum, _raise_stopped) for signum in STOP_SIGNALS}
+        stopped = False
+        try:
+            with children_leave_stop_signals():
+                return main(*args, **kwargs)
+        except StoppedBySignal as stop:
+            stopped = True
+            message = (
+                f"stopped by {stop} before or after training: the newest complete checkpoint, or the saved final model, "
+                f"is what stays; run the same command with --resume_from_checkpoint latest to go on (exit code "
+                f"{PREEMPTED_EXIT_CODE})"
+            )
+            _record_for_launcher(message)
+            print(f"{rank_prefix()}{message}", file=sys.stderr, flush=True)
+            raise SystemExit(PREEMPTED_EXIT_CODE) from None
+        finally:
+            if not stopped:
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
+
+    return wrapper
+
+
+def _record_for_launcher(message: str) -> None:
+    record = os.environ.get(RECORD_ENV)
+    if record and os.environ.get("LOCAL_RANK", "0") == "0":
+        Path(record).write_text(message + "\n", encoding="utf-8")
+
+
+__all__ = [
+    "PREEMPTED_EXIT_CODE",
+    "StopOnSignal",
+    "StoppedBySignal",
+    "announce_stop",
+    "children_leave_stop_signals",
+    "stop_signals_end_the_run",
+    "RECORD_ENV",
+    "STOP_SIGNALS",
+]

@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -156,3 +157,29 @@ def test_sigterm_with_workers_stops_with_a_checkpoint_and_resume_is_bit_equal(ti
     assert actual.keys() == wanted.keys()
     for name in wanted:
         assert torch.equal(actual[name], wanted[name]), name
+
+
+def test_a_stop_signal_during_the_evaluation_before_training_ends_every_rank_with_exit_75(tiny_checkpoint, docvqa_data,
+                                                                                           tmp_path):
+    # Outside Trainer.train there is no step to finish: the evaluation's workers must still leave the signal to
+    # their rank, and every rank ends with the one line and exit 75 instead of dying of the signal.
+    out = tmp_path / "out"
+    args = [arg for arg in run_args(tiny_checkpoint, docvqa_data, out) if arg != "--skip_eval_before"]
+    process = start_torchrun(args, tmp_path, {"PHI3V_TEST_SLOW_GENERATION": "1"}, launcher="common.launch", script=SCRIPT)
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(process.stdout.fileno(), 4096).decode(errors="replace"), "")))
+    reader.start()
+    try:
+        wait_for(lambda: "eval_before:" in "".join(chunks), process)
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=240)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        reader.join(timeout=30)
+    output = "".join(chunks)
+    assert process.returncode == PREEMPTED_EXIT_CODE, output[-4000:]
+    assert "DataLoader worker" not in output and "Traceback" not in output, output[-4000:]
+    stop_line = output.strip().splitlines()[-1]
+    assert stop_line.startswith("stopped by SIGTERM before or after training: "), stop_line
+    assert not (out / "eval_before.json").exists() and not (out / "run.lock").exists()

@@ -11,6 +11,8 @@ PHI3V_TEST_DIE_IN_SAVE_AT_STEP: rank 0 SIGKILLs itself in the middle of writing 
 and optimizer written, RNG state and trainer state not yet).
 PHI3V_TEST_SLOW_SAVE=STEP:SECONDS: every checkpoint from that step on sleeps that long in the middle of its write
 (same point), so a test can signal the run while it saves.
+PHI3V_TEST_SLOW_GENERATION: sleep that many seconds before each generated batch, so a test can signal the run
+during an evaluation.
 """
 
 import hashlib
@@ -97,6 +99,20 @@ def slow_save_from(step: int, seconds: float):
     common.recipe.RecipeTrainer._save_rng_state = save_rng_state
 
 
+def slow_generation(seconds: float):
+    from common.modeling_phi3v import Phi3VForCausalLM
+
+    original = Phi3VForCausalLM.generate
+
+    def generate(self, *args, **kwargs):
+        time.sleep(seconds)
+        return original(self, *args, **kwargs)
+
+    Phi3VForCausalLM.generate = generate
+
+
+if os.environ.get("PHI3V_TEST_SLOW_GENERATION"):
+    slow_generation(float(os.environ["PHI3V_TEST_SLOW_GENERATION"]))
 if os.environ.get("PHI3V_TEST_DIE_IN_SAVE_AT_STEP"):
     die_in_save_at(int(os.environ["PHI3V_TEST_DIE_IN_SAVE_AT_STEP"]))
 if os.environ.get("PHI3V_TEST_SLOW_SAVE"):
