@@ -783,14 +783,25 @@ class RunFolder:
 
     def _merge_lora_adapter(self, merged_dir: Path, processor) -> None:
         """Merge the saved adapter into the base loaded afresh in fp32 (adapters cannot be folded into 4-bit
-        weights exactly), then write it as a final model in the base's dtype or --save_dtype."""
-        args = self.args
+        weights exactly), then write it as a final model in the base's dtype or --save_dtype: into
+        OUTPUT_DIR/merged.partial, renamed to `merged_dir` once whole, so a merge that fails (a full disk) leaves
+        no half-written model under that name."""
+        staging = merged_dir.with_name(merged_dir.name + ".partial")
         if is_main_process():
-            merged = load_merged(self.folder, args.model_name_or_path)
-            dtype = write_final_model(merged, processor, merged_dir, args.model_name_or_path, SAVE_DTYPES.get(args.save_dtype))
-            logger.info("merged LoRA model written to %s with %s weights", merged_dir, dtype_name(dtype))
-            del merged
+            # Left by an earlier merge that was killed.
+            shutil.rmtree(staging, ignore_errors=True)
+        self.attempt(staging, self._write_merged, staging, merged_dir, processor, main_only=True, describe=failed_merge_message)
         barrier()
+
+    def _write_merged(self, staging: Path, merged_dir: Path, processor) -> None:
+        args = self.args
+        merged = load_merged(self.folder, args.model_name_or_path)
+        dtype = write_final_model(merged, processor, staging, args.model_name_or_path, SAVE_DTYPES.get(args.save_dtype))
+        del merged
+        # An earlier merge of this run (a resumed run writes its final outputs again).
+        shutil.rmtree(merged_dir, ignore_errors=True)
+        staging.replace(merged_dir)
+        logger.info("merged LoRA model written to %s with %s weights", merged_dir, dtype_name(dtype))
 
     @staticmethod
     def attempt(folder: Path, action, *args, main_only: bool = False, describe=None) -> None:
@@ -1050,6 +1061,17 @@ def failed_final_save_message(staging: Path, error: BaseException, free: int | N
                 "--resume_from_checkpoint latest to write the final model from it")
     return (f"could not write the final model in {folder}: {reason} ({space}); nothing was written under its final "
             f"names (the partial {staging.name} was removed); {kept}")
+
+
+def failed_merge_message(staging: Path, error: BaseException, free: int | None) -> str:
+    """One line for a --merge_lora write into `staging` that failed: the adapter beside it is whole."""
+    folder = staging.parent
+    merged = staging.name.removesuffix(".partial")
+    reason = "no space left on the device" if _full_disk(error, free, None) or (free is not None and free < 1 << 20) else error_reason(error)
+    space = f"{human_size(free)} free on its filesystem" if free is not None else "free space unknown"
+    return (f"could not write the merged model in {folder / merged}: {reason} ({space}); nothing was written under that "
+            f"name (the partial {staging.name} was removed); the adapter in {folder} is whole: make room, then run "
+            f"python -m common.export --adapter {folder} --out {folder / merged}")
 
 
 __all__ = [

@@ -55,3 +55,19 @@ def test_a_disk_too_small_is_refused_before_training_and_a_failed_final_save_lea
     assert not (out / "final-model.partial").exists()
     # The estimate is what this engine really writes: DeepSpeed's model states and fp32 optimizer shards too.
     assert abs(folder_size(out / "checkpoint-2") / MIB - checkpoint) < 0.05 * checkpoint
+
+
+def test_a_merge_that_does_not_fit_leaves_the_adapter_and_no_half_merged_model(tiny_checkpoint, tmp_path):
+    # 12 MiB: the LoRA run's checkpoints and adapter fit, the merged model (the tiny model's ~17 MB) does not.
+    data = write_jsonl_data(tmp_path / "data")
+    with small_filesystem(tmp_path / "disk", "12m") as disk:
+        out = disk / "out"
+        args = [*kill_args(tiny_checkpoint, data, out), "--max_steps", "2", "--save_steps", "2", "--use_lora", "--lora_rank", "4",
+                "--merge_lora", "--skip_disk_check"]
+        failed = run_script("finetune_hf_trainer_ucf101.py", args, tmp_path)
+        assert failed.returncode == 1
+        error = one_error_line(failed.stderr)
+        assert f"could not write the merged model in {out / 'merged'}: no space left on the device" in error, error
+        assert f"the adapter in {out} is whole" in error and "python -m common.export --adapter" in error
+        assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+        assert not (out / "merged").exists() and not (out / "merged.partial").exists()
