@@ -183,3 +183,28 @@ def test_a_stop_signal_during_the_evaluation_before_training_ends_every_rank_wit
     stop_line = output.strip().splitlines()[-1]
     assert stop_line.startswith("stopped by SIGTERM before or after training: "), stop_line
     assert not (out / "eval_before.json").exists() and not (out / "run.lock").exists()
+
+
+def test_sigterm_to_the_process_group_under_the_full_modes_default_zero2_stops_with_a_checkpoint(tiny_checkpoint, docvqa_data,
+                                                                                                  tmp_path):
+    # The scripts' default: full fine-tuning under DeepSpeed ZeRO-2, here with 2 DataLoader workers a rank. (Resume
+    # from such a checkpoint is bit-equal as the ZeRO-2 resume tests check; this is about the stop itself.)
+    out = tmp_path / "out"
+    args = [arg for arg in run_args(tiny_checkpoint, docvqa_data, out) if arg not in ("--use_lora",)]
+    at = args.index("--lora_rank")
+    args = args[:at] + args[at + 2:]
+    process = start_torchrun(args, tmp_path, {"PHI3V_TEST_SLOW_STEPS": "0.5"}, launcher="common.launch", script=SCRIPT)
+    try:
+        wait_for(lambda: (out / "checkpoint-2" / "checkpoint_complete.json").is_file(), process)
+        os.killpg(process.pid, signal.SIGTERM)
+        output = process.communicate(timeout=240)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == PREEMPTED_EXIT_CODE, output[-4000:]
+    assert "DataLoader worker" not in output and "deepspeed" in output.lower()
+    stop_line = output.strip().splitlines()[-1]
+    assert stop_line.startswith("stopped by SIGTERM after step "), stop_line
+    step = int(stop_line.split("after step ")[1].split(":")[0])
+    checkpoint = out / f"checkpoint-{step}"
+    assert step > 2 and (checkpoint / "checkpoint_complete.json").is_file() and list(checkpoint.glob("global_step*"))
