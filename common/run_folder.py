@@ -80,11 +80,15 @@ LORA_ARGUMENTS = ("lora_rank", "lora_alpha_ratio", "lora_dropout")
 # Per-part learning rates (common/optimizer.py) count only when given, so runs without them keep their identity.
 PART_RATE_ARGUMENTS = ("vision_learning_rate", "projection_learning_rate")
 
+# The validation pass's findings (`common.scan_cache`), kept for a restart of the same run.
+SCAN_CACHE_FOLDER = "data_scans"
 # What runs write at the top of an output folder: checkpoints, the final model or adapter with its processor
-# files, results, curves and logs. --overwrite_output_dir moves these; everything else stays. The base's .py
-# code files that a final model carries also stay: the new run's final save writes the same names.
+# files, staged saves, the validation pass's findings, results, curves and logs. --overwrite_output_dir moves
+# these; everything else stays. The base's .py code files that a final model carries also stay: the new run's
+# final save writes the same names.
 RUN_OUTPUT_PATTERNS = (
-    "checkpoint-*", f"{INCOMPLETE_PREFIX}checkpoint-*", "merged", RUN_RECORD, "*.safetensors", "*.safetensors.index.json",
+    "checkpoint-*", f"{INCOMPLETE_PREFIX}checkpoint-*", "merged", "*.partial", SCAN_CACHE_FOLDER, RUN_RECORD,
+    "*.safetensors", "*.safetensors.index.json",
     "*.bin", "config.json", "generation_config.json", "adapter_config.json", "preprocessor_config.json",
     "processor_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*",
     "trainer_state.json", "*_results.json", "eval_*.json", "training_curves.png", "skipped_examples.jsonl",

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .run_folder import data_fingerprint, plain
+from .run_folder import SCAN_CACHE_FOLDER, data_fingerprint, plain
 
 logger = logging.getLogger(__name__)
 
-CACHE_FOLDER = "data_scans"
+CACHE_FOLDER = SCAN_CACHE_FOLDER
 FORMAT_VERSION = 1
 EDGE_BYTES = 64 << 10
 # The error types a recorded error comes back as.
