@@ -165,12 +165,16 @@ def test_a_stop_signal_during_the_evaluation_before_training_ends_every_rank_wit
     # their rank, and every rank ends with the one line and exit 75 instead of dying of the signal.
     out = tmp_path / "out"
     args = [arg for arg in run_args(tiny_checkpoint, docvqa_data, out) if arg != "--skip_eval_before"]
-    process = start_torchrun(args, tmp_path, {"PHI3V_TEST_SLOW_GENERATION": "1"}, launcher="common.launch", script=SCRIPT)
+    # Each rank marks the start of its generation, then sleeps far longer than any scheduling delay of this test:
+    # the signal lands in the evaluation however loaded the machine is, and interrupts the sleep.
+    generating = tmp_path / "generating"
+    env = {"PHI3V_TEST_SLOW_GENERATION": "120", "PHI3V_TEST_GENERATING": str(generating)}
+    process = start_torchrun(args, tmp_path, env, launcher="common.launch", script=SCRIPT)
     chunks = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(process.stdout.fileno(), 4096).decode(errors="replace"), "")))
     reader.start()
     try:
-        wait_for(lambda: "eval_before:" in "".join(chunks), process)
+        wait_for(lambda: all(Path(f"{generating}.rank{rank}").exists() for rank in (0, 1)), process)
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=240)
     finally:

@@ -12,7 +12,8 @@ and optimizer written, RNG state and trainer state not yet).
 PHI3V_TEST_SLOW_SAVE=STEP:SECONDS: every checkpoint from that step on sleeps that long in the middle of its write
 (same point), so a test can signal the run while it saves.
 PHI3V_TEST_SLOW_GENERATION: sleep that many seconds before each generated batch, so a test can signal the run
-during an evaluation.
+during an evaluation; each rank first creates the file PHI3V_TEST_GENERATING (if set) with its rank in the name,
+so the test signals while the sleep is on rather than guessing from the output.
 """
 
 import hashlib
@@ -105,6 +106,8 @@ def slow_generation(seconds: float):
     original = Phi3VForCausalLM.generate
 
     def generate(self, *args, **kwargs):
+        if os.environ.get("PHI3V_TEST_GENERATING"):
+            Path(f"{os.environ['PHI3V_TEST_GENERATING']}.rank{os.environ.get('RANK', '0')}").touch()
         time.sleep(seconds)
         return original(self, *args, **kwargs)
 
