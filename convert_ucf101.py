@@ -349,7 +349,7 @@ def _download_archive() -> Path:
 def _extract(archive: Path, out_dir: Path) -> Path:
     # Imported here rather than at the top: worker processes re-import this module, and importing the
     # `common` package loads the model code (torch), seconds per worker that decoding does not need.
-    from common.safe_archive import safe_extract_tar
+    from common.data.safe_archive import safe_extract_tar
 
     if not archive.is_file():
         raise ConversionError(f"--archive {archive} does not exist or is not a file")

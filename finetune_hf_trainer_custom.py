@@ -1,6 +1,6 @@
 """Fine-tune Phi-3.5-vision on your own conversations, from data files or a dataset, without changing code.
 
-Data (`common/formats.py` has the details): `--train_file` in the LLaVA format (`{"id", "image", "conversations":
+Data (`common/data/formats.py` has the details): `--train_file` in the LLaVA format (`{"id", "image", "conversations":
 [{"from", "value"}]}`, a JSON array or JSONL), the chat messages format (`{"messages": [{"role", "content"}]}`,
 content a string or text/image parts) or this project's JSONL (`convert_ucf101.py` output); `--format auto`
 detects which from the first rows and logs it. Image paths are relative to `--image_root` (default: the train
@@ -41,10 +41,11 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Literal
 
-from common.arguments import ArgumentError, parse_args
-from common.formats import CustomData
-from common.preemption import stop_signals_end_the_run
-from common.recipe import (
+from common.data.formats import CustomData
+from common.training.arguments import ArgumentError, parse_args
+from common.training.model_setup import load_model, load_processor, setup_training_mode
+from common.training.preemption import stop_signals_end_the_run
+from common.training.recipe import (
     build_collator,
     build_trainer,
     check_evaluation_data,
@@ -59,8 +60,7 @@ from common.recipe import (
     skip_log_for,
     train,
 )
-from common.run_folder import RunFolder
-from common.training import load_model, load_processor, setup_training_mode
+from common.training.run_folder import RunFolder
 
 
 @dataclass

@@ -32,10 +32,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.arguments import parse_args
-from common.data import RecipeDataset
-from common.preemption import stop_signals_end_the_run
-from common.recipe import (
+from common.data.dataset import RecipeDataset
+from common.data.sources import cauldron_eval_example, cauldron_train_example, first_rows, load_split, split_head
+from common.training.arguments import parse_args
+from common.training.model_setup import load_model, load_processor, setup_training_mode
+from common.training.preemption import stop_signals_end_the_run
+from common.training.recipe import (
     build_collator,
     build_trainer,
     check_evaluation_data,
@@ -48,9 +50,7 @@ from common.recipe import (
     setup_logging,
     train,
 )
-from common.run_folder import RunFolder
-from common.sources import cauldron_eval_example, cauldron_train_example, first_rows, load_split, split_head
-from common.training import load_model, load_processor, setup_training_mode
+from common.training.run_folder import RunFolder
 
 CAULDRON = "HuggingFaceM4/the_cauldron"
 METRIC = "accuracy"

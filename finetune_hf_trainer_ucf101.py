@@ -3,7 +3,7 @@
 Data: run `convert_ucf101.py` first; it writes `DATA_DIR/ucf101_{train,val,test}.jsonl` and the sampled frames
 under `DATA_DIR/images`. Every JSONL line is one video: 8 frames as 8 images in one prompt that lists the
 classes, the class name as the answer. `finetune_hf_trainer_custom.py` trains on files of this layout (and on
-LLaVA and chat-messages files) without code changes (see `common/data.py: load_jsonl_conversations`). Frames use num_crops 4 by default (8 images x 4 tiles).
+LLaVA and chat-messages files) without code changes (see `common/data/dataset.py: load_jsonl_conversations`). Frames use num_crops 4 by default (8 images x 4 tiles).
 Validation scores before and after training; `--eval_on_test` also scores the test split after training.
 
 Launch commands (one node with 8 GPUs; multi-node: add `--nnodes N --node_rank R --rdzv_backend c10d
@@ -31,10 +31,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.arguments import parse_args
-from common.data import RecipeDataset, jsonl_eval_examples, load_jsonl_conversations
-from common.preemption import stop_signals_end_the_run
-from common.recipe import (
+from common.data.dataset import RecipeDataset, jsonl_eval_examples, load_jsonl_conversations
+from common.data.sources import first_rows
+from common.training.arguments import parse_args
+from common.training.model_setup import load_model, load_processor, setup_training_mode
+from common.training.preemption import stop_signals_end_the_run
+from common.training.recipe import (
     build_collator,
     build_trainer,
     check_evaluation_data,
@@ -50,9 +52,7 @@ from common.recipe import (
     skip_log_for,
     train,
 )
-from common.run_folder import RunFolder
-from common.sources import first_rows
-from common.training import load_model, load_processor, setup_training_mode
+from common.training.run_folder import RunFolder
 
 METRIC = "accuracy"
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from common.collator import hd_output_size
-from common.image_processing_phi3v import num_image_tokens
+from common.data.collator import hd_output_size
+from common.model.image_processing_phi3v import num_image_tokens
 
 DOCVQA_MEAN_TOKENS = 2443
 DOCVQA_NUM_CROPS = 16

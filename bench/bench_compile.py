@@ -2,13 +2,13 @@
 
     python bench/bench_compile.py --threads 1 --sizes tiny wide --scopes layers model
 
-Each size is a random-weight checkpoint written by `common.tiny` (`tiny`: its default, 64 wide and 2 decoder
+Each size is a random-weight checkpoint written by `common.fixtures.tiny` (`tiny`: its default, 64 wide and 2 decoder
 layers; `wide`: 256 wide, 4 layers) with its tiny CLIP tower. The batches come from the recipes' collator at
 num_crops 4: pairs of examples with images of different sizes and crop counts, and text-only ones, so that
 both the sequence length and the number of crops change from batch to batch, as in training. A step is a
 training forward and backward with activation checkpointing, the recipes' default.
 
-Scopes: `layers` is what --torch_compile does in the recipes (common/compile.py: each decoder and CLIP layer);
+Scopes: `layers` is what --torch_compile does in the recipes (common/training/compile.py: each decoder and CLIP layer);
 `model` is torch.compile of the whole model, which the Trainer would do, for comparison. Each scope runs the
 batches twice on a fresh model: the first pass compiles (for every new shape until dynamic shapes take over),
 so its time over the eager first pass is the compile cost; the second pass is timed per step. Graph breaks are
@@ -34,11 +34,11 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.collator import Phi3VCollator  # noqa: E402
-from common.compile import compile_layers  # noqa: E402
-from common.modeling_phi3v import Phi3VForCausalLM  # noqa: E402
-from common.processing_phi3v import Phi3VProcessor  # noqa: E402
-from common.tiny import build_tiny_checkpoint  # noqa: E402
+from common.data.collator import Phi3VCollator  # noqa: E402
+from common.fixtures.tiny import build_tiny_checkpoint  # noqa: E402
+from common.model.modeling_phi3v import Phi3VForCausalLM  # noqa: E402
+from common.model.processing_phi3v import Phi3VProcessor  # noqa: E402
+from common.training.compile import compile_layers  # noqa: E402
 
 SIZES = {"tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4}, "wide": {"hidden_size": 256, "num_layers": 4, "num_heads": 8}}
 NUM_CROPS = 4

@@ -27,12 +27,12 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from common.collator import Phi3VGenerationCollator  # noqa: E402
-from common.data import RecipeDataset, jsonl_eval_examples  # noqa: E402
-from common.evaluation import AnswerGenerator, evaluate  # noqa: E402
-from common.modeling_phi3v import Phi3VForCausalLM  # noqa: E402
-from common.processing_phi3v import Phi3VProcessor  # noqa: E402
-from common.tiny import build_tiny_checkpoint  # noqa: E402
+from common.data.collator import Phi3VGenerationCollator  # noqa: E402
+from common.data.dataset import RecipeDataset, jsonl_eval_examples  # noqa: E402
+from common.evaluation.generation import AnswerGenerator, evaluate  # noqa: E402
+from common.fixtures.tiny import build_tiny_checkpoint  # noqa: E402
+from common.model.modeling_phi3v import Phi3VForCausalLM  # noqa: E402
+from common.model.processing_phi3v import Phi3VProcessor  # noqa: E402
 
 
 def make_demo_data(folder: Path, classes: int, videos_per_class: int) -> Path:

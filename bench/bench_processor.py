@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _lengths import docvqa_like  # noqa: E402
-from common.image_processing_phi3v import Phi3VImageProcessor  # noqa: E402
+
+from common.model.image_processing_phi3v import Phi3VImageProcessor  # noqa: E402
 
 # (kind, [(width, height), ...]); the document pages are filled in from the DocVQA-like distribution.
 FIXED_KINDS = [

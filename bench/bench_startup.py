@@ -10,7 +10,7 @@ after) twice into the same output folder:
 
 - first start: an empty output folder; the run stops after its first optimizer step with a checkpoint;
 - restart: `--resume_from_checkpoint latest`, as after a preemption; the validation findings come from
-  ``OUTPUT_DIR/data_scans/`` (common/scan_cache.py).
+  ``OUTPUT_DIR/data_scans/`` (common/data/scan_cache.py).
 
 Each rank reports, at the end of its first optimizer step, the seconds since the launch, the seconds its data
 took (reading the file, the validation passes), and its peak RSS (ru_maxrss). The table gives the slowest
@@ -104,8 +104,9 @@ def worker(report_dir: Path, launched: float) -> None:
     import runpy
 
     sys.path.insert(0, str(REPO_ROOT))
-    import common.recipe
     from transformers import TrainerCallback
+
+    import common.training.recipe
 
     data_seconds = [0.0]
 
@@ -130,19 +131,19 @@ def worker(report_dir: Path, launched: float) -> None:
             control.should_save = True
             control.should_training_stop = True
 
-    build_trainer = common.recipe.build_trainer
+    build_trainer = common.training.recipe.build_trainer
 
     def build_trainer_reporting(*args, **kwargs):
         trainer = build_trainer(*args, **kwargs)
         trainer.add_callback(FirstStep())
         return trainer
 
-    import common.formats
+    import common.data.formats
 
-    common.recipe.build_trainer = build_trainer_reporting
-    common.recipe.check_training_data = timed(common.recipe.check_training_data)
-    common.recipe.check_evaluation_data = timed(common.recipe.check_evaluation_data)
-    common.formats.CustomData.__init__ = timed(common.formats.CustomData.__init__)
+    common.training.recipe.build_trainer = build_trainer_reporting
+    common.training.recipe.check_training_data = timed(common.training.recipe.check_training_data)
+    common.training.recipe.check_evaluation_data = timed(common.training.recipe.check_evaluation_data)
+    common.data.formats.CustomData.__init__ = timed(common.data.formats.CustomData.__init__)
     runpy.run_path(str(REPO_ROOT / SCRIPT), run_name="__main__")
 
 
@@ -181,7 +182,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     options = parser.parse_args()
     sys.path.insert(0, str(REPO_ROOT))
-    from common.tiny import build_tiny_checkpoint
+    from common.fixtures.tiny import build_tiny_checkpoint
 
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as temporary:

@@ -6,7 +6,7 @@
 
 Examples are synthetic token sequences with the DocVQA-like lengths of bench/_lengths.py (image placeholder
 runs of the spec's length, random text ids, labels on the answer only) and random pixels, so neither the
-processor nor data loading is timed. Models have random weights: `tiny` is the architecture `common.tiny`
+processor nor data loading is timed. Models have random weights: `tiny` is the architecture `common.fixtures.tiny`
 writes, `full-size` the published shapes (decoder 3072 x 32 layers, CLIP ViT-L/14-336), built directly on the
 device; nothing is downloaded. Policies: `batch1` (the reference recipe: one example a step), `padded` (random
 batches padded to their longest), `grouped` (batches cut from length-sorted megabatches, as HF's
@@ -20,7 +20,7 @@ state, activations). CPU has no allocator statistics, so there it is the bytes o
 state plus the peak of the tensor storages allocated during one step of the timed set's largest batch,
 counted by a TorchDispatchMode.
 
-`--fsdp` (under torchrun) shards the model with `common.fsdp.shard_model`, the wrapping --fsdp gets through the
+`--fsdp` (under torchrun) shards the model with `common.training.fsdp.shard_model`, the wrapping --fsdp gets through the
 Trainer, with accelerate's precision rule: trainable weights in fp32 (the master copies), computed in --dtype.
 Every rank trains on the same batches; rank 0 reports.
 """
@@ -65,12 +65,13 @@ from _lengths import (  # noqa: E402
     processed_tokens,
     token_layout,
 )
-from common.configuration_phi3v import CLIP_VIT_L_14_336, Phi3VConfig  # noqa: E402
-from common.modeling_phi3v import ATTENTION_CHOICES, Phi3VForCausalLM  # noqa: E402
-from common.tiny import TINY_VISION, official_config_dict  # noqa: E402
+
+from common.fixtures.tiny import TINY_VISION, official_config_dict  # noqa: E402
+from common.model.configuration_phi3v import CLIP_VIT_L_14_336, Phi3VConfig  # noqa: E402
+from common.model.modeling_phi3v import ATTENTION_CHOICES, Phi3VForCausalLM  # noqa: E402
 
 MODES = ("full", "frozen_vision", "lora", "qlora")
-# hidden, layers, heads, intermediate, vision tower; "tiny" is common.tiny's default checkpoint.
+# hidden, layers, heads, intermediate, vision tower; "tiny" is common.fixtures.tiny's default checkpoint.
 MODEL_SHAPES = {
     "tiny": (64, 2, 4, 128, TINY_VISION),
     "full-size": (3072, 32, 32, 8192, CLIP_VIT_L_14_336),
@@ -158,7 +159,7 @@ def sync(device: torch.device) -> None:
 
 
 def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
-    """A random-weight model set up for `mode` as the recipes do (common.training), or a reason it cannot be."""
+    """A random-weight model set up for `mode` as the recipes do (common.training.model_setup), or a reason it cannot be."""
     if mode == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         return None, "skipped: bitsandbytes not installed"
     hidden, layers, heads, intermediate, vision = MODEL_SHAPES[args.model]
@@ -183,7 +184,7 @@ def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
-    from common.training import setup_training_mode
+    from common.training.model_setup import setup_training_mode
 
     # setup_training_mode reads only these fields; FinetuneArguments would also validate a whole Trainer run.
     mode_args = types.SimpleNamespace(
@@ -209,7 +210,7 @@ def shard(model, args, dtype: torch.dtype) -> None:
     upcast to fp32 and computed in `dtype`; checkpointing is FSDP's own, on the same layers."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from common.fsdp import shard_model
+    from common.training.fsdp import shard_model
 
     policy = None
     if dtype != torch.float32:
@@ -221,10 +222,10 @@ def shard(model, args, dtype: torch.dtype) -> None:
 
 
 def load_quantized(folder: str, device: torch.device, dtype: torch.dtype, attn: str):
-    """The saved random weights reloaded in 4-bit nf4, quantized as common.training.load_model does."""
+    """The saved random weights reloaded in 4-bit nf4, quantized as common.training.model_setup.load_model does."""
     from transformers import BitsAndBytesConfig
 
-    from common.training import QLORA_SKIP_MODULES
+    from common.training.model_setup import QLORA_SKIP_MODULES
 
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -502,7 +503,7 @@ def report(args, device, rows: list[Row], loss_rows: list[dict], header: str) ->
     parts = [
         header,
         f"command: `{' '.join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`",
-        *([f"FSDP2 (common.fsdp.shard_model) over {torch.distributed.get_world_size()} processes, trainable weights "
+        *([f"FSDP2 (common.training.fsdp.shard_model) over {torch.distributed.get_world_size()} processes, trainable weights "
            "fp32 computed in the dtype below, FSDP's activation checkpointing; per-rank rates and memory"] if args.fsdp else []),
         f"model: {args.model} random weights (decoder {hidden} x {layers} layers, vision {vision['hidden_size']} x "
         f"{vision['num_hidden_layers']} layers, vocab 32064), {args.dtype}, attention {args.attn} (padding mask: {args.padding_mask}), activation "

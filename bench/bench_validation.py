@@ -42,10 +42,15 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.data import RecipeDataset, check_image_decodes, image_check_pool, load_jsonl_conversations  # noqa: E402
-from common.processing_phi3v import Phi3VProcessor  # noqa: E402
-from common.tiny import build_tiny_checkpoint  # noqa: E402
-from common.validation import validate_training_data  # noqa: E402
+from common.data.dataset import (  # noqa: E402
+    RecipeDataset,
+    check_image_decodes,
+    image_check_pool,
+    load_jsonl_conversations,
+)
+from common.data.validation import validate_training_data  # noqa: E402
+from common.fixtures.tiny import build_tiny_checkpoint  # noqa: E402
+from common.model.processing_phi3v import Phi3VProcessor  # noqa: E402
 
 PROMPT = "What colour is the largest shape?"
 # Files per task handed to a process pool by `pool.map`: enough to amortise the pickling of each task.

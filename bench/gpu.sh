@@ -21,7 +21,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-if ! "$PYTHON" -c "import common.modeling_phi3v" 2>/dev/null; then
+if ! "$PYTHON" -c "import common.model.modeling_phi3v" 2>/dev/null; then
     "$PYTHON" -c "import transformers; print('transformers', transformers.__version__)" || true
     echo "gpu.sh: common/ does not import with this Python (transformers too old?); carry transformers 5.24 wheels" \
         "in .whl/ as bench/README.md says" >&2

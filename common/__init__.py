@@ -1,18 +1,18 @@
 """Shared library of the phi3v-recipes fine-tuning scripts: the native Phi-3.5-vision model and processor.
 
 Imports are lazy so that light tools (`python -m common.synthetic`, the UCF-101 converter's workers) do not
-pay for torch and transformers. Using the model class (or importing `common.modeling_phi3v`) also registers
+pay for torch and transformers. Using the model class (or importing `common.model.modeling_phi3v`) also registers
 "phi3_v" with AutoConfig/AutoModelForCausalLM, so the Auto classes never reach for the checkpoint's remote code.
 """
 
 from importlib import import_module
 
 _EXPORTS = {
-    "Phi3VConfig": "configuration_phi3v",
-    "Phi3VForCausalLM": "modeling_phi3v",
-    "Phi3VImageProcessor": "image_processing_phi3v",
-    "Phi3VProcessor": "processing_phi3v",
-    "Phi3VCollator": "collator",
+    "Phi3VConfig": "model.configuration_phi3v",
+    "Phi3VForCausalLM": "model.modeling_phi3v",
+    "Phi3VImageProcessor": "model.image_processing_phi3v",
+    "Phi3VProcessor": "model.processing_phi3v",
+    "Phi3VCollator": "data.collator",
 }
 
 __all__ = list(_EXPORTS)

@@ -8,7 +8,21 @@ import os
 import struct
 import tempfile
 import zipfile
+from enum import Enum
 from pathlib import Path
+
+
+def plain(value):
+    """`value` as JSON: enums by their value, anything else JSON cannot hold by its text."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def replace_atomically(path: Path, write) -> None:

@@ -29,7 +29,7 @@ def root_logging_as_it_was():
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from common.tiny import build_tiny_checkpoint
+    from common.fixtures.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-phi3v"))
 

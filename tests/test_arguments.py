@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from common.arguments import parse_args
+from common.training.arguments import parse_args
 
 
 @dataclass

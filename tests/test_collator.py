@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from common.collator import Phi3VCollator, Phi3VGenerationCollator, example_length, example_tokens, hd_output_size
-from common.conversation import IGNORE_INDEX, encode_conversation, encode_prompt
+from common.data.collator import Phi3VCollator, Phi3VGenerationCollator, example_length, example_tokens, hd_output_size
+from common.data.conversation import IGNORE_INDEX, encode_conversation, encode_prompt
 from common.errors import ExampleError
-from common.image_processing_phi3v import hd_transform
-from common.modeling_phi3v import Phi3VForCausalLM
-from common.processing_phi3v import Phi3VProcessor
+from common.model.image_processing_phi3v import hd_transform
+from common.model.modeling_phi3v import Phi3VForCausalLM
+from common.model.processing_phi3v import Phi3VProcessor
 
 NUM_CROPS = 4
 RED = Image.new("RGB", (500, 300), (255, 0, 0))

@@ -1,4 +1,4 @@
-"""--torch_compile compiles each decoder and CLIP layer (common/compile.py): no graph break, the eager numbers.
+"""--torch_compile compiles each decoder and CLIP layer (common/training/compile.py): no graph break, the eager numbers.
 
 The aot_eager backend traces exactly what inductor would compile (dynamo's graphs, AOTAutograd's forward and
 backward) without generating kernels, so breaks and numerics are checked in seconds; bench/bench_compile.py
@@ -8,14 +8,14 @@ measures inductor itself.
 import pytest
 import torch
 import torch._dynamo
+from accelerate.utils import DynamoBackend
 from PIL import Image
 from torch._dynamo.utils import counters
-from accelerate.utils import DynamoBackend
 
-from common.arguments import parse_args
-from common.collator import Phi3VCollator, Phi3VGenerationCollator
-from common.recipe import RecipeTrainer
-from common.training import load_model, load_processor, setup_training_mode
+from common.data.collator import Phi3VCollator, Phi3VGenerationCollator
+from common.training.arguments import parse_args
+from common.training.model_setup import load_model, load_processor, setup_training_mode
+from common.training.recipe import RecipeTrainer
 
 IMAGE_EXAMPLE = {
     "images": [Image.new("RGB", (500, 300), (200, 30, 30))],

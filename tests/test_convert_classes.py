@@ -5,7 +5,7 @@ import os
 import shutil
 
 import convert_ucf101
-from common.synthetic import write_ucf101_videos
+from common.fixtures.synthetic import write_ucf101_videos
 
 
 def test_a_class_without_a_decodable_video_is_left_out_with_a_warning(tmp_path, caplog):

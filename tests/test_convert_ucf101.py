@@ -19,8 +19,8 @@ import pytest
 from PIL import Image, ImageFile
 
 import convert_ucf101
-from common.safe_archive import safe_extract_tar
-from common.synthetic import decode_frame_index, write_ucf101_videos
+from common.data.safe_archive import safe_extract_tar
+from common.fixtures.synthetic import decode_frame_index, write_ucf101_videos
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "convert_ucf101.py"

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from common.collator import Phi3VCollator
-from common.conversation import encode_conversation
+from common.data.collator import Phi3VCollator
+from common.data.conversation import encode_conversation
+from common.data.dataset import RecipeDataset, jsonl_eval_examples, load_jsonl_conversations
 from common.errors import DataError, ExampleError
-from common.data import RecipeDataset, jsonl_eval_examples, load_jsonl_conversations
-from common.processing_phi3v import Phi3VProcessor
+from common.model.processing_phi3v import Phi3VProcessor
 
 NUM_CROPS = 4
 PROMPT = "Classify the video into one of the following classes: Archery, BenchPress ."

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from common.run_folder import FINAL_WEIGHT_PATTERNS, folder_size
+from common.training.run_folder import FINAL_WEIGHT_PATTERNS, folder_size
 
 from .recipe_utils import small_filesystem
 from .test_reliability import kill_args, one_error_line, run_script, write_jsonl_data

@@ -12,11 +12,11 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from common import Phi3VForCausalLM
-from common import evaluation
-from common.collator import LoadingError
-from common.evaluation import evaluate, stop_token_ids
-from common.metrics import SCORERS
-from common.processing_phi3v import Phi3VProcessor
+from common.data.collator import LoadingError
+from common.evaluation import generation as evaluation
+from common.evaluation.generation import evaluate, stop_token_ids
+from common.evaluation.metrics import SCORERS
+from common.model.processing_phi3v import Phi3VProcessor
 
 QUESTION = re.compile(r"Question (\d+)\?")
 # Known answers and the exact per-example scores they earn; "1,234" vs "1234" and "blue" vs "blue sky"

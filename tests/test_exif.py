@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from common.collator import example_tokens
-from common.data import RecipeDataset, jsonl_eval_examples, load_image, load_jsonl_conversations
-from common.predict import open_images
-from common.processing_phi3v import Phi3VProcessor
+from common.data.collator import example_tokens
+from common.data.dataset import RecipeDataset, jsonl_eval_examples, load_image, load_jsonl_conversations
+from common.model.processing_phi3v import Phi3VProcessor
+from common.outputs.predict import open_images
 
 ORIENTATION = 0x0112
 

@@ -1,4 +1,4 @@
-"""Outputs in the official checkpoint's format (common/export.py) and the export command."""
+"""Outputs in the official checkpoint's format (common/outputs/export.py) and the export command."""
 
 import json
 import os
@@ -12,11 +12,12 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from common import export
-from common.configuration_phi3v import Phi3VConfig
-from common.modeling_phi3v import Phi3VForCausalLM
-from common.processing_phi3v import Phi3VProcessor, load_tokenizer
-from common.training import save_adapter_weights_only
+from common.model import official_format
+from common.model.configuration_phi3v import Phi3VConfig
+from common.model.modeling_phi3v import Phi3VForCausalLM
+from common.model.processing_phi3v import Phi3VProcessor, load_tokenizer
+from common.outputs import export
+from common.training.model_setup import save_adapter_weights_only
 
 from .recipe_utils import REPO_ROOT
 
@@ -60,7 +61,7 @@ def exported(base, tmp_path_factory):
     model = Phi3VForCausalLM.from_pretrained(base).eval()
     processor = Phi3VProcessor.from_pretrained(base, num_crops=2)
     folder = tmp_path_factory.mktemp("exported")
-    export.write_final_model(model, processor, folder, base, dtype=torch.float32)
+    official_format.write_final_model(model, processor, folder, base, dtype=torch.float32)
     return folder, model
 
 
@@ -178,7 +179,7 @@ def test_a_hub_base_gives_local_auto_map_entries_and_its_cached_code(exported, b
     processor = Phi3VProcessor.from_pretrained(folder)
     processor.source = HUB_ID
     processor.save_pretrained(folder)
-    export.complete_model_folder(folder, HUB_ID, processor.tokenizer)
+    official_format.complete_model_folder(folder, HUB_ID, processor.tokenizer)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == json.loads((base / "config.json").read_text())["auto_map"]
     assert config["_name_or_path"] == HUB_ID and config["_revision"] == commit
@@ -191,7 +192,7 @@ def make_adapter(base: Path, folder: Path) -> Path:
     """A LoRA adapter on the base as the recipes build one (lm_head among the targets), with trained-looking B."""
     from peft import LoraConfig, get_peft_model
 
-    from common.training import DECODER_LORA_TARGETS, VISION_LORA_TARGETS
+    from common.training.model_setup import DECODER_LORA_TARGETS, VISION_LORA_TARGETS
 
     torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=f"{DECODER_LORA_TARGETS}|{VISION_LORA_TARGETS}", task_type="CAUSAL_LM")

@@ -1,4 +1,4 @@
-"""The custom recipe's data formats (common/formats.py): reading, image placement, system turns, evaluation turns,
+"""The custom recipe's data formats (common/data/formats.py): reading, image placement, system turns, evaluation turns,
 held-out rows and the warnings, in-process with the tiny tokenizer."""
 
 import json
@@ -9,9 +9,8 @@ import datasets
 import pytest
 from PIL import Image
 
-from common.conversation import IGNORE_INDEX, encode_conversation, encode_prompt
-from common.errors import DataError
-from common.formats import (
+from common.data.conversation import IGNORE_INDEX, encode_conversation, encode_prompt
+from common.data.formats import (
     ColumnConversations,
     data_warnings,
     detect_format,
@@ -22,10 +21,11 @@ from common.formats import (
     row_summaries,
     warn_about_data,
 )
-from common.processing_phi3v import Phi3VProcessor
-from common.synthetic import _shapes_image, llava_rows
-from common.tiny_tokenizer import build_tiny_tokenizer
-from common.image_processing_phi3v import Phi3VImageProcessor
+from common.errors import DataError
+from common.fixtures.synthetic import _shapes_image, llava_rows
+from common.fixtures.tiny_tokenizer import build_tiny_tokenizer
+from common.model.image_processing_phi3v import Phi3VImageProcessor
+from common.model.processing_phi3v import Phi3VProcessor
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_messages_row_images_fill_parts_and_a_count_that_differs_is_an_error(ima
 def test_format_detection_names_the_format_and_refuses_mixed_files(images, caplog):
     ours = write_jsonl(images / "ours.jsonl", [{"id": "a", "conversations": [{"images": ["a.png"], "user": "?", "assistant": "x"}]}])
     assert detect_format(ours) == "jsonl"
-    with caplog.at_level(logging.INFO, logger="common.formats"):
+    with caplog.at_level(logging.INFO, logger="common.data.formats"):
         (conversation,), found = read_conversations(ours, images)
     assert found == "jsonl" and "read as jsonl" in caplog.text and conversation["messages"][0]["content"] == "<|image_1|>\n?"
     mixed = write_jsonl(images / "mixed.jsonl", [
@@ -259,7 +259,7 @@ def test_each_warning_fires_on_its_fixture_and_not_on_good_data(case, caplog):
         for row in train[:33]:
             row["messages"][1]["content"] = "yes"
     args = SimpleNamespace(batch_size=batch, max_steps=max_steps, num_train_epochs=1)
-    with caplog.at_level(logging.WARNING, logger="common.formats"):
+    with caplog.at_level(logging.WARNING, logger="common.data.formats"):
         warn_about_data(train, summaries_of(train), summaries_of(held), args)
     assert len(caplog.records) == 1 and expected in caplog.records[0].getMessage()
     good = [conversation(f"t{i}", f"img{i}.png", f"question {i}", f"answer {i % 4}") for i in range(64)]

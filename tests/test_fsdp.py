@@ -2,7 +2,7 @@
 at parse time), and our model sharded, stepped, evaluated and saved under torch's FSDP2 on gloo.
 
 accelerate runs FSDP on accelerators only, so the Trainer path itself runs in tests/test_gpu.py; here one
-torchrun launch drives `common.fsdp.shard_model`, which applies accelerate's wrapping rules, directly.
+torchrun launch drives `common.training.fsdp.shard_model`, which applies accelerate's wrapping rules, directly.
 """
 
 import json
@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-import common.arguments
-from common.arguments import parse_args
-from common.fsdp import WRAPPED_LAYERS
+import common.training.arguments
+from common.training.arguments import parse_args
+from common.training.fsdp import WRAPPED_LAYERS
 
 from .recipe_utils import REPO_ROOT, assert_ok, offline_env, parse_refusal
 
@@ -23,10 +23,10 @@ DRIVER = REPO_ROOT / "tests" / "drivers" / "fsdp_step.py"
 @pytest.fixture
 def gpu(monkeypatch):
     """Parse as on a CUDA GPU with bf16, without the process group a launcher-less --fsdp parse would start."""
-    monkeypatch.setattr(common.arguments, "cuda_available", lambda: True)
+    monkeypatch.setattr(common.training.arguments, "cuda_available", lambda: True)
     monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda *args, **kwargs: True)
     launches = []
-    monkeypatch.setattr(common.arguments, "ensure_distributed_env", lambda: launches.append(True))
+    monkeypatch.setattr(common.training.arguments, "ensure_distributed_env", lambda: launches.append(True))
     # TrainingArguments sets it from fsdp_config; restored after the test.
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
     return launches
@@ -74,7 +74,7 @@ def test_fsdp_replaces_the_default_zero2_with_fsdp2_settings(gpu, tmp_path):
     ],
 )
 def test_the_precision_line_says_what_fsdp_trains_in(gpu, tmp_path, flags, weights, compute, scaling):
-    from common.training import training_precision
+    from common.training.model_setup import training_precision
 
     precision = training_precision(parse(tmp_path, "--fsdp", *flags))
     assert (precision.weights, precision.compute, precision.loss_scaling) == (weights, compute, scaling)

@@ -70,7 +70,7 @@ def test_flash_attention_matches_sdpa(tiny_checkpoint):
 
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel not installed")
 def test_liger_kernels_keep_the_loss(tiny_checkpoint):
-    from common.training import apply_liger_kernels
+    from common.training.model_setup import apply_liger_kernels
 
     example = random_example([(1, 1)])
     plain = Phi3VForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).cuda().eval()
@@ -86,7 +86,7 @@ def test_fsdp_trains_saves_evaluates_and_resumes_through_the_trainer(tiny_checkp
     accelerate's FSDP2 trains, every save is the official format, evaluation during training generates with the
     sharded model as a fresh load of the saved one does, and a run stopped at step 2 resumes to the weights of
     an uninterrupted one. fp32, so that the runs compare closely."""
-    from common.synthetic import make_docvqa
+    from common.fixtures.synthetic import make_docvqa
 
     data = tmp_path / "docvqa"
     make_docvqa(n=12, seed=0).save_to_disk(str(data))

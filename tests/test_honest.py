@@ -4,8 +4,15 @@ import json
 
 import pytest
 
-from common import plotting
-from common.run_folder import COMPLETE_MARKER, RunFolderError, _verify_manifest, file_sha256, hash_parts, part_files
+from common.evaluation import plotting
+from common.training.run_folder import (
+    COMPLETE_MARKER,
+    RunFolderError,
+    _verify_manifest,
+    file_sha256,
+    hash_parts,
+    part_files,
+)
 
 
 def test_a_file_unreadable_at_manifest_time_is_an_error(tmp_path):

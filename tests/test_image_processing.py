@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common.image_processing_phi3v import (
+from common.model.image_processing_phi3v import (
     CLIP_MEAN,
     CLIP_STD,
     TILE,

@@ -7,11 +7,11 @@ import torch
 from PIL import Image
 from transformers import Trainer, TrainerCallback
 
-from common.arguments import parse_args
-from common.collator import Phi3VCollator
-from common.recipe import RecipeTrainer
-from common.run_folder import RunFolder, RunFolderError
-from common.training import load_model, load_processor, setup_training_mode
+from common.data.collator import Phi3VCollator
+from common.training.arguments import parse_args
+from common.training.model_setup import load_model, load_processor, setup_training_mode
+from common.training.recipe import RecipeTrainer
+from common.training.run_folder import RunFolder, RunFolderError
 
 RATES = {"decoder": 4e-3, "vision tower": 1e-3, "projection": 2e-3}
 PART_FLAGS = ["--learning_rate", "4e-3", "--vision_learning_rate", "1e-3", "--projection_learning_rate", "2e-3"]
@@ -53,7 +53,7 @@ def grouped_names(trainer) -> dict[tuple, set[str]]:
 
 def test_full_mode_groups_are_part_by_decay(tiny_checkpoint, tmp_path, caplog):
     trainer = trainer_for(parse(tiny_checkpoint, tmp_path))
-    with caplog.at_level("INFO", logger="common.optimizer"):
+    with caplog.at_level("INFO", logger="common.training.optimizer"):
         trainer.create_optimizer()
     groups = grouped_names(trainer)
     assert list(groups) == [(part, RATES[part], wd) for part in RATES for wd in (0.1, 0.0)]

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from common.metrics import (
+from common.evaluation.metrics import (
     SCORERS,
     anls,
     exact_match,

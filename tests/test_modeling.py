@@ -12,8 +12,8 @@ from safetensors import safe_open
 from transformers.utils import logging as hf_logging
 
 from common import Phi3VConfig, Phi3VForCausalLM
-from common.modeling_phi3v import Phi3VImageEmbedding
-from common.tiny import TINY_VISION, official_config_dict
+from common.fixtures.tiny import TINY_VISION, official_config_dict
+from common.model.modeling_phi3v import Phi3VImageEmbedding
 
 from .conftest import REPO_ROOT
 
@@ -339,8 +339,8 @@ def test_mismatched_images_and_placeholders_are_a_clear_error(model):
 def test_fresh_process_offline_load(tmp_path):
     out = tmp_path / "tiny"
     code = (
-        "import sys; from common.tiny import main; main(['--out', sys.argv[1]]);"
-        "from common import Phi3VForCausalLM; from common.processing_phi3v import Phi3VProcessor;"
+        "import sys; from common.fixtures.tiny import main; main(['--out', sys.argv[1]]);"
+        "from common import Phi3VForCausalLM; from common.model.processing_phi3v import Phi3VProcessor;"
         "m = Phi3VForCausalLM.from_pretrained(sys.argv[1]); p = Phi3VProcessor.from_pretrained(sys.argv[1]);"
         "print('OK', type(m).__name__, type(p).__name__, p.tokenizer.pad_token_id)"
     )

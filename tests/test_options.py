@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-import common.arguments
-from common.arguments import parse_args
-from common.trainer_options import REFUSED
+import common.training.arguments
+from common.training.arguments import parse_args
+from common.training.trainer_options import REFUSED
 
 from .recipe_utils import parse_refusal
 
@@ -25,7 +25,7 @@ def refusal(tmp_path, capsys, *flags) -> str:
 @pytest.fixture
 def two_ranks(monkeypatch):
     # The world size torchrun --nproc_per_node=2 gives each rank, without the process group a real one would start.
-    monkeypatch.setattr(common.arguments, "world_size_from_env", lambda: 2)
+    monkeypatch.setattr(common.training.arguments, "world_size_from_env", lambda: 2)
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_save_strategy_best_needs_evaluations(tmp_path, capsys):
 @pytest.fixture
 def gpu_without_flash_attn(monkeypatch):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(common.arguments, "cuda_available", lambda: True)
+    monkeypatch.setattr(common.training.arguments, "cuda_available", lambda: True)
     monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda *args, **kwargs: True)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "flash_attn" else find_spec(name, *rest))
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from common import export, predict
-from common.preemption import PREEMPTED_EXIT_CODE
-from common.tiny import build_tiny_checkpoint
+from common.fixtures.tiny import build_tiny_checkpoint
+from common.outputs import export, predict
+from common.training.preemption import PREEMPTED_EXIT_CODE
 
-from .test_export import make_adapter
 from .recipe_utils import REPO_ROOT, offline_env, small_filesystem
+from .test_export import make_adapter
 from .test_predict import PROMPT, count_lines, write_images
 
 
@@ -38,7 +38,7 @@ def no_death_by_signal(monkeypatch):
 
 def signal_after_first_batch(monkeypatch, signum=signal.SIGTERM):
     """Deliver `signum` to this process once the first batch is answered, as a scheduler's stop would arrive."""
-    from common.evaluation import AnswerGenerator
+    from common.evaluation.generation import AnswerGenerator
 
     original, calls = AnswerGenerator.__call__, []
 

@@ -13,11 +13,11 @@ import time
 import pytest
 from PIL import Image
 
-from common.arguments import parse_args
-from common.collator import Phi3VCollator
-from common.periodic_evaluation import AnswersAsTargets
-from common.preemption import PREEMPTED_EXIT_CODE
-from common.processing_phi3v import Phi3VProcessor
+from common.data.collator import Phi3VCollator
+from common.model.processing_phi3v import Phi3VProcessor
+from common.training.arguments import parse_args
+from common.training.periodic_evaluation import AnswersAsTargets
+from common.training.preemption import PREEMPTED_EXIT_CODE
 
 from .recipe_utils import DRIVER, REPO_ROOT, offline_env
 
@@ -70,7 +70,7 @@ def test_evaluation_examples_become_loss_examples_answered_with_their_first_refe
 def test_a_stop_by_signal_keeps_its_checkpoint_and_the_best_one_under_save_total_limit_1(tiny_checkpoint, tmp_path):
     # Left alone, the Trainer's end of training would load the best checkpoint and, for --save_total_limit 1,
     # delete every other one: the checkpoint just written to resume from included.
-    from common.synthetic import make_docvqa
+    from common.fixtures.synthetic import make_docvqa
 
     data, out = tmp_path / "docvqa", tmp_path / "out"
     make_docvqa(n=8, seed=0).save_to_disk(str(data))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from common.plotting import plot_from_trainer_state, plot_training_curves
+from common.evaluation.plotting import plot_from_trainer_state, plot_training_curves
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_plot_from_trainer_state_and_cli(tmp_path):
     _assert_png(plot_from_trainer_state(state, tmp_path / "api.png"))
 
     result = subprocess.run(
-        [sys.executable, "-m", "common.plotting", str(state), str(tmp_path / "cli.png")],
+        [sys.executable, "-m", "common.evaluation.plotting", str(state), str(tmp_path / "cli.png")],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -14,12 +14,19 @@ from transformers import Trainer, TrainingArguments
 from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-import common.arguments
-from common.arguments import DEFAULT_DEEPSPEED_CONFIG, TRAIN_SAMPLING_STRATEGIES, parse_args
-from common.data import RecipeDataset
-from common.recipe import RecipeTrainer
-from common.synthetic import make_docvqa
-from common.training import Precision, load_model, load_processor, model_dtype, setup_training_mode, training_precision
+import common.training.arguments
+from common.data.dataset import RecipeDataset
+from common.fixtures.synthetic import make_docvqa
+from common.training.arguments import DEFAULT_DEEPSPEED_CONFIG, TRAIN_SAMPLING_STRATEGIES, parse_args
+from common.training.model_setup import (
+    Precision,
+    load_model,
+    load_processor,
+    model_dtype,
+    setup_training_mode,
+    training_precision,
+)
+from common.training.recipe import RecipeTrainer
 from finetune_hf_trainer_docvqa import mini_train_example
 
 from .recipe_utils import parse_refusal
@@ -32,7 +39,7 @@ FP32 = Precision("float32", "float32", "none", "none")
 @pytest.fixture
 def gpu(monkeypatch):
     """Parse as on a CUDA GPU with bf16 (an A100): our device check, and the Trainer's own bf16 check."""
-    monkeypatch.setattr(common.arguments, "cuda_available", lambda: True)
+    monkeypatch.setattr(common.training.arguments, "cuda_available", lambda: True)
     monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda *args, **kwargs: True)
 
 
@@ -75,7 +82,7 @@ def test_gpu_qlora_without_flags_computes_in_fp16_on_fp32_weights(gpu, tmp_path,
     def capture(source, **kwargs):
         raise CapturedLoad(kwargs)
 
-    monkeypatch.setattr("common.training.Phi3VForCausalLM.from_pretrained", capture)
+    monkeypatch.setattr("common.training.model_setup.Phi3VForCausalLM.from_pretrained", capture)
     with pytest.raises(CapturedLoad) as load:
         load_model(parse(tmp_path, "--use_qlora"))
     kwargs = load.value.args[0]
@@ -143,9 +150,9 @@ def test_the_logged_precision_is_what_the_model_holds(request, tiny_checkpoint, 
     if on_gpu:
         request.getfixturevalue("gpu")
     args = parse(tmp_path, *flags, model=tiny_checkpoint)
-    with caplog.at_level(logging.INFO, logger="common.training"):
+    with caplog.at_level(logging.INFO, logger="common.training.model_setup"):
         model = setup_training_mode(load_model(args), args)
-    messages = [record.getMessage() for record in caplog.records if record.name == "common.training"]
+    messages = [record.getMessage() for record in caplog.records if record.name == "common.training.model_setup"]
     precision = training_precision(args)
     assert messages[0] == str(precision) and messages[1].startswith("training mode:")
     trained = {p.dtype for p in model.parameters() if p.requires_grad}

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import predict
-from common.data import jsonl_prediction_examples
-from common.evaluation import evaluate
-from common.modeling_phi3v import Phi3VForCausalLM
-from common.processing_phi3v import Phi3VProcessor
+from common.data.dataset import jsonl_prediction_examples
+from common.evaluation.generation import evaluate
+from common.model.modeling_phi3v import Phi3VForCausalLM
+from common.model.processing_phi3v import Phi3VProcessor
+from common.outputs import predict
 
 from .recipe_utils import REPO_ROOT, assert_ok, offline_env
 from .test_export import make_adapter

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.preemption import PREEMPTED_EXIT_CODE, children_leave_stop_signals
+from common.training.preemption import PREEMPTED_EXIT_CODE, children_leave_stop_signals
 
 from .recipe_utils import assert_ok, run_script, weights
 from .test_reliability import start_torchrun, step_losses, wait_for, worker_pids
@@ -31,7 +31,7 @@ TRAIN_ROWS, MAX_STEPS, STEPS_PER_EPOCH = 12, 8, 6
 
 @pytest.fixture(scope="module")
 def docvqa_data(tmp_path_factory) -> Path:
-    from common.synthetic import make_docvqa
+    from common.fixtures.synthetic import make_docvqa
 
     rows = make_docvqa(n=TRAIN_ROWS, seed=2)
     assert sum(len(answers) > 1 for answers in rows["train"]["answers"]) >= TRAIN_ROWS // 3, "the draw must matter"
@@ -84,7 +84,7 @@ def test_workers_forked_while_training_leave_stop_signals_to_their_rank():
 def test_answer_draws_follow_seed_epoch_and_index_in_any_process(docvqa_data):
     import datasets
 
-    from common.data import RecipeDataset
+    from common.data.dataset import RecipeDataset
     from finetune_hf_trainer_docvqa import mini_train_example
 
     rows = datasets.load_from_disk(str(docvqa_data))["train"]
@@ -133,7 +133,7 @@ def test_sigterm_with_workers_stops_with_a_checkpoint_and_resume_is_bit_equal(ti
                                                                               tmp_path, send):
     out = tmp_path / "out"
     args = run_args(tiny_checkpoint, docvqa_data, out)
-    process = start_torchrun(args, tmp_path, {"PHI3V_TEST_SLOW_STEPS": "0.5"}, launcher="common.launch", script=SCRIPT)
+    process = start_torchrun(args, tmp_path, {"PHI3V_TEST_SLOW_STEPS": "0.5"}, launcher="common.training.launch", script=SCRIPT)
     try:
         wait_for(lambda: (out / "checkpoint-2" / "checkpoint_complete.json").is_file(), process)
         send(process, out)
@@ -169,7 +169,7 @@ def test_a_stop_signal_during_the_evaluation_before_training_ends_every_rank_wit
     # the signal lands in the evaluation however loaded the machine is, and interrupts the sleep.
     generating = tmp_path / "generating"
     env = {"PHI3V_TEST_SLOW_GENERATION": "120", "PHI3V_TEST_GENERATING": str(generating)}
-    process = start_torchrun(args, tmp_path, env, launcher="common.launch", script=SCRIPT)
+    process = start_torchrun(args, tmp_path, env, launcher="common.training.launch", script=SCRIPT)
     chunks = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(process.stdout.fileno(), 4096).decode(errors="replace"), "")))
     reader.start()
@@ -197,7 +197,7 @@ def test_sigterm_to_the_process_group_under_the_full_modes_default_zero2_stops_w
     args = [arg for arg in run_args(tiny_checkpoint, docvqa_data, out) if arg not in ("--use_lora",)]
     at = args.index("--lora_rank")
     args = args[:at] + args[at + 2:]
-    process = start_torchrun(args, tmp_path, {"PHI3V_TEST_SLOW_STEPS": "0.5"}, launcher="common.launch", script=SCRIPT)
+    process = start_torchrun(args, tmp_path, {"PHI3V_TEST_SLOW_STEPS": "0.5"}, launcher="common.training.launch", script=SCRIPT)
     try:
         wait_for(lambda: (out / "checkpoint-2" / "checkpoint_complete.json").is_file(), process)
         os.killpg(process.pid, signal.SIGTERM)

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from common.image_processing_phi3v import Phi3VImageProcessor
-from common.processing_phi3v import Phi3VProcessor, load_tokenizer
-from common.tiny_tokenizer import build_tiny_tokenizer
+from common.fixtures.tiny_tokenizer import build_tiny_tokenizer
+from common.model.image_processing_phi3v import Phi3VImageProcessor
+from common.model.processing_phi3v import Phi3VProcessor, load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPECIAL_IDS = {
@@ -122,7 +122,7 @@ def test_tokenizer_save_load_round_trip_offline(tokenizer, tmp_path):
     assert (template or config.get("chat_template")) == tokenizer.chat_template
     # A fresh process with the hub switched off proves nothing is fetched.
     script = (
-        "import json, sys; from common.processing_phi3v import load_tokenizer;"
+        "import json, sys; from common.model.processing_phi3v import load_tokenizer;"
         "t = load_tokenizer(sys.argv[1]); texts = json.loads(sys.argv[2]);"
         "print(json.dumps({'class': type(t).__name__, 'ids': [t(x).input_ids for x in texts], 'len': len(t),"
         " 'special': [t.bos_token_id, t.eos_token_id, t.pad_token_id, t.unk_token_id], 'side': t.padding_side,"

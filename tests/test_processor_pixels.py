@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common.image_processing_phi3v import CLIP_MEAN, CLIP_STD, Phi3VImageProcessor, hd_transform, image_to_crops
+from common.model.image_processing_phi3v import CLIP_MEAN, CLIP_STD, Phi3VImageProcessor, hd_transform, image_to_crops
 
 TILE = 336
 MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)

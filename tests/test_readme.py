@@ -16,8 +16,8 @@ import pytest
 from .recipe_utils import REPO_ROOT, offline_env
 
 SCRIPTS = sorted(path.name for path in REPO_ROOT.glob("finetune_hf_trainer_*.py"))
-# The commands run as modules, and the file whose docstring documents each.
-TOOLS = {"common.export": "common/export.py", "common.predict": "common/predict.py"}
+# The commands run as modules (as the README types them), and the module behind each, whose docstring documents it.
+TOOLS = {"common.export": "common.outputs.export", "common.predict": "common.outputs.predict"}
 
 
 def shell_commands(text: str) -> list[str]:
@@ -37,7 +37,7 @@ def shell_commands(text: str) -> list[str]:
 
 def documented_commands() -> list[tuple[str, str]]:
     sources = {"README.md": (REPO_ROOT / "README.md").read_text()}
-    for script in SCRIPTS + ["convert_ucf101.py", *TOOLS.values()]:
+    for script in SCRIPTS + ["convert_ucf101.py", *(module.replace(".", "/") + ".py" for module in TOOLS.values())]:
         sources[script] = (REPO_ROOT / script).read_text().split('"""')[1]
     return [(source, command) for source, text in sources.items() for command in shell_commands(text)]
 
@@ -89,12 +89,30 @@ def test_documented_export_and_predict_commands_parse():
     parsed = 0
     for source, command in COMMANDS:
         words = shlex.split(command)
-        for module_name in TOOLS:
+        for module_name, implementation in TOOLS.items():
             if module_name in words:
-                module = importlib.import_module(module_name)
+                module = importlib.import_module(implementation)
                 try:
                     module.parse_args(words[words.index(module_name) + 1 :])
                 except SystemExit as stop:
                     pytest.fail(f"{source}: `{command}` does not parse (exit {stop.code})")
                 parsed += 1
     assert parsed >= 8
+
+
+def test_the_layout_lists_every_module_of_common_in_its_folder():
+    readme = (REPO_ROOT / "README.md").read_text()
+    layout = readme[readme.index("`common/`, one folder a layer"):]
+    layout = layout[layout.index("```") + 3:]
+    layout = layout[:layout.index("```")]
+    listed, folder = set(), ""
+    for line in layout.splitlines():
+        if re.match(r"^[a-z_]+/$", line):
+            folder = line
+        elif not line.startswith("  ") and line.strip():
+            folder = ""
+        for name in re.findall(r"(?:^|, |^  )([a-z_0-9]+\.py)", line):
+            listed.add(f"{folder if line.startswith('  ') else ''}{name}")
+    modules = {str(path.relative_to(REPO_ROOT / "common")) for path in (REPO_ROOT / "common").rglob("*.py")
+               if path.name != "__init__.py"}
+    assert listed == modules

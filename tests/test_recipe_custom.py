@@ -8,8 +8,8 @@ import random
 import datasets
 import pytest
 
-from common import predict
-from common.synthetic import _shapes_image, write_custom_llava
+from common.fixtures.synthetic import _shapes_image, write_custom_llava
+from common.outputs import predict
 
 from .recipe_utils import assert_ok, assert_ranks_in_sync, read_eval, run_script
 

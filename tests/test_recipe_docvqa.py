@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.modeling_phi3v import Phi3VForCausalLM
+from common.model.modeling_phi3v import Phi3VForCausalLM
 
 from .recipe_utils import REPO_ROOT, assert_ok, assert_ranks_in_sync, offline_env, read_eval, run_script, weights
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def docvqa_data(tmp_path_factory):
-    from common.synthetic import make_docvqa
+    from common.fixtures.synthetic import make_docvqa
 
     path = tmp_path_factory.mktemp("docvqa")
     make_docvqa(n=12, seed=0).save_to_disk(str(path))
@@ -187,13 +187,13 @@ def test_resume_matches_an_uninterrupted_run(tiny_checkpoint, docvqa_data, tmp_p
 )
 def test_impossible_flag_combinations_fail_before_loading(tmp_path, capsys, monkeypatch, flags, reason):
     # In this process: exit 2 comes from the parser, whereas loading the missing model would exit 1.
-    import common.arguments
+    import common.training.arguments
     from finetune_hf_trainer_docvqa import main
 
     def deepspeed_setup():
         raise AssertionError("the refusal must come before the default ZeRO-2 sets up a process group")
 
-    monkeypatch.setattr(common.arguments, "ensure_distributed_env", deepspeed_setup)
+    monkeypatch.setattr(common.training.arguments, "ensure_distributed_env", deepspeed_setup)
     with pytest.raises(SystemExit) as stopped:
         main(["--model_name_or_path", str(tmp_path / "does-not-exist"), "--output_dir", str(tmp_path / "o"), *flags])
     assert stopped.value.code == 2

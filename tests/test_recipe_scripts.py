@@ -21,7 +21,7 @@ def assert_recipe_outputs(out, result):
 
 
 def test_hateful_memes_lora(tiny_checkpoint, tmp_path):
-    from common.synthetic import make_hateful_memes
+    from common.fixtures.synthetic import make_hateful_memes
 
     make_hateful_memes(n=16, seed=0).save_to_disk(str(tmp_path / "data"))
     out = tmp_path / "out"
@@ -34,7 +34,7 @@ def test_hateful_memes_lora(tiny_checkpoint, tmp_path):
 
 
 def test_nlvr2_full_two_images_packed_and_grouped(tiny_checkpoint, tmp_path):
-    from common.synthetic import make_nlvr2
+    from common.fixtures.synthetic import make_nlvr2
 
     make_nlvr2(n=12, seed=0).save_to_disk(str(tmp_path / "data"))
     out = tmp_path / "out"
@@ -48,7 +48,7 @@ def test_nlvr2_full_two_images_packed_and_grouped(tiny_checkpoint, tmp_path):
 
 
 def test_ucf101_converted_videos_two_processes(tiny_checkpoint, tmp_path):
-    from common.synthetic import write_ucf101_videos
+    from common.fixtures.synthetic import write_ucf101_videos
 
     videos = write_ucf101_videos(tmp_path / "videos", classes=3, videos_per_class=2)
     data = tmp_path / "ucf101"

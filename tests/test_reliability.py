@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from common.data import RecipeDataset
-from common.preemption import PREEMPTED_EXIT_CODE, REPEAT_GRACE_S
-from common.run_folder import RunFolder, data_fingerprint, file_sha256
+from common.data.dataset import RecipeDataset, data_fingerprint
+from common.training.preemption import PREEMPTED_EXIT_CODE, REPEAT_GRACE_S
+from common.training.run_folder import RunFolder, file_sha256
 
 from .recipe_utils import DRIVER, REPO_ROOT, assert_ok, offline_env, run_script, small_filesystem, weights
 
@@ -91,7 +91,7 @@ def test_bad_jsonl_line_stops_before_loading_anything(tiny_checkpoint, jsonl_dir
 
 @pytest.fixture
 def docvqa_rows(tmp_path):
-    from common.synthetic import make_docvqa
+    from common.fixtures.synthetic import make_docvqa
 
     return make_docvqa(n=8, seed=1)
 
@@ -168,8 +168,8 @@ def test_pickle_checkpoint_is_refused_unless_allowed(tiny_checkpoint, jsonl_dir,
                                                            "--output_dir", tmp_path / "out", "--deepspeed", "none"], capsys)
     assert code == 1 and "--allow_pickle_weights" in stderr and "no safetensors weights" in stderr
 
-    from common.arguments import parse_args
-    from common.training import load_model
+    from common.training.arguments import parse_args
+    from common.training.model_setup import load_model
 
     args, = parse_args(argv=["--model_name_or_path", str(pickled), "--output_dir", str(tmp_path / "o"), "--deepspeed", "none",
                             "--allow_pickle_weights"])
@@ -220,7 +220,7 @@ def kill_args(checkpoint, data, out):
 
 
 def start_torchrun(args, tmp_path, env, launcher="torch.distributed.run", script="finetune_hf_trainer_ucf101.py"):
-    """2 processes of `script` under `launcher` (torchrun, or our `common.launch`), in a session of their own, as a job is."""
+    """2 processes of `script` under `launcher` (torchrun, or our `common.training.launch`), in a session of their own, as a job is."""
     command = [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node=2", str(DRIVER), script, *map(str, args)]
     return subprocess.Popen(command, cwd=REPO_ROOT, env=offline_env(tmp_path, **env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -308,7 +308,7 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint_and_resume_is_ex
     # Rank 1 alone gets the signal: rank 0 must stop at the same step, from the vote after every step.
     out = tmp_path / "preempted"
     process = start_torchrun(kill_args(tiny_checkpoint, kill_data, out), tmp_path, {"PHI3V_TEST_SLOW_STEPS": "0.5"},
-                             launcher="common.launch")
+                             launcher="common.training.launch")
     try:
         wait_for(lambda: (out / "checkpoint-2" / "checkpoint_complete.json").is_file(), process)
         os.kill(worker_pids(str(out))[1], signal.SIGTERM)
@@ -333,7 +333,7 @@ def test_a_second_signal_during_the_stop_checkpoint_exits_at_once_and_keeps_the_
     # As SLURM does: SIGUSR1 to every process of the job (torchrun passes it on once more), later SIGTERM.
     out = tmp_path / "signalled-twice"
     env = {"PHI3V_TEST_SLOW_STEPS": "1.0", "PHI3V_TEST_SLOW_SAVE": "3:20"}
-    process = start_torchrun(kill_args(tiny_checkpoint, kill_data, out), tmp_path, env, launcher="common.launch")
+    process = start_torchrun(kill_args(tiny_checkpoint, kill_data, out), tmp_path, env, launcher="common.training.launch")
     try:
         wait_for(lambda: (out / "checkpoint-2" / "checkpoint_complete.json").is_file(), process)
         os.killpg(process.pid, signal.SIGUSR1)
@@ -451,7 +451,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_resum
 
 
 def test_data_fingerprint_follows_the_rows_not_where_the_data_lies(tmp_path):
-    from common.data import load_jsonl_conversations
+    from common.data.dataset import load_jsonl_conversations
 
     first, second = write_jsonl_data(tmp_path / "a"), write_jsonl_data(tmp_path / "elsewhere" / "b")
     fingerprint = lambda data: data_fingerprint(RecipeDataset(load_jsonl_conversations(data / "ucf101_train.jsonl", data / "images"),

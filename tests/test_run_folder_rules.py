@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from common.recipe import continue_schedule
-from common.run_folder import COMPLETE_MARKER, checkpoint_problems, extension_of, rotate
+from common.training.recipe import continue_schedule
+from common.training.run_folder import COMPLETE_MARKER, checkpoint_problems, extension_of, rotate
 
 
 def checkpoints(folder, steps, run_id="run-a"):

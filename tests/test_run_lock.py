@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from common.run_folder import LOCK_NAME, RunFolderError, _held_locks, _process_start, release_lock, take_lock
+from common.training.run_folder import LOCK_NAME, RunFolderError, _held_locks, _process_start, release_lock, take_lock
 
 from .recipe_utils import DRIVER, REPO_ROOT, offline_env
 from .test_reliability import kill_args, run_main, write_jsonl_data
@@ -29,7 +29,7 @@ def folder(tmp_path):
 
 def test_a_live_holder_is_refused_by_name_and_the_lock_goes_with_its_process(folder):
     child = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                              "from common.run_folder import take_lock; from pathlib import Path; "
+                              "from common.training.run_folder import take_lock; from pathlib import Path; "
                               "take_lock(Path(sys.argv[2]), 'aaaaaaaaaaaa'); print('held', flush=True); time.sleep(60)",
                               str(REPO_ROOT), str(folder)], stdout=subprocess.PIPE, text=True)
     try:

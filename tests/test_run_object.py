@@ -1,16 +1,15 @@
 """The run folder object and the one Trainer internal the recipes override."""
 
 import inspect
+import logging
 from types import SimpleNamespace
 
 import pytest
 from transformers import Trainer
 
-import logging
-
-from common.export import TOWER_PREFIX
-from common.recipe import TRAINER_INTERNALS, UNUSED_TOWER_KEYS, RecipeTrainer
-from common.run_folder import COMPLETE_MARKER, RunFolder
+from common.model.official_format import TOWER_PREFIX
+from common.training.recipe import TRAINER_INTERNALS, UNUSED_TOWER_KEYS, RecipeTrainer
+from common.training.run_folder import COMPLETE_MARKER, RunFolder
 
 
 @pytest.mark.parametrize("name", sorted(TRAINER_INTERNALS))
@@ -47,8 +46,8 @@ def test_loading_a_checkpoint_back_warns_only_of_keys_other_than_the_unused_towe
 
 
 def test_claiming_changes_no_checkpoint_and_clearing_removes_only_the_interrupted_write(tiny_checkpoint, tmp_path):
-    from common.arguments import parse_args
-    from common.run_folder import begin_checkpoint, finish_checkpoint, hash_parts, part_files
+    from common.training.arguments import parse_args
+    from common.training.run_folder import begin_checkpoint, finish_checkpoint, hash_parts, part_files
 
     out = tmp_path / "out"
     rows = [{"images": [], "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]}]

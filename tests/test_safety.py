@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint_files import UnsafeCheckpointFile, check_torch_file, torch_files, weights_only_loads
-from common.run_folder import COMPLETE_MARKER, file_sha256
+from common.model.checkpoint_files import UnsafeCheckpointFile, check_torch_file, torch_files, weights_only_loads
+from common.training.run_folder import COMPLETE_MARKER, file_sha256
 
 from .recipe_utils import assert_ok, run_script
 from .test_reliability import write_jsonl_data
@@ -139,14 +139,14 @@ def holder(build_lock):
 
 
 def test_a_lock_file_without_a_holder_is_taken_over_silently(build_lock, caplog):
-    from common.build_lock import check_build_locks
+    from common.training.build_lock import check_build_locks
 
     check_build_locks()
     assert not caplog.records and build_lock.is_file()
 
 
 def test_a_build_in_progress_is_named_and_waited_for(build_lock, holder, caplog):
-    from common.build_lock import check_build_locks
+    from common.training.build_lock import check_build_locks
 
     check_build_locks()
     assert f"{build_lock} is held by process {holder.pid}, which is building DeepSpeed's deepspeed_shm_comm op" in caplog.text
@@ -154,7 +154,7 @@ def test_a_build_in_progress_is_named_and_waited_for(build_lock, holder, caplog)
 
 def test_a_stopped_build_stops_the_run_at_parse_time_naming_the_lock_and_its_holder(build_lock, holder, tmp_path, monkeypatch,
                                                                                     capsys):
-    from common.arguments import parse_args
+    from common.training.arguments import parse_args
 
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29581"}.items():
         monkeypatch.setenv(name, value)

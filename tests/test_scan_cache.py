@@ -1,5 +1,5 @@
 """Startup that scales: the validation pass shared out over the ranks, its findings kept in the run folder for a
-restart (common/scan_cache.py), and the lengths it measured reused for length-grouped batching."""
+restart (common/data/scan_cache.py), and the lengths it measured reused for length-grouped batching."""
 
 import json
 import logging
@@ -8,13 +8,13 @@ import os
 import numpy as np
 import pytest
 
+from common.data.dataset import RecipeDataset
+from common.data.formats import ColumnConversations, read_conversations
+from common.data.scan_cache import ScanCache, scan_key
+from common.data.validation import SkipLog, _scan_share, checked_rows, validate_training_data
 from common.errors import ExampleError
-from common.data import RecipeDataset
-from common.formats import ColumnConversations, read_conversations
-from common.processing_phi3v import Phi3VProcessor
-from common.scan_cache import ScanCache, scan_key
-from common.synthetic import _shapes_image
-from common.validation import SkipLog, _scan_share, checked_rows, validate_training_data
+from common.fixtures.synthetic import _shapes_image
+from common.model.processing_phi3v import Phi3VProcessor
 
 from .recipe_utils import assert_ok, run_script
 
@@ -91,7 +91,7 @@ def test_a_dataset_columns_system_prompt_changes_the_key(processor):
 
 
 def test_two_shares_joined_equal_one_pass(processor, tmp_path):
-    from common.scan_cache import RowScan
+    from common.data.scan_cache import RowScan
 
     dataset = dataset_of(write_llava(tmp_path / "data"))
     whole = _scan_share(dataset, processor, NUM_CROPS, None, range(ROWS), None)
@@ -117,7 +117,7 @@ def test_a_restart_reads_the_findings_instead_of_checking(processor, tmp_path, c
     assert [first[i]["id"] for i in range(len(first))] == [f"r{i}" for i in range(ROWS) if i not in BAD_IMAGES + LONG_ROWS]
 
     monkeypatch.setattr(RecipeDataset, "scan", lambda *args, **kwargs: pytest.fail("the rows were checked again"))
-    with caplog.at_level(logging.INFO, logger="common.validation"):
+    with caplog.at_level(logging.INFO, logger="common.data.validation"):
         again = validate_training_data(dataset_of(path), processor, NUM_CROPS, MAX_LENGTH, second_log, cache=ScanCache(out))
     assert any("validation results of 12 rows reused from" in message for message in caplog.messages)
     assert [again[i]["id"] for i in range(len(again))] == [first[i]["id"] for i in range(len(first))]
@@ -158,7 +158,7 @@ def test_a_damaged_or_foreign_cache_file_is_ignored_with_a_warning(processor, tm
     for what, text in damaged.items():
         record_file.write_text(text)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="common.scan_cache"):
+        with caplog.at_level(logging.WARNING, logger="common.data.scan_cache"):
             assert cache.load(dataset.name, key, ROWS) is None, what
         assert any("ignoring" in message and "checking the rows again" in message for message in caplog.messages), what
 
@@ -176,7 +176,7 @@ def test_two_ranks_share_the_pass_and_a_restart_reuses_it(processor, tiny_checkp
     assert "train.json: rows checked in 2 processes" in first.stderr and "reused from" not in first.stderr
 
     # One process over the same rows finds the same: skipped rows in the same order, the same lengths.
-    from common.formats import hold_out
+    from common.data.formats import hold_out
 
     rows, _ = read_conversations(path, path.parent, "llava")
     train_rows = hold_out(rows, 0.25, 42)[0]

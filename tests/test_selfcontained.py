@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from common import export
+from common.outputs import export
 
 from .recipe_utils import REPO_ROOT, assert_ok, run_script
 
@@ -65,7 +65,7 @@ def dangling(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def docvqa_data(tmp_path_factory):
-    from common.synthetic import make_docvqa
+    from common.fixtures.synthetic import make_docvqa
 
     path = tmp_path_factory.mktemp("docvqa")
     make_docvqa(n=4, seed=0).save_to_disk(str(path))

@@ -10,13 +10,13 @@ import pytest
 from datasets import DatasetDict, Features, Image, List, Value, load_from_disk
 from PIL import Image as PILImage
 
-from common.synthetic import (
+from common.fixtures.synthetic import (
     decode_frame_index,
+    main,
     make_docvqa,
     make_hateful_memes,
     make_nlvr2,
     make_video_frame,
-    main,
     write_avi,
     write_ucf101_videos,
 )

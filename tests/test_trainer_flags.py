@@ -1,4 +1,4 @@
-"""Trainer options that work in the recipes as the Trainer defines them (see common/trainer_options.py).
+"""Trainer options that work in the recipes as the Trainer defines them (see common/training/trainer_options.py).
 
 One in-process training run sets those whose effect shows in a few steps on the tiny model and checks each
 effect; the rest (resume, logging, DDP and DataLoader plumbing, multi-node) must reach the Trainer as given,
@@ -13,10 +13,10 @@ import transformers
 from PIL import Image
 from transformers import TrainerCallback
 
-from common.arguments import parse_args
-from common.collator import Phi3VCollator
-from common.recipe import RecipeTrainer
-from common.training import load_model, load_processor, setup_training_mode
+from common.data.collator import Phi3VCollator
+from common.training.arguments import parse_args
+from common.training.model_setup import load_model, load_processor, setup_training_mode
+from common.training.recipe import RecipeTrainer
 
 EXAMPLES = [
     {"id": f"row-{index}", "images": [Image.new("RGB", (60, 40), (50 * index, 0, 200))] if index % 2 else [],

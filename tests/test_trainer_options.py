@@ -4,7 +4,7 @@ Exercised means: a test or driver under tests/ other than this file sets the opt
 a quoted ``"--<name>"`` token (alone, or as ``"--<name>=value"``), since the recipes take their options from a
 command line and every test that parses one or launches a script writes its flags that way. Keyword arguments
 (``seed=0``) do not count: the same names belong to other APIs (datasets, generators, plain TrainingArguments in
-unit tests). The other two groups live in common/trainer_options.py with their reasons. A field that a new
+unit tests). The other two groups live in common/training/trainer_options.py with their reasons. A field that a new
 transformers version adds belongs to none of them, and fails here until someone classifies it.
 """
 
@@ -16,8 +16,8 @@ import pytest
 from accelerate.parallelism_config import ParallelismConfig
 from transformers import TrainingArguments
 
-from common.arguments import ArgumentError, FinetuneArguments, parse_args
-from common.trainer_options import NOT_APPLICABLE, REFUSED
+from common.training.arguments import ArgumentError, FinetuneArguments, parse_args
+from common.training.trainer_options import NOT_APPLICABLE, REFUSED
 
 from .conftest import REPO_ROOT
 
@@ -67,7 +67,7 @@ def test_every_trainer_option_is_classified_once():
     unclassified = set(FIELDS) - set().union(*groups.values())
     assert not unclassified, (
         f"TrainingArguments fields nobody has classified: {sorted(unclassified)}. Give each a test that sets it as a "
-        "command-line flag, or an entry with its reason in NOT_APPLICABLE or REFUSED (common/trainer_options.py)"
+        "command-line flag, or an entry with its reason in NOT_APPLICABLE or REFUSED (common/training/trainer_options.py)"
     )
     stale = (set(NOT_APPLICABLE) | set(REFUSED)) - set(FIELDS)
     assert not stale, f"no longer TrainingArguments fields: {sorted(stale)}"

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.data.dataset import RecipeDataset, image_check_pool, jsonl_eval_examples
+from common.data.validation import validate_evaluation_data
 from common.errors import ExampleError
-from common.data import RecipeDataset, image_check_pool, jsonl_eval_examples
-from common.processing_phi3v import Phi3VProcessor
-from common.validation import validate_evaluation_data
+from common.model.processing_phi3v import Phi3VProcessor
 
 FRAMES = 8
 

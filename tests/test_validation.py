@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.arguments import parse_args
+from common.data.dataset import RecipeDataset, image_check_pool, load_jsonl_conversations
+from common.data.validation import SkipLog, validate_training_data
 from common.errors import DataError, ExampleError
-from common.data import RecipeDataset, image_check_pool, load_jsonl_conversations
-from common.processing_phi3v import Phi3VProcessor
-from common.validation import SkipLog, validate_training_data
+from common.model.processing_phi3v import Phi3VProcessor
+from common.training.arguments import parse_args
 
 NUM_CROPS = 1
 
@@ -127,7 +127,7 @@ def test_a_121k_token_row_is_refused_by_default(processor, tmp_path):
 
 def test_examples_without_a_supervised_token_are_an_error(processor, tmp_path, monkeypatch):
     # A template mistake that labels no answer token: the loss would be 0 on every step.
-    monkeypatch.setattr("common.collator.answer_ids", lambda processor, content: [])
+    monkeypatch.setattr("common.data.collator.answer_ids", lambda processor, content: [])
     rows = [text_row("a"), text_row("b")]
     with pytest.raises(DataError, match=r"toy row 0 \(id 'a'\) has no supervised token: every label is masked, so there is nothing to learn"):
         validate_training_data(RecipeDataset(rows, name="toy"), processor, NUM_CROPS, None, None)
@@ -144,7 +144,7 @@ def test_empty_data_is_an_error(processor):
 def test_summary_gives_the_length_distribution_and_the_longest_id(processor, caplog):
     rows = [text_row(f"r{i}", "yes " * i) for i in range(1, 101)]
     lengths = sorted(RecipeDataset(rows, name="toy").lengths(processor, NUM_CROPS))
-    with caplog.at_level(logging.INFO, logger="common.validation"):
+    with caplog.at_level(logging.INFO, logger="common.data.validation"):
         validate_training_data(RecipeDataset(rows, name="toy"), processor, NUM_CROPS, 8192, None)
     expected = (f"toy: tokens per example: min {lengths[0]}, median {lengths[49]}, p99 {lengths[98]}, max {lengths[99]} "
                 "(id 'r100'); --max_length 8192")

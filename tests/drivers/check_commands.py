@@ -16,17 +16,17 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
-import common.arguments  # noqa: E402
+import common.training.arguments  # noqa: E402
 
-common.arguments.FinetuneArguments.check_flash_attention = lambda self: None
+common.training.arguments.FinetuneArguments.check_flash_attention = lambda self: None
 
 results = []
 for script, argv, world_size in json.loads(sys.argv[1]):
-    common.arguments.world_size_from_env = lambda size=world_size: size
+    common.training.arguments.world_size_from_env = lambda size=world_size: size
     module = __import__(script.removesuffix(".py"))
     dataclass_types = [v for name, v in vars(module).items() if name.endswith("Arguments") and isinstance(v, type)]
     try:
-        common.arguments.parse_args(*dataclass_types, argv=argv)
+        common.training.arguments.parse_args(*dataclass_types, argv=argv)
         results.append({"command": [script, *argv], "ok": True})
     except SystemExit as stop:
         results.append({"command": [script, *argv], "ok": stop.code == 0, "exit": stop.code})

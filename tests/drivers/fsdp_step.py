@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=2 tests/drivers/fsdp_step.py CHECKPOINT OUT_DIR
 
-Every rank loads CHECKPOINT twice: one copy is sharded with `common.fsdp.shard_model` (activation
+Every rank loads CHECKPOINT twice: one copy is sharded with `common.training.fsdp.shard_model` (activation
 checkpointing on, as --fsdp trains by default), the other stays whole and plays DDP (its gradients averaged
 over the ranks by hand). Rank 0 trains on an example with an image, rank 1 on one without (its forward still
 runs the vision tower, so the units' collectives stay matched). Then: one AdamW step on both; an evaluation
@@ -27,14 +27,14 @@ from torch.distributed.tensor import DTensor, Shard
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
-from common.arguments import FinetuneArguments  # noqa: E402
-from common.collator import Phi3VCollator  # noqa: E402
-from common.evaluation import evaluate  # noqa: E402
-from common.export import finalize_weights  # noqa: E402
-from common.fsdp import WRAPPED_LAYERS, full_state_dict, shard_model  # noqa: E402
-from common.modeling_phi3v import Phi3VForCausalLM  # noqa: E402
-from common.processing_phi3v import Phi3VProcessor  # noqa: E402
-from common.recipe import RecipeTrainer  # noqa: E402
+from common.data.collator import Phi3VCollator  # noqa: E402
+from common.evaluation.generation import evaluate  # noqa: E402
+from common.model.modeling_phi3v import Phi3VForCausalLM  # noqa: E402
+from common.model.official_format import finalize_weights  # noqa: E402
+from common.model.processing_phi3v import Phi3VProcessor  # noqa: E402
+from common.training.arguments import FinetuneArguments  # noqa: E402
+from common.training.fsdp import WRAPPED_LAYERS, full_state_dict, shard_model  # noqa: E402
+from common.training.recipe import RecipeTrainer  # noqa: E402
 
 WRAPPER_PREFIX = "_checkpoint_wrapped_module."
 

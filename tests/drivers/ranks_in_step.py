@@ -20,10 +20,10 @@ import torch.distributed as dist  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from common.arguments import parse_args  # noqa: E402
-from common.collator import Phi3VCollator  # noqa: E402
-from common.recipe import RecipeTrainer  # noqa: E402
-from common.training import load_model, load_processor, setup_training_mode  # noqa: E402
+from common.data.collator import Phi3VCollator  # noqa: E402
+from common.training.arguments import parse_args  # noqa: E402
+from common.training.model_setup import load_model, load_processor, setup_training_mode  # noqa: E402
+from common.training.recipe import RecipeTrainer  # noqa: E402
 
 STEPS = 2
 TEXT = {"images": [], "messages": [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}]}

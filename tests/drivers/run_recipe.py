@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
-import common.recipe  # noqa: E402
+import common.training.recipe  # noqa: E402
 
 
 class WeightDigest(TrainerCallback):
@@ -65,17 +65,17 @@ class SlowSteps(TrainerCallback):
 
 
 def die_in_save_at(step: int):
-    original = common.recipe.RecipeTrainer._save_rng_state
+    original = common.training.recipe.RecipeTrainer._save_rng_state
 
     def save_rng_state(self, output_dir):
         if self.state.global_step == step and self.args.process_index == 0:
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self, output_dir)
 
-    common.recipe.RecipeTrainer._save_rng_state = save_rng_state
+    common.training.recipe.RecipeTrainer._save_rng_state = save_rng_state
 
 
-original_build_trainer = common.recipe.build_trainer
+original_build_trainer = common.training.recipe.build_trainer
 
 
 def build_trainer_with_observers(*args, **kwargs):
@@ -90,18 +90,18 @@ def build_trainer_with_observers(*args, **kwargs):
 
 
 def slow_save_from(step: int, seconds: float):
-    original = common.recipe.RecipeTrainer._save_rng_state
+    original = common.training.recipe.RecipeTrainer._save_rng_state
 
     def save_rng_state(self, output_dir):
         if self.state.global_step >= step:
             time.sleep(seconds)
         return original(self, output_dir)
 
-    common.recipe.RecipeTrainer._save_rng_state = save_rng_state
+    common.training.recipe.RecipeTrainer._save_rng_state = save_rng_state
 
 
 def slow_generation(seconds: float):
-    from common.modeling_phi3v import Phi3VForCausalLM
+    from common.model.modeling_phi3v import Phi3VForCausalLM
 
     original = Phi3VForCausalLM.generate
 
@@ -123,7 +123,7 @@ if os.environ.get("PHI3V_TEST_SLOW_SAVE"):
     slow_save_from(int(slow_step), float(slow_seconds))
 
 
-common.recipe.build_trainer = build_trainer_with_observers
+common.training.recipe.build_trainer = build_trainer_with_observers
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
 runpy.run_path(str(REPO_ROOT / script), run_name="__main__")

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .errors import ExampleError
-from .processing_phi3v import IMAGE_TAG_PATTERN, Phi3VProcessor
+from ..errors import ExampleError
+from ..model.processing_phi3v import IMAGE_TAG_PATTERN, Phi3VProcessor
 
 IGNORE_INDEX = -100
 

@@ -7,7 +7,7 @@ and the loggers (and so in training_curves.png), ``--metric_for_best_model`` (wh
 metric), ``--load_best_model_at_end`` and ``--save_strategy best``.
 
 Each evaluation scores the whole evaluation split the script built (``--max_eval_samples`` limits it), on every
-rank as `common.evaluation.evaluate` does, and writes its per-example answers to ``eval_step<N>.json``.
+rank as `common.evaluation.generation.evaluate` does, and writes its per-example answers to ``eval_step<N>.json``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from transformers.trainer_utils import speed_metrics
 
+from ..data.collator import Phi3VCollator
+from ..evaluation.generation import evaluate
+from ..evaluation.metrics import SCORERS
 from .arguments import FinetuneArguments
-from .collator import Phi3VCollator
-from .evaluation import evaluate
-from .metrics import SCORERS
 
 __all__ = ["AnswersAsTargets", "GenerationEvaluation", "generation_autocast", "run_evaluation"]
 

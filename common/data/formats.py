@@ -1,6 +1,6 @@
-"""Conversation data in the formats people already have, read into the examples of `common/conversation.py`.
+"""Conversation data in the formats people already have, read into the examples of `common/data/conversation.py`.
 
-Used by `finetune_hf_trainer_custom.py` and `common.predict --jsonl`. Files, as a JSON array or JSONL:
+Used by `finetune_hf_trainer_custom.py` and `common.outputs.predict --jsonl`. Files, as a JSON array or JSONL:
 
 - ``llava``: ``{"id", "image": str | [str], "conversations": [{"from": "system"|"human"|"gpt", "value"}]}``. Each
   ``<image>`` placeholder becomes ``<|image_k|>`` where it stands (k counts the images in order); without any,
@@ -10,7 +10,7 @@ Used by `finetune_hf_trainer_custom.py` and `common.predict --jsonl`. Files, as 
   [{"type": "text", "text"} | {"type": "image", "image"|"path": str}]}], "images"?: [str]}``. An image part
   without a path, or an ``<image>`` in string content, takes the next of the row's ``images``; row images that
   no part or placeholder takes go in front of the first question. An image part becomes its tag and a newline.
-- ``jsonl``: this project's own format (`common.data.load_jsonl_conversations`), read by that function.
+- ``jsonl``: this project's own format (`common.data.dataset.load_jsonl_conversations`), read by that function.
 
 Image paths are relative to the image root and checked as for the project's JSONL (no absolute paths, nothing
 outside the root, the file exists). Every row is checked when the file is read; a bad row stops with
@@ -39,9 +39,15 @@ from pathlib import Path
 
 import datasets
 
+from ..errors import DataError, ExampleError
 from .conversation import check_messages, split_system
-from .data import RecipeDataset, _resolve_image, jsonl_prediction_examples, load_jsonl_conversations, resolving_images
-from .errors import DataError, ExampleError
+from .dataset import (
+    RecipeDataset,
+    _resolve_image,
+    jsonl_prediction_examples,
+    load_jsonl_conversations,
+    resolving_images,
+)
 from .scan_cache import converter_identity
 from .sources import first_rows, load_split
 
@@ -348,9 +354,9 @@ def read_conversations(path, image_root, file_format: str = "auto", system_promp
 
 
 def prediction_examples(path, image_root, file_format: str = "auto", system_prompt: str | None = None) -> list[dict]:
-    """Examples for `common.predict --jsonl`: a conversation that ends with a user message has that message
+    """Examples for `common.outputs.predict --jsonl`: a conversation that ends with a user message has that message
     answered, the turns before it as context; otherwise its first turn is answered and its first answer is the
-    reference (this project's JSONL: `common.data.jsonl_prediction_examples`)."""
+    reference (this project's JSONL: `common.data.dataset.jsonl_prediction_examples`)."""
     conversations, file_format = read_conversations(path, image_root, file_format, system_prompt, answered=False)
     if file_format == "jsonl":
         return conversations
@@ -506,7 +512,7 @@ class EvaluationTurns:
 
     @property
     def _fingerprint(self) -> str:
-        """These examples' identity for `run_folder.data_fingerprint`, as a `datasets.Dataset` has one: the rows',
+        """These examples' identity for `dataset.data_fingerprint`, as a `datasets.Dataset` has one: the rows',
         the conversion's and the turns scored, with no row converted (which would decode its images)."""
         conversion = json.dumps(converter_identity(self.to_conversation), sort_keys=True, default=str)
         return f"{self.dataset._fingerprint}:{self.eval_turn}:{len(self.pairs)}:{conversion}"

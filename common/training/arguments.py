@@ -23,23 +23,23 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
+from ..model.image_processing_phi3v import MAX_NUM_CROPS
+from ..model.modeling_phi3v import ATTENTION_CHOICES
 from .build_lock import check_build_locks
 from .deepspeed_config import NO_DEEPSPEED, deepspeed_config
 from .fsdp import configure_fsdp, fsdp_refusal
-from .image_processing_phi3v import MAX_NUM_CROPS
-from .modeling_phi3v import ATTENTION_CHOICES
 from .trainer_options import REFUSED, command_line_refusal
 from .trainer_options import refusal as trainer_option_refusal
 
 logger = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DEEPSPEED_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"
 # The reference recipe's defaults of the flags that have a Hugging Face synonym (`resolve_synonyms`).
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_EVAL_BATCH_SIZE = 8
 DEFAULT_WEIGHT_DECAY = 0.01
 SAVE_DTYPE_CHOICES = ("base", "float32", "bfloat16", "float16")
-# The samplers RecipeTrainer builds for a RecipeDataset (common/recipe.py: `RecipeTrainer.train_sampler`).
+# The samplers RecipeTrainer builds for a RecipeDataset (common/training/recipe.py: `RecipeTrainer.train_sampler`).
 TRAIN_SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
 # pip names of the --report_to integrations whose package name differs from the integration's.
 LOGGER_PACKAGES = {"comet_ml": "comet-ml", "azure_ml": "azureml-core", "flyte": "flytekit"}
@@ -275,7 +275,7 @@ class FinetuneArguments(TrainingArguments):
             check_build_locks()
         super().__post_init__()
         if self.torch_compile:
-            # Compiled layer by layer where the model is built (common/compile.py), not by the Trainer, whose
+            # Compiled layer by layer where the model is built (common/training/compile.py), not by the Trainer, whose
             # whole-model compile breaks the graph at every data-dependent step between the layers.
             self.compile_layers = {"backend": self.torch_compile_backend, "mode": self.torch_compile_mode}
             self.torch_compile, self.torch_compile_backend, self.torch_compile_mode = False, None, None
@@ -462,7 +462,10 @@ class FinetuneArguments(TrainingArguments):
 
     def check_loggers(self) -> None:
         """A logger whose package is missing fails now, not after the model has loaded."""
-        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+        from transformers.integrations.integration_utils import (
+            INTEGRATION_TO_CALLBACK,
+            get_available_reporting_integrations,
+        )
 
         # A comma-separated list is one string to TrainingArguments, which would hand "tensorboard,wandb" on as
         # one unknown integration that fails only when the Trainer is built: split it here.

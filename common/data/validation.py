@@ -11,7 +11,7 @@ rows kept and the id of the longest.
 
 The pass is done once per job: each rank checks its share of consecutive rows and the findings are gathered,
 so every rank decides the same and the first bad row named is the one a single process would name. The
-recipes keep the findings in the run folder (`common.scan_cache`), where a resume or a restart finds them.
+recipes keep the findings in the run folder (`common.data.scan_cache`), where a resume or a restart finds them.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError, ExampleError
+from ..ranks import from_main, gathered, is_main_process, rank_and_world
 from .collator import LoadingError, TokenCounts
-from .errors import DataError, ExampleError
-from .data import RecipeDataset, image_check_pool
-from .ranks import from_main, gathered, is_main_process, rank_and_world
+from .dataset import RecipeDataset, image_check_pool
 from .scan_cache import RowScan, ScanCache, scan_key
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def checked_rows(
     dataset: RecipeDataset, processor, num_crops: int, image_pool: Executor | None, cache: ScanCache | None, stop_at=None
 ) -> RowScan:
     """What the checks find in every row, on every rank: read from `cache` when it holds this data's record
-    (`common.scan_cache`), else each rank checks its share of consecutive rows and the shares are gathered.
+    (`common.data.scan_cache`), else each rank checks its share of consecutive rows and the shares are gathered.
 
     `stop_at(tokens)` given: a rank stops at its first row that fails or that `stop_at` calls unusable (the
     run is about to stop at the first bad row; the rows after a rank's first one cannot come before it).

@@ -1,6 +1,6 @@
 """Rows -> examples: a lazy Dataset over any row source, and the JSONL format for bringing your own data.
 
-`RecipeDataset` turns rows (of a `datasets.Dataset` or a list) into the examples of `common/conversation.py`
+`RecipeDataset` turns rows (of a `datasets.Dataset` or a list) into the examples of `common/data/conversation.py`
 one at a time, inside the DataLoader workers, so image decoding is spread over them. Its `scan` (the validation
 pass) gives each example's exact token counts from image headers, and can check on a thread pool that every
 image file decodes; its `lengths` gives the token lengths alone, for length-grouped batching.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import io
 import json
 import operator
@@ -32,11 +33,17 @@ import torch
 from PIL import Image, JpegImagePlugin, PngImagePlugin
 from tqdm import tqdm
 
+from ..errors import DataError, ExampleError, error_reason
+from ..model.image_processing_phi3v import (
+    TRANSPOSING_ORIENTATIONS,
+    check_rgb_convertible,
+    exif_orientation,
+    to_rgb,
+    upright,
+)
+from ..model.processing_phi3v import IMAGE_TAG_PATTERN, Phi3VProcessor
 from .collator import LoadingError, TokenCounts, example_tokens
 from .conversation import check_messages
-from .errors import DataError, ExampleError, error_reason
-from .image_processing_phi3v import TRANSPOSING_ORIENTATIONS, check_rgb_convertible, exif_orientation, to_rgb, upright
-from .processing_phi3v import IMAGE_TAG_PATTERN, Phi3VProcessor
 
 __all__ = [
     "RecipeDataset",
@@ -128,7 +135,7 @@ class RecipeDataset(torch.utils.data.Dataset):
 
     `source`: anything with `len()` and integer indexing (a `datasets.Dataset`, a list of dicts, ...).
     `to_example(row, index)`: returns the example for a row (a training example, or an evaluation example
-    when `for_training=False`, see `common/conversation.py`); None means the rows already are examples.
+    when `for_training=False`, see `common/data/conversation.py`); None means the rows already are examples.
     Its images may be PIL images or image file paths (str or os.PathLike): paths are opened with
     `load_image` when the item is read. The returned dict is copied, never modified, and gets an ``id``
     when it has none: the row's ``id`` if it has one, else ``"{name}[{index}]"``, so errors further down
@@ -138,7 +145,7 @@ class RecipeDataset(torch.utils.data.Dataset):
     raises `ExampleError` naming `name`, the row index and the row's id.
 
     Random draws in `to_example` with the `random` module (one answer of several, say) follow from `seed`, the
-    epoch (`set_epoch`; the Trainer sets both, see `common.recipe`) and the row's index alone: `random` is seeded
+    epoch (`set_epoch`; the Trainer sets both, see `common.training.recipe`) and the row's index alone: `random` is seeded
     from the three for each call and put back as it was afterwards. So an example is the same whichever process
     builds it, under any --dataloader_num_workers, and after a resume.
     """
@@ -163,7 +170,7 @@ class RecipeDataset(torch.utils.data.Dataset):
         self.to_example = to_example
         self.name = name
         self.for_training = for_training
-        # With a skip log (`common.validation.SkipLog`), a row that fails when read is recorded and read as None
+        # With a skip log (`common.data.validation.SkipLog`), a row that fails when read is recorded and read as None
         # (the collator drops it) instead of stopping the run.
         self.skip_log = skip_log
         # After `subset`, rows keep the index they had in the full data: to_example and errors see that one.
@@ -174,7 +181,7 @@ class RecipeDataset(torch.utils.data.Dataset):
         # In shared memory, so that persistent DataLoader workers see each new epoch too.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._lengths: dict[tuple[int, int], tuple[Phi3VProcessor, np.ndarray]] = {}
-        # The files the rows were read from, for the fingerprint of the validation pass's cache (common.scan_cache).
+        # The files the rows were read from, for the fingerprint of the validation pass's cache (common.data.scan_cache).
         self.data_files = [str(path) for path in data_files or ()]
 
     def __len__(self) -> int:
@@ -402,6 +409,49 @@ class RecipeDataset(torch.utils.data.Dataset):
                 yield row, opened
 
 
+def _stable(value):
+    """JSON for the odd values a row may hold, the same in every process (no object addresses)."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, bytes):
+        return "bytes:" + hashlib.sha256(value).hexdigest()
+    if hasattr(value, "tobytes") and hasattr(value, "mode"):
+        return f"image:{value.mode}:{value.size}:" + hashlib.sha256(value.tobytes()).hexdigest()
+    return type(value).__name__
+
+
+def data_fingerprint(dataset) -> str:
+    """The training rows, cheaply: a `datasets.Dataset`'s own fingerprint (it follows select and map), or a hash
+    of in-memory rows with their image paths taken relative to the folder they share, so that data copied
+    elsewhere (a node's scratch disk) keeps its fingerprint. Image files are not read."""
+    source = getattr(dataset, "source", dataset)
+    convert = getattr(dataset, "to_example", None)
+    digest = hashlib.sha256()
+    header = [getattr(dataset, "name", None), len(dataset), getattr(convert, "__qualname__", None)]
+    digest.update(json.dumps(header).encode())
+    fingerprint = getattr(source, "_fingerprint", None)
+    if isinstance(fingerprint, str):
+        digest.update(fingerprint.encode())
+        return digest.hexdigest()[:16]
+    rows = [source[index] for index in range(len(source))]
+    paths = [
+        os.fspath(image)
+        for row in rows
+        if isinstance(row, dict)
+        for image in row.get("images") or ()
+        if isinstance(image, (str, os.PathLike)) and os.path.isabs(image)
+    ]
+    root = os.path.commonpath(paths) if paths else None
+    if root and len(set(paths)) == 1:
+        root = os.path.dirname(root)
+    for row in rows:
+        if root and isinstance(row, dict) and row.get("images"):
+            row = {**row, "images": [os.path.relpath(image, root) if isinstance(image, (str, os.PathLike)) and os.path.isabs(image)
+                                     else image for image in row["images"]]}
+        digest.update(json.dumps(row, sort_keys=True, default=_stable).encode())
+    return digest.hexdigest()[:16]
+
+
 @contextlib.contextmanager
 def _seeded_random(key: str):
     """Draws of the `random` module inside the block follow from `key` alone; its state outside is untouched."""
@@ -511,7 +561,7 @@ def load_jsonl_conversations(jsonl_path, image_root, skip_log=None) -> list[dict
     file. Pixels are not read: wrap the result in `RecipeDataset`, which opens the image files (PIL, RGB)
     when an example is read, in the DataLoader workers.
 
-    With a `skip_log` (`common.validation.SkipLog`), a bad line is recorded there and left out instead of
+    With a `skip_log` (`common.data.validation.SkipLog`), a bad line is recorded there and left out instead of
     raising; problems with the file as a whole still raise.
     """
     return _read_conversations(jsonl_path, image_root, skip_log)
@@ -537,7 +587,7 @@ def jsonl_eval_examples(jsonl_path, image_root, skip_log=None) -> list[dict]:
 
 
 def jsonl_prediction_examples(jsonl_path, image_root) -> list[dict]:
-    """Examples to answer (`common.predict`) from a conversations JSONL file (format: `load_jsonl_conversations`).
+    """Examples to answer (`common.outputs.predict`) from a conversations JSONL file (format: `load_jsonl_conversations`).
 
     Each line gives ``{"id", "source", "images", "messages": [the first user message], "references"}``: the
     first turn is answered, its ``assistant`` text is optional and, when given, is the one reference; later turns

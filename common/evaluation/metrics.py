@@ -15,7 +15,7 @@ Two metrics are used by the recipes:
 
 Every per-example scorer has the signature ``(prediction: str, references: list[str]) -> float``,
 so an evaluation loop looks it up by name in :data:`SCORERS`; a split's score is the mean of its
-examples' (`common.evaluation.evaluate`).
+examples' (`common.evaluation.generation.evaluate`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Batched greedy evaluation of a Phi-3.5-vision model on evaluation examples, on one or many processes.
 
 An evaluation example is ``{"id", "images", "messages": [user message], "references": [str, ...]}``
-(:mod:`common.conversation`). :func:`evaluate` generates an answer per example, scores it with
+(:mod:`common.data.conversation`). :func:`evaluate` generates an answer per example, scores it with
 ``metrics.SCORERS[metric]`` and reports the mean. Under ``torch.distributed`` rank r evaluates examples
 r, r + W, r + 2W, ... and rank 0 writes the per-example records of all ranks in the original order.
 
@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from .collator import LoadingError, Phi3VGenerationCollator
-from .errors import ExampleError
-from .fsdp import is_fsdp_sharded
-from .io import write_json_atomically
+from ..data.collator import LoadingError, Phi3VGenerationCollator
+from ..errors import ExampleError
+from ..io import write_json_atomically
+from ..model.processing_phi3v import stop_token_ids
+from ..ranks import rank_and_world
 from .metrics import SCORERS
-from .processing_phi3v import stop_token_ids
-from .ranks import rank_and_world
 
 __all__ = ["AnswerGenerator", "evaluate", "stop_token_ids"]
 
@@ -67,7 +67,7 @@ def _full_parameters(module, zero3: bool):
 
 class AnswerGenerator:
     """Greedy answers for a batch of evaluation examples: the prompt building (`Phi3VGenerationCollator`), the
-    stop ids and the decoding that the evaluation and `common.predict` share, so an answer is the same
+    stop ids and the decoding that the evaluation and `common.outputs.predict` share, so an answer is the same
     wherever it is generated. Call it under ``torch.no_grad()`` with the model in eval mode.
 
     ``model`` may be a Phi3VForCausalLM, a PEFT model around one, or a DDP/DeepSpeed wrapper of either.
@@ -131,6 +131,12 @@ class _CollateWithIndices:
         except ExampleError as error:
             raise LoadingError(str(error)) from error
         return indices, batch, metadata
+
+
+def is_fsdp_sharded(model) -> bool:
+    """Whether `model`, or a model inside it, is sharded by FSDP2: its units gather their weights at every
+    call, collectively, so every rank must make the same calls."""
+    return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
 def evaluate(

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers.trainer_optimizer import is_optimizer_factory
 
-from .training import parameter_part
+from .model_setup import parameter_part
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Batching of examples (common/conversation.py) into model inputs, for training and for generation.
+"""Batching of examples (common/data/conversation.py) into model inputs, for training and for generation.
 
 Both collators tokenize and preprocess images themselves, so they run in the DataLoader workers next to the
 image decoding. :func:`example_tokens` gives the exact token length and number of supervised (labelled) tokens
@@ -17,6 +17,9 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
+from ..errors import ExampleError, error_reason
+from ..model.image_processing_phi3v import TILE, best_scale, check_num_crops, num_image_tokens, upright_size
+from ..model.processing_phi3v import Phi3VProcessor
 from .conversation import (
     IGNORE_INDEX,
     EncodedExample,
@@ -27,9 +30,6 @@ from .conversation import (
     prompt_text,
     split_system,
 )
-from .errors import ExampleError, error_reason
-from .image_processing_phi3v import TILE, best_scale, check_num_crops, num_image_tokens, upright_size
-from .processing_phi3v import Phi3VProcessor
 
 __all__ = [
     "LoadingError",
@@ -172,7 +172,7 @@ def _image_inputs(encoded: list[EncodedExample]) -> dict[str, torch.Tensor]:
 class Phi3VCollator:
     """Training collator: a list of training examples -> one batch of tensors for `Phi3VForCausalLM`.
 
-    Input: training examples as defined in `common/conversation.py`, ``{"images": [PIL images],
+    Input: training examples as defined in `common/data/conversation.py`, ``{"images": [PIL images],
     "messages": [system (optional), user, assistant, ...], "id": optional}``. Each is encoded with `encode_conversation` at
     `num_crops` (1..16).
 
@@ -204,7 +204,7 @@ class Phi3VCollator:
 
     Any example that cannot be encoded raises `LoadingError` (an `ExampleError`) naming its ``id`` (or batch
     position), as one line also from a DataLoader worker. With a
-    ``skip_log`` (`common.validation.SkipLog`, from ``--skip_bad_examples``) such examples, and the ``None``
+    ``skip_log`` (`common.data.validation.SkipLog`, from ``--skip_bad_examples``) such examples, and the ``None``
     items a `RecipeDataset` with a skip log yields for rows it could not read, are dropped from the batch and
     recorded instead; a batch left with no example still raises.
     """
@@ -300,7 +300,7 @@ class Phi3VCollator:
 class Phi3VGenerationCollator:
     """Evaluation collator: a list of evaluation examples -> ``(model_inputs, metadata)``.
 
-    Input: evaluation examples (`common/conversation.py`), ``{"id", "images", "messages": [..., the user message
+    Input: evaluation examples (`common/data/conversation.py`), ``{"id", "images", "messages": [..., the user message
     to answer], "references": [str, ...]}``, each encoded with `encode_prompt` at `num_crops`, so every prompt ends with
     the generation prompt ``<|assistant|>\\n``.
 

@@ -2,7 +2,7 @@
 
 Usage as a script::
 
-    python -m common.plotting output_dir/trainer_state.json curves.png
+    python -m common.evaluation.plotting output_dir/trainer_state.json curves.png
 
 The figure has one panel per kind of series that was logged: training loss (with ``eval_loss``
 overlaid, as both are on the same scale), learning rate, and the other ``eval_*`` metrics.
@@ -166,7 +166,7 @@ def plot_from_trainer_state(trainer_state_path: str | Path, out_path: str | Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m common.plotting",
+        prog="python -m common.evaluation.plotting",
         description="Plot loss, learning rate and eval metrics from an HF trainer_state.json.",
     )
     parser.add_argument("trainer_state", type=Path, help="path to trainer_state.json")

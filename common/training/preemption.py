@@ -30,7 +30,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .ranks import largest, rank_prefix
+from ..ranks import largest, rank_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def _in_main_thread() -> bool:
 
 
 def announce_stop(stop: StopOnSignal, checkpoint: Path) -> str:
-    """The one line a stopped run ends with; local rank 0 also leaves it where `common.launch` looks."""
+    """The one line a stopped run ends with; local rank 0 also leaves it where `common.training.launch` looks."""
     message = (
         f"stopped by {signal.Signals(stop.signum).name} after step {stop.stopped_at_step}: {checkpoint} is complete; run the same "
         f"command with --resume_from_checkpoint latest to continue (exit code {PREEMPTED_EXIT_CODE})"
@@ -218,7 +218,7 @@ def stop_signals_end_the_run(main):
     training does after its checkpoint, instead of the signal's default death (which also killed the evaluations'
     DataLoader workers first); `StopOnSignal` takes the signals over for `Trainer.train`. Nothing half-done is
     kept: the final save goes through a staging folder, and the newest complete checkpoint stays what resume
-    takes. Every rank must get the signal (a scheduler's stop, or `common.launch` passing one on, does that)."""
+    takes. Every rank must get the signal (a scheduler's stop, or `common.training.launch` passing one on, does that)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):

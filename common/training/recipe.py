@@ -1,8 +1,8 @@
 """The mechanics every recipe shares: logging, the Trainer, training with resume and reloading for evaluation.
 
-A dataset script calls these in order: ``setup_logging``, the run folder's steps (`common.run_folder.RunFolder`:
+A dataset script calls these in order: ``setup_logging``, the run folder's steps (`common.training.run_folder.RunFolder`:
 lock, move a previous run aside, then, once the training data is read, claim and clear interrupted checkpoints),
-``check_training_data`` (the validation pass), ``load_model``/``setup_training_mode`` (common/training.py),
+``check_training_data`` (the validation pass), ``load_model``/``setup_training_mode`` (common/training/model_setup.py),
 ``build_collator``, ``build_trainer``, ``evaluate_before``, ``train``, the run folder's ``save_final``,
 ``evaluate_after`` and ``finish``; its ``main`` is wrapped in ``exit_on_bad_input``.
 """
@@ -21,29 +21,28 @@ import torch
 import torch.distributed as dist
 import transformers
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..data.collator import Phi3VCollator
+from ..data.dataset import RecipeDataset
+from ..data.scan_cache import ScanCache
+from ..data.validation import SkipLog, validate_evaluation_data, validate_training_data
+from ..dtypes import SAVE_DTYPES
+from ..errors import DataError
+from ..evaluation.plotting import plot_training_curves
+from ..io import follow_umask_in, write_json_atomically
+from ..model.checkpoint_files import weights_only_loads
+from ..model.modeling_phi3v import Phi3VForCausalLM
+from ..model.official_files import BaseCheckpoint
+from ..model.official_format import TOWER_PREFIX, complete_model_folder, with_unused_base_tensors
+from ..ranks import barrier, is_main_process, largest, rank_prefix
 from .arguments import FinetuneArguments, evaluates_during_training
-from .checkpoint_files import weights_only_loads
-from .collator import Phi3VCollator
-from .data import RecipeDataset
-from .official_files import BaseCheckpoint
-from .dtypes import SAVE_DTYPES
-from .errors import DataError
-from .export import (
-    TOWER_PREFIX,
-    complete_model_folder,
-    with_unused_base_tensors,
-)
-from .io import follow_umask_in, write_json_atomically
-from .modeling_phi3v import Phi3VForCausalLM
+from .model_setup import UnsafeCheckpointError, load_model, to_device
 from .optimizer import build_optimizer, log_part_rates, part_groups, separate_rates
 from .periodic_evaluation import AnswersAsTargets, GenerationEvaluation, run_evaluation
-from .plotting import plot_training_curves
 from .preemption import PREEMPTED_EXIT_CODE, StopOnSignal, announce_stop
-from .ranks import barrier, is_main_process, largest, rank_prefix
 from .run_folder import (
     CheckpointWriteError,
     RunFolder,
@@ -54,9 +53,6 @@ from .run_folder import (
     release_held_locks,
     resumes,
 )
-from .scan_cache import ScanCache
-from .training import UnsafeCheckpointError, load_model, to_device
-from .validation import SkipLog, validate_evaluation_data, validate_training_data
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +124,12 @@ def skip_log_for(args: FinetuneArguments) -> SkipLog | None:
 
 def check_evaluation_data(eval_set: RecipeDataset, processor, args: FinetuneArguments) -> RecipeDataset:
     """The validation pass over an evaluation split, before training, with --skip_bad_examples applied; its
-    findings are kept in the run folder for a restart (`common.scan_cache`)."""
+    findings are kept in the run folder for a restart (`common.data.scan_cache`)."""
     return validate_evaluation_data(eval_set, processor, args.num_crops, skip_log_for(args), cache=ScanCache(args.output_dir))
 
 
 def check_training_data(train_set: RecipeDataset, processor, args: FinetuneArguments, run_folder: RunFolder) -> RecipeDataset:
-    """The validation pass (see `common.validation`: shared out over the ranks, its findings kept in the run folder
+    """The validation pass (see `common.data.validation`: shared out over the ranks, its findings kept in the run folder
     for a restart), with --skip_bad_examples and --max_length applied."""
     # The validation pass checks the draws that the first epoch makes (see `RecipeDataset`).
     train_set.seed = args.seed
@@ -163,7 +159,7 @@ TRAINER_INTERNALS = {
 
 class RecipeTrainer(Trainer):
     """The HF Trainer with length-grouped batches from exact token lengths, checkpoints that its run folder
-    (`common.run_folder.RunFolder`) writes and can trust, and a clean stop on SIGTERM/SIGUSR1 (`common.preemption`).
+    (`common.training.run_folder.RunFolder`) writes and can trust, and a clean stop on SIGTERM/SIGUSR1 (`common.training.preemption`).
 
     `run_folder` is the script's; a trainer built without one (the tests) makes its own from `args` and claims
     the folder at its first save. The run folder rotates the checkpoints (it read --save_total_limit when it was
@@ -185,7 +181,7 @@ class RecipeTrainer(Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """The evaluations --eval_strategy asks for score the recipe's metric by generation, plus eval_loss
-        (`common.periodic_evaluation`); a dataset passed in explicitly gets the Trainer's own loss evaluation."""
+        (`common.training.periodic_evaluation`); a dataset passed in explicitly gets the Trainer's own loss evaluation."""
         if self.generation_evaluation is None or eval_dataset is not None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         metrics = self.generation_evaluation(self, metric_key_prefix)
@@ -194,7 +190,7 @@ class RecipeTrainer(Trainer):
         return metrics
 
     def create_optimizer(self, model=None):
-        """The optimizer --optim names, with a learning rate per part (`common.optimizer`); logs each part's rate."""
+        """The optimizer --optim names, with a learning rate per part (`common.training.optimizer`); logs each part's rate."""
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             groups = part_groups(opt_model, self.args, self.get_decay_parameter_names(opt_model))

@@ -15,16 +15,15 @@ with `shard_model` and `full_state_dict`, which follow the rules accelerate 1.15
 
 from __future__ import annotations
 
-
 import torch
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+from ..io import json_object
 from .deepspeed_config import NO_DEEPSPEED
-from .io import json_object
 
-__all__ = ["WRAPPED_LAYERS", "FSDP_OPTIONS", "fsdp_refusal", "configure_fsdp", "is_fsdp_sharded", "shard_model", "full_state_dict"]
+__all__ = ["WRAPPED_LAYERS", "FSDP_OPTIONS", "fsdp_refusal", "configure_fsdp", "shard_model", "full_state_dict"]
 
-# The decoder's and the CLIP tower's layer classes (common/modeling_phi3v.py): each instance is one FSDP unit,
+# The decoder's and the CLIP tower's layer classes (common/model/modeling_phi3v.py): each instance is one FSDP unit,
 # whose weights are gathered for its forward and backward only.
 WRAPPED_LAYERS = ("Phi3DecoderLayer", "CLIPEncoderLayer")
 # What the words of --fsdp mean under FSDP2 (the spelling of transformers 4.x, which also took FSDP1's).
@@ -112,12 +111,6 @@ def configure_fsdp(args) -> None:
     config.update(_user_config(args.fsdp_config))
     args.fsdp, args.fsdp_config = True, config
     args.activation_checkpointing = False
-
-
-def is_fsdp_sharded(model) -> bool:
-    """Whether `model`, or a model inside it, is sharded by FSDP2: its units gather their weights at every
-    call, collectively, so every rank must make the same calls."""
-    return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
 def _is_layer(module) -> bool:

@@ -20,8 +20,8 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer, BatchFeature
 from transformers.utils import cached_file
 
-from .official_files import write_processor_files
 from .image_processing_phi3v import Phi3VImageProcessor
+from .official_files import write_processor_files
 
 IMAGE_TAG_PATTERN = re.compile(r"<\|image_(\d+)\|>")
 # The keywords of from_pretrained that say where files come from; the rest are tokenizer settings.
@@ -109,7 +109,7 @@ class Phi3VProcessor:
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """Write the official checkpoint's tokenizer and processor files into `save_directory`, loadable by
-        transformers 4.x with the checkpoint's code and by 5.x (see `common.official_files.write_processor_files`)."""
+        transformers 4.x with the checkpoint's code and by 5.x (see `common.model.official_files.write_processor_files`)."""
         write_processor_files(self, save_directory)
 
     @property

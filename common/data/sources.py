@@ -10,7 +10,7 @@ from pathlib import Path
 
 import datasets
 
-from .errors import DataError, error_reason
+from ..errors import DataError, error_reason
 
 DATA_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 

@@ -14,8 +14,8 @@ import torch
 from huggingface_hub import constants, snapshot_download
 from transformers.utils import cached_file
 
-from .dtypes import SAVE_DTYPES
-from .errors import ExportError, error_reason
+from ..dtypes import SAVE_DTYPES
+from ..errors import ExportError, error_reason
 
 logger = logging.getLogger(__name__)
 

@@ -115,7 +115,7 @@ class Phi3VConfig(Phi3Config):
         4.x) and vLLM read: ``rope_scaling`` ``{"type": "su", ...}`` and ``rope_theta`` instead of
         transformers 5's ``rope_parameters``, ``torch_dtype`` instead of ``dtype``, and no ``vision_config`` for
         the standard CLIP ViT-L/14-336 tower (the published file names it by ``img_processor.model_name``).
-        ``auto_map`` depends on where the code lives, so `common.export` adds it."""
+        ``auto_map`` depends on where the code lives, so `common.outputs.export` adds it."""
         output = self.to_diff_dict()
         rope = output.pop("rope_parameters", None) or {}
         output["rope_theta"] = rope.get("rope_theta", 10000.0)

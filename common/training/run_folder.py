@@ -19,7 +19,7 @@ file in the checkpoint (its manifest).
   own interrupted writes are removed.
 - Rotation (--save_total_limit) keeps at most that many of this run's checkpoints, the best among them, and
   only deletes this run's checkpoints.
-- Before a resume, every torch file of the checkpoint must load weights-only (`common.checkpoint_files`), and
+- Before a resume, every torch file of the checkpoint must load weights-only (`common.model.checkpoint_files`), and
   the resume's own loads are weights-only: a checkpoint file crafted to run code is refused, never unpickled.
 """
 
@@ -39,17 +39,19 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 from safetensors import SafetensorError
 
-from .checkpoint_files import UnsafeCheckpointFile, check_torch_file, torch_files
-from .errors import error_reason
-from .export import SAVE_DTYPES, dtype_name, finalize_weights, load_merged, write_final_model
-from .io import read_json, whole_file, write_json_atomically
-from .official_files import base_checkpoint
-from .ranks import any_rank, barrier, from_main, gathered, is_main_process, rank_and_world
+from ..data.dataset import data_fingerprint
+from ..data.scan_cache import CACHE_FOLDER as SCAN_CACHE_FOLDER
+from ..dtypes import SAVE_DTYPES, dtype_name
+from ..errors import error_reason
+from ..io import plain, read_json, whole_file, write_json_atomically
+from ..model.checkpoint_files import UnsafeCheckpointFile, check_torch_file, torch_files
+from ..model.official_files import base_checkpoint
+from ..model.official_format import finalize_weights, load_merged, write_final_model
+from ..ranks import any_rank, barrier, from_main, gathered, is_main_process, rank_and_world
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +79,9 @@ RESULT_ARGUMENTS = (
     "skip_bad_examples",
 )
 LORA_ARGUMENTS = ("lora_rank", "lora_alpha_ratio", "lora_dropout")
-# Per-part learning rates (common/optimizer.py) count only when given, so runs without them keep their identity.
+# Per-part learning rates (common/training/optimizer.py) count only when given, so runs without them keep their identity.
 PART_RATE_ARGUMENTS = ("vision_learning_rate", "projection_learning_rate")
 
-# The validation pass's findings (`common.scan_cache`), kept for a restart of the same run.
-SCAN_CACHE_FOLDER = "data_scans"
 # What runs write at the top of an output folder: checkpoints, the final model or adapter with its processor
 # files, staged saves, the validation pass's findings, results, curves and logs. --overwrite_output_dir moves
 # these; everything else stays. The base's .py code files that a final model carries also stay: the new run's
@@ -128,68 +128,12 @@ class Claim:
 # Identity
 
 
-def plain(value):
-    """`value` as JSON: enums by their value, anything else JSON cannot hold by its text."""
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
 def model_identity(name: str) -> str:
     """The model as given on the command line; a local folder adds a hash of its config.json."""
     config = Path(name) / "config.json"
     if config.is_file():
         return f"{name} (config.json {hashlib.sha256(config.read_bytes()).hexdigest()[:12]})"
     return name
-
-
-def _stable(value):
-    """JSON for the odd values a row may hold, the same in every process (no object addresses)."""
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, bytes):
-        return "bytes:" + hashlib.sha256(value).hexdigest()
-    if hasattr(value, "tobytes") and hasattr(value, "mode"):
-        return f"image:{value.mode}:{value.size}:" + hashlib.sha256(value.tobytes()).hexdigest()
-    return type(value).__name__
-
-
-def data_fingerprint(dataset) -> str:
-    """The training rows, cheaply: a `datasets.Dataset`'s own fingerprint (it follows select and map), or a hash
-    of in-memory rows with their image paths taken relative to the folder they share, so that data copied
-    elsewhere (a node's scratch disk) keeps its fingerprint. Image files are not read."""
-    source = getattr(dataset, "source", dataset)
-    convert = getattr(dataset, "to_example", None)
-    digest = hashlib.sha256()
-    header = [getattr(dataset, "name", None), len(dataset), getattr(convert, "__qualname__", None)]
-    digest.update(json.dumps(header).encode())
-    fingerprint = getattr(source, "_fingerprint", None)
-    if isinstance(fingerprint, str):
-        digest.update(fingerprint.encode())
-        return digest.hexdigest()[:16]
-    rows = [source[index] for index in range(len(source))]
-    paths = [
-        os.fspath(image)
-        for row in rows
-        if isinstance(row, dict)
-        for image in row.get("images") or ()
-        if isinstance(image, (str, os.PathLike)) and os.path.isabs(image)
-    ]
-    root = os.path.commonpath(paths) if paths else None
-    if root and len(set(paths)) == 1:
-        root = os.path.dirname(root)
-    for row in rows:
-        if root and isinstance(row, dict) and row.get("images"):
-            row = {**row, "images": [os.path.relpath(image, root) if isinstance(image, (str, os.PathLike)) and os.path.isabs(image)
-                                     else image for image in row["images"]]}
-        digest.update(json.dumps(row, sort_keys=True, default=_stable).encode())
-    return digest.hexdigest()[:16]
 
 
 def run_identity(args, dataset) -> dict:
@@ -754,7 +698,7 @@ class RunFolder:
 
     def save_final(self, trainer, processor) -> Path:
         """The final model or LoRA adapter, plus the processor, in --output_dir, in the official checkpoint's
-        format (`common.export`); a full model in the base's dtype unless --save_dtype says otherwise; with
+        format (`common.outputs.export`); a full model in the base's dtype unless --save_dtype says otherwise; with
         --merge_lora also the merged model in OUTPUT_DIR/merged.
 
         It is written by `trainer` into OUTPUT_DIR/final-model.partial and its files moved to their final names

@@ -1,12 +1,12 @@
 """What the validation pass found, kept in the run folder so that a resume or a restart does not check again.
 
-The pass (`common.validation`) records, per row, its token count, its count of supervised tokens and the error
+The pass (`common.data.validation`) records, per row, its token count, its count of supervised tokens and the error
 that makes it unusable, if any (`RowScan`). That record is written to ``OUTPUT_DIR/data_scans/`` by the main
 process, one JSON file per dataset, under a key (`scan_key`) that covers:
 
 - the data files the rows were read from (the dataset's ``data_files``, a `datasets.Dataset`'s Arrow files):
   size, modification time and the first and last 64 KiB of each;
-- the rows themselves (`run_folder.data_fingerprint`: every row of an in-memory list, a `datasets.Dataset`'s
+- the rows themselves (`dataset.data_fingerprint`: every row of an in-memory list, a `datasets.Dataset`'s
   own fingerprint) and how they are converted (the ``to_example`` function and its settings, such as a system
   prompt) with the seed its random draws follow;
 - what tokenization depends on: --num_crops, the tokenizer (name, vocabulary, special tokens, chat template,
@@ -30,11 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .run_folder import SCAN_CACHE_FOLDER, data_fingerprint, plain
+from ..io import plain
+from .dataset import data_fingerprint
 
 logger = logging.getLogger(__name__)
 
-CACHE_FOLDER = SCAN_CACHE_FOLDER
+# Where in the run folder: --overwrite_output_dir moves it with the run's other outputs (`RUN_OUTPUT_PATTERNS`).
+CACHE_FOLDER = "data_scans"
 FORMAT_VERSION = 1
 EDGE_BYTES = 64 << 10
 # The error types a recorded error comes back as.

@@ -25,14 +25,14 @@ from huggingface_hub.errors import EntryNotFoundError
 from transformers import BitsAndBytesConfig
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from ..dtypes import dtype_name
+from ..errors import error_reason
+from ..model.modeling_phi3v import Phi3VForCausalLM
+from ..model.official_files import base_checkpoint, warn_if_code_is_missing
+from ..model.processing_phi3v import Phi3VProcessor
+from ..ranks import is_main_process
 from .arguments import FinetuneArguments
 from .compile import compile_layers
-from .official_files import base_checkpoint, warn_if_code_is_missing
-from .dtypes import dtype_name
-from .errors import error_reason
-from .modeling_phi3v import Phi3VForCausalLM
-from .processing_phi3v import Phi3VProcessor
-from .ranks import is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def checkpoint_not_found(source: str, what: str, error: Exception) -> FileNotFou
 
 def load_processor(args: FinetuneArguments) -> Phi3VProcessor:
     """The base's processor. Being a run's first read of the base, it also pins a hub base's commit and fetches
-    its code files (`common.export.base_checkpoint`), warning once if the outputs cannot carry them."""
+    its code files (`common.outputs.export.base_checkpoint`), warning once if the outputs cannot carry them."""
     try:
         processor = Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
     except OSError as error:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..io import json_object
 from .compile import compile_refusal
-from .io import json_object
 
 NOT_APPLICABLE: dict[str, str] = {
     **{
@@ -31,7 +31,7 @@ NOT_APPLICABLE: dict[str, str] = {
     "local_rank": "set by the deprecated torch.distributed.launch; torchrun puts LOCAL_RANK in the environment, which is what is read",
     "do_train": "a switch for scripts that the Trainer never reads; these recipes always train",
     "prediction_loss_only": "evaluations during training compute only the loss through the Trainer's loop (their answers "
-    "come from generation, common/periodic_evaluation.py), so it holds whatever the flag says",
+    "come from generation, common/training/periodic_evaluation.py), so it holds whatever the flag says",
     "eval_accumulation_steps": "moves gathered predictions to the CPU every N steps; the evaluations during training gather "
     "no predictions from the Trainer's loop, only the loss",
 }
@@ -76,13 +76,13 @@ REFUSED: dict[str, str] = {
         "schedule; the final model holds weights only anyway, and --save_total_limit bounds the disk used"
     ),
     "save_on_each_node": (
-        "--save_on_each_node: the run record and the checkpoint markers that resume relies on (common/run_folder.py) "
+        "--save_on_each_node: the run record and the checkpoint markers that resume relies on (common/training/run_folder.py) "
         "are written by the main process only, so other nodes' copies could not be resumed in step; put "
         "--output_dir on a filesystem every node shares"
     ),
     "enable_jit_checkpoint": (
         "--enable_jit_checkpoint: these recipes already turn SIGTERM and SIGUSR1 into a checkpoint at the same step on "
-        "every rank and exit code 75 (common/preemption.py), which the Trainer's per-rank JIT checkpoint would race "
+        "every rank and exit code 75 (common/training/preemption.py), which the Trainer's per-rank JIT checkpoint would race "
         "with; drop it"
     ),
     "push_to_hub": (

@@ -1,0 +1,2 @@
+"""The commands that use a trained model: export (an official-format folder) and predict.
+"""
