@@ -43,7 +43,7 @@ from typing import Literal
 
 from common.data.formats import CustomData
 from common.training.arguments import ArgumentError, parse_args
-from common.training.model_setup import load_model, load_processor, setup_training_mode
+from common.training.model_setup import load_processor
 from common.training.preemption import stop_signals_end_the_run
 from common.training.recipe import (
     build_collator,
@@ -55,6 +55,7 @@ from common.training.recipe import (
     exit_on_bad_input,
     finish,
     free_memory,
+    load_model_to_train,
     loss_evaluations,
     setup_logging,
     skip_log_for,
@@ -123,13 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     data = CustomData(data_args, args.seed, skip_log_for(args))
     train_set, eval_set = data.datasets()
 
-    processor = load_processor(args)
+    processor = load_processor(args.model_name_or_path, args.num_crops)
     run_folder.claim(train_set)
     run_folder.clear_interrupted_checkpoints()
     train_set = check_training_data(train_set, processor, args, run_folder)
     eval_set = check_evaluation_data(eval_set, processor, args)
-    data.warn(train_set, args)
-    model = setup_training_mode(load_model(args), args)
+    data.warn(train_set, args.batch_size, args.max_steps, args.num_train_epochs)
+    model = load_model_to_train(args)
     collator = build_collator(processor, args, train_set)
     trainer = build_trainer(model, args, run_folder, train_set, collator, processor, eval_set, metric)
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from common.data.dataset import RecipeDataset
 from common.data.sources import cauldron_train_example, first_rows, load_split
 from common.training.arguments import parse_args
-from common.training.model_setup import load_model, load_processor, setup_training_mode
+from common.training.model_setup import load_processor
 from common.training.preemption import stop_signals_end_the_run
 from common.training.recipe import (
     build_collator,
@@ -53,6 +53,7 @@ from common.training.recipe import (
     exit_on_bad_input,
     finish,
     free_memory,
+    load_model_to_train,
     setup_logging,
     train,
 )
@@ -120,12 +121,12 @@ def main(argv: list[str] | None = None) -> None:
     train_set = RecipeDataset(first_rows(train_rows, data_args.max_train_samples), to_train_example, "docvqa train")
     eval_set = RecipeDataset(first_rows(eval_rows, data_args.max_eval_samples), eval_example, "docvqa test", for_training=False)
 
-    processor = load_processor(args)
+    processor = load_processor(args.model_name_or_path, args.num_crops)
     run_folder.claim(train_set)
     run_folder.clear_interrupted_checkpoints()
     train_set = check_training_data(train_set, processor, args, run_folder)
     eval_set = check_evaluation_data(eval_set, processor, args)
-    model = setup_training_mode(load_model(args), args)
+    model = load_model_to_train(args)
     collator = build_collator(processor, args, train_set)
     trainer = build_trainer(model, args, run_folder, train_set, collator, processor, eval_set, METRIC)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from common.data.dataset import RecipeDataset, jsonl_eval_examples, load_jsonl_conversations
 from common.data.sources import first_rows
 from common.training.arguments import parse_args
-from common.training.model_setup import load_model, load_processor, setup_training_mode
+from common.training.model_setup import load_processor
 from common.training.preemption import stop_signals_end_the_run
 from common.training.recipe import (
     build_collator,
@@ -46,8 +46,7 @@ from common.training.recipe import (
     exit_on_bad_input,
     finish,
     free_memory,
-    load_trained_model,
-    run_evaluation,
+    load_model_to_train,
     setup_logging,
     skip_log_for,
     train,
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     train_set = RecipeDataset(first_rows(train_rows, data_args.max_train_samples), name="ucf101 train", data_files=[train_file])
     eval_set = RecipeDataset(first_rows(eval_rows, data_args.max_eval_samples), name="ucf101 val", for_training=False, data_files=[val_file])
 
-    processor = load_processor(args)
+    processor = load_processor(args.model_name_or_path, args.num_crops)
     run_folder.claim(train_set)
     run_folder.clear_interrupted_checkpoints()
     train_set = check_training_data(train_set, processor, args, run_folder)
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     if data_args.eval_on_test:
         test_rows = jsonl_eval_examples(split_file(data_dir, "test"), images, skip_log_for(args))
         test_set = check_evaluation_data(RecipeDataset(test_rows, name="ucf101 test", for_training=False), processor, args)
-    model = setup_training_mode(load_model(args), args)
+    model = load_model_to_train(args)
     collator = build_collator(processor, args, train_set)
     trainer = build_trainer(model, args, run_folder, train_set, collator, processor, eval_set, METRIC)
 
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_eval_after:
         evaluations["after"] = evaluate_after(processor, eval_set, METRIC, args)
     if data_args.eval_on_test:
-        evaluations["test"] = run_evaluation(load_trained_model(args), processor, test_set, METRIC, args, "eval_test.json")
+        evaluations["test"] = evaluate_after(processor, test_set, METRIC, args, "eval_test.json")
     finish(args, run_folder, log_history, evaluations)
 
 

@@ -38,7 +38,6 @@ import shlex
 import sys
 import tempfile
 import time
-import types
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,15 +185,7 @@ def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     from common.training.model_setup import setup_training_mode
 
-    # setup_training_mode reads only these fields; FinetuneArguments would also validate a whole Trainer run.
-    mode_args = types.SimpleNamespace(
-        training_mode=mode,
-        freeze_vision_model=mode == "frozen_vision",
-        lora_rank=args.lora_rank,
-        lora_alpha_ratio=2.0,
-        lora_dropout=0.0,
-    )
-    model = setup_training_mode(model, mode_args)
+    model = setup_training_mode(model, mode, lora_rank=args.lora_rank, lora_alpha_ratio=2.0, lora_dropout=0.0, lora_vision=True)
     if args.fsdp:
         shard(model, args, dtype)
     if args.padding_mask == "keep":
@@ -222,21 +213,10 @@ def shard(model, args, dtype: torch.dtype) -> None:
 
 
 def load_quantized(folder: str, device: torch.device, dtype: torch.dtype, attn: str):
-    """The saved random weights reloaded in 4-bit nf4, quantized as common.training.model_setup.load_model does."""
-    from transformers import BitsAndBytesConfig
+    """The saved random weights reloaded in 4-bit nf4, as the recipes load a QLoRA base."""
+    from common.training.model_setup import load_model
 
-    from common.training.model_setup import QLORA_SKIP_MODULES
-
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-        llm_int8_skip_modules=QLORA_SKIP_MODULES,
-    )
-    return Phi3VForCausalLM.from_pretrained(
-        folder, dtype=dtype, attn_implementation=attn, quantization_config=quantization, device_map=device
-    )
+    return load_model(folder, dtype=dtype, attn_implementation=attn, device=device, qlora_compute_dtype=dtype)
 
 
 def free_memory(device: torch.device) -> None:

@@ -14,8 +14,8 @@ from torch._dynamo.utils import counters
 
 from common.data.collator import Phi3VCollator, Phi3VGenerationCollator
 from common.training.arguments import parse_args
-from common.training.model_setup import load_model, load_processor, setup_training_mode
-from common.training.recipe import RecipeTrainer
+from common.training.model_setup import load_model, load_processor
+from common.training.recipe import RecipeTrainer, load_model_to_train
 
 IMAGE_EXAMPLE = {
     "images": [Image.new("RGB", (500, 300), (200, 30, 30))],
@@ -42,12 +42,12 @@ def test_compiled_layers_train_without_graph_breaks_and_with_the_eager_numbers(t
     assert args.compile_layers == {"backend": "aot_eager", "mode": None}
     # The Trainer (through accelerate) would otherwise compile the whole model around the compiled layers.
     assert not args.torch_compile and args.torch_compile_backend is None
-    processor = load_processor(args)
+    processor = load_processor(args.model_name_or_path, args.num_crops)
     collate = Phi3VCollator(processor, args.num_crops)
     batches = {"images and text": collate([IMAGE_EXAMPLE, TEXT_EXAMPLE]), "text only": collate([TEXT_EXAMPLE])}
     models = {}
     for name, compiled in (("eager", False), ("compiled", True)):
-        model = load_model(args) if not compiled else setup_training_mode(load_model(args), args)
+        model = load_model(args.model_name_or_path, **args.model_loading()) if not compiled else load_model_to_train(args)
         # As the Trainer enables it for the recipes' default --activation_checkpointing.
         model.activation_checkpointing_enable(args.activation_checkpointing_kwargs)
         models[name] = model.train()

@@ -3,7 +3,6 @@ held-out rows and the warnings, in-process with the tiny tokenizer."""
 
 import json
 import logging
-from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -258,9 +257,8 @@ def test_each_warning_fires_on_its_fixture_and_not_on_good_data(case, caplog):
     elif case == "constant_answer":
         for row in train[:33]:
             row["messages"][1]["content"] = "yes"
-    args = SimpleNamespace(batch_size=batch, max_steps=max_steps, num_train_epochs=1)
     with caplog.at_level(logging.WARNING, logger="common.data.formats"):
-        warn_about_data(train, summaries_of(train), summaries_of(held), args)
+        warn_about_data(train, summaries_of(train), summaries_of(held), batch, max_steps, 1)
     assert len(caplog.records) == 1 and expected in caplog.records[0].getMessage()
     good = [conversation(f"t{i}", f"img{i}.png", f"question {i}", f"answer {i % 4}") for i in range(64)]
     assert data_warnings(64, summaries_of(good), summaries_of([conversation("e0", "o.png", "q", "a")]), 4, 16) == []

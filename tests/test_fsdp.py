@@ -74,9 +74,8 @@ def test_fsdp_replaces_the_default_zero2_with_fsdp2_settings(gpu, tmp_path):
     ],
 )
 def test_the_precision_line_says_what_fsdp_trains_in(gpu, tmp_path, flags, weights, compute, scaling):
-    from common.training.model_setup import training_precision
 
-    precision = training_precision(parse(tmp_path, "--fsdp", *flags))
+    precision = parse(tmp_path, "--fsdp", *flags).precision()
     assert (precision.weights, precision.compute, precision.loss_scaling) == (weights, compute, scaling)
 
 

@@ -9,8 +9,8 @@ from transformers import Trainer, TrainerCallback
 
 from common.data.collator import Phi3VCollator
 from common.training.arguments import parse_args
-from common.training.model_setup import load_model, load_processor, setup_training_mode
-from common.training.recipe import RecipeTrainer
+from common.training.model_setup import load_processor
+from common.training.recipe import RecipeTrainer, load_model_to_train
 from common.training.run_folder import RunFolder, RunFolderError
 
 RATES = {"decoder": 4e-3, "vision tower": 1e-3, "projection": 2e-3}
@@ -33,8 +33,8 @@ def parse(checkpoint, output_dir, *flags):
 
 
 def trainer_for(args, **kwargs):
-    model = setup_training_mode(load_model(args), args)
-    processor = load_processor(args)
+    model = load_model_to_train(args)
+    processor = load_processor(args.model_name_or_path, args.num_crops)
     return RecipeTrainer(model=model, args=args, processing_class=processor, data_collator=Phi3VCollator(processor, 1), **kwargs)
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from common.data.collator import Phi3VCollator
 from common.model.processing_phi3v import Phi3VProcessor
 from common.training.arguments import parse_args
-from common.training.periodic_evaluation import AnswersAsTargets
+from common.evaluation.periodic_evaluation import AnswersAsTargets
 from common.training.preemption import PREEMPTED_EXIT_CODE
 
 from .recipe_utils import DRIVER, REPO_ROOT, offline_env

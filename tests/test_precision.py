@@ -17,16 +17,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 import common.training.arguments
 from common.data.dataset import RecipeDataset
 from common.fixtures.synthetic import make_docvqa
-from common.training.arguments import DEFAULT_DEEPSPEED_CONFIG, TRAIN_SAMPLING_STRATEGIES, parse_args
-from common.training.model_setup import (
-    Precision,
-    load_model,
-    load_processor,
-    model_dtype,
-    setup_training_mode,
-    training_precision,
-)
-from common.training.recipe import RecipeTrainer
+from common.training.arguments import DEFAULT_DEEPSPEED_CONFIG, TRAIN_SAMPLING_STRATEGIES, Precision, parse_args
+from common.training.model_setup import load_model, load_processor
+from common.training.recipe import RecipeTrainer, load_model_to_train
 from finetune_hf_trainer_docvqa import mini_train_example
 
 from .recipe_utils import parse_refusal
@@ -67,11 +60,11 @@ def refusal(tmp_path, capsys, *flags) -> str:
 )
 def test_gpu_precision(gpu, tmp_path, flags, mixed_precision, precision):
     args = parse(tmp_path, *flags)
-    assert training_precision(args) == precision
+    assert args.precision() == precision
     # What the Trainer is given: fp16=True on fp32 weights is fp16 autocast with a GradScaler on CUDA.
     assert args.mixed_precision == mixed_precision and not args.use_cpu
     assert (args.fp16, args.bf16) == (mixed_precision == "fp16", mixed_precision == "bf16")
-    assert model_dtype(args) == (torch.bfloat16 if args.bf16 else torch.float32)
+    assert args.model_dtype == (torch.bfloat16 if args.bf16 else torch.float32)
 
 
 class CapturedLoad(Exception):
@@ -84,7 +77,8 @@ def test_gpu_qlora_without_flags_computes_in_fp16_on_fp32_weights(gpu, tmp_path,
 
     monkeypatch.setattr("common.training.model_setup.Phi3VForCausalLM.from_pretrained", capture)
     with pytest.raises(CapturedLoad) as load:
-        load_model(parse(tmp_path, "--use_qlora"))
+        args = parse(tmp_path, "--use_qlora")
+        load_model(args.model_name_or_path, **args.model_loading())
     kwargs = load.value.args[0]
     assert kwargs["quantization_config"].bnb_4bit_compute_dtype == torch.float16
     assert kwargs["dtype"] == torch.float32
@@ -94,7 +88,7 @@ def test_gpu_qlora_without_flags_computes_in_fp16_on_fp32_weights(gpu, tmp_path,
 def test_cpu_precision(tmp_path, flags, precision):
     args = parse(tmp_path, *flags)
     assert args.use_cpu and not args.fp16
-    assert training_precision(args) == precision
+    assert args.precision() == precision
 
 
 @pytest.mark.parametrize(
@@ -134,12 +128,12 @@ def with_deepspeed(args, config):
 )
 def test_deepspeed_precision_follows_the_flags(gpu, tmp_path, flags, precision):
     args = with_deepspeed(parse(tmp_path, *flags), str(DEFAULT_DEEPSPEED_CONFIG))
-    assert training_precision(args) == precision
+    assert args.precision() == precision
 
 
 def test_deepspeed_static_loss_scale_is_stated(gpu, tmp_path):
     config = {"fp16": {"enabled": "auto", "loss_scale": 128}, "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 2}}
-    assert training_precision(with_deepspeed(parse(tmp_path), config)).loss_scaling == "static (128)"
+    assert with_deepspeed(parse(tmp_path), config).precision().loss_scaling == "static (128)"
 
 
 @pytest.mark.parametrize(
@@ -150,25 +144,25 @@ def test_the_logged_precision_is_what_the_model_holds(request, tiny_checkpoint, 
     if on_gpu:
         request.getfixturevalue("gpu")
     args = parse(tmp_path, *flags, model=tiny_checkpoint)
-    with caplog.at_level(logging.INFO, logger="common.training.model_setup"):
-        model = setup_training_mode(load_model(args), args)
-    messages = [record.getMessage() for record in caplog.records if record.name == "common.training.model_setup"]
-    precision = training_precision(args)
+    with caplog.at_level(logging.INFO, logger="common.training"):
+        model = load_model_to_train(args)
+    messages = [record.getMessage() for record in caplog.records if record.name in ("common.training.recipe", "common.training.model_setup")]
+    precision = args.precision()
     assert messages[0] == str(precision) and messages[1].startswith("training mode:")
     trained = {p.dtype for p in model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     if args.use_lora:
         assert trained == {torch.float32}, "LoRA adapters train in fp32"
-        assert frozen == {model_dtype(args), *([torch.uint8] if args.use_qlora else [])}
+        assert frozen == {args.model_dtype, *([torch.uint8] if args.use_qlora else [])}
     else:
-        assert trained == {model_dtype(args)} and not frozen
+        assert trained == {args.model_dtype} and not frozen
     assert precision.master_weights == ("float32" if args.compute_dtype != torch.float32 and torch.float32 in trained else "none")
 
 
 @pytest.mark.parametrize("flags, autocast", [(["--bf16"], True), ([], False)])
 def test_cpu_bf16_trains_under_cpu_autocast(tiny_checkpoint, tmp_path, flags, autocast):
     args = parse(tmp_path, *flags, model=tiny_checkpoint)
-    accelerator = Trainer(model=load_model(args), args=args).accelerator
+    accelerator = Trainer(model=load_model(args.model_name_or_path, **args.model_loading()), args=args).accelerator
     assert accelerator.native_amp is autocast and accelerator.scaler is None
     assert accelerator.mixed_precision == ("bf16" if autocast else "no")
 
@@ -189,6 +183,6 @@ def test_every_sampling_strategy_works_or_is_refused_at_parse_time(tiny_checkpoi
         return
     args = parse(tmp_path, *flags, model=tiny_checkpoint)
     dataset = RecipeDataset(make_docvqa(n=4)["train"], mini_train_example, "docvqa train")
-    trainer = RecipeTrainer(model=load_model(args), args=args, train_dataset=dataset, processing_class=load_processor(args))
+    trainer = RecipeTrainer(model=load_model(args.model_name_or_path, **args.model_loading()), args=args, train_dataset=dataset, processing_class=load_processor(args.model_name_or_path, args.num_crops))
     sampler = trainer.train_sampler()
     assert type(sampler) is SAMPLERS[strategy] and len(sampler) == len(dataset)

@@ -173,7 +173,7 @@ def test_pickle_checkpoint_is_refused_unless_allowed(tiny_checkpoint, jsonl_dir,
 
     args, = parse_args(argv=["--model_name_or_path", str(pickled), "--output_dir", str(tmp_path / "o"), "--deepspeed", "none",
                             "--allow_pickle_weights"])
-    assert load_model(args).lm_head.weight.shape[0] == 32064
+    assert load_model(args.model_name_or_path, **args.model_loading()).lm_head.weight.shape[0] == 32064
 
 
 def test_missing_checkpoint_and_unreachable_hub_data_are_one_line_errors(tiny_checkpoint, jsonl_dir, tmp_path, capsys):

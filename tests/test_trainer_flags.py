@@ -15,8 +15,8 @@ from transformers import TrainerCallback
 
 from common.data.collator import Phi3VCollator
 from common.training.arguments import parse_args
-from common.training.model_setup import load_model, load_processor, setup_training_mode
-from common.training.recipe import RecipeTrainer
+from common.training.model_setup import load_processor
+from common.training.recipe import RecipeTrainer, load_model_to_train
 
 EXAMPLES = [
     {"id": f"row-{index}", "images": [Image.new("RGB", (60, 40), (50 * index, 0, 200))] if index % 2 else [],
@@ -72,9 +72,9 @@ def test_training_options_take_effect(tiny_checkpoint, tmp_path, monkeypatch):
         "--debug", "underflow_overflow", "--full_determinism", "--log_level", "warning",
     )
     observer = Observer()
-    processor = load_processor(args)
+    processor = load_processor(args.model_name_or_path, args.num_crops)
     collator = Phi3VCollator(processor, args.num_crops)
-    trainer = RecipeTrainer(model=setup_training_mode(load_model(args), args), args=args, processing_class=processor,
+    trainer = RecipeTrainer(model=load_model_to_train(args), args=args, processing_class=processor,
                             data_collator=collator, train_dataset=EXAMPLES, callbacks=[observer])
     try:
         trainer.train()

@@ -600,16 +600,21 @@ def data_warnings(train_rows: int, train_summaries: list, eval_summaries: list, 
     return warnings
 
 
-def optimizer_steps(rows: int, args) -> int:
-    if args.max_steps and args.max_steps > 0:
-        return args.max_steps
-    return math.ceil(math.ceil(rows / args.batch_size) * args.num_train_epochs)
+def optimizer_steps(rows: int, batch_size: int, max_steps: int, num_train_epochs: float) -> int:
+    """How many optimizer steps a run makes: `max_steps` when positive, else the epochs over `rows` at the global
+    `batch_size`."""
+    if max_steps and max_steps > 0:
+        return max_steps
+    return math.ceil(math.ceil(rows / batch_size) * num_train_epochs)
 
 
-def warn_about_data(train_set, train_summaries: list, eval_summaries: list, args) -> None:
-    """One warning line for each problem that would make the run useless: too few rows or steps, evaluation rows
-    that are training rows, a constant answer."""
-    for warning in data_warnings(len(train_set), train_summaries, eval_summaries, args.batch_size, optimizer_steps(len(train_set), args)):
+def warn_about_data(train_set, train_summaries: list, eval_summaries: list, batch_size: int, max_steps: int,
+                    num_train_epochs: float) -> None:
+    """One warning line for each problem that would make the run useless: too few rows or steps (at the global
+    `batch_size`, for `max_steps` or `num_train_epochs`), evaluation rows that are training rows, a constant
+    answer."""
+    steps = optimizer_steps(len(train_set), batch_size, max_steps, num_train_epochs)
+    for warning in data_warnings(len(train_set), train_summaries, eval_summaries, batch_size, steps):
         logger.warning("%s", warning)
 
 
@@ -656,9 +661,10 @@ class CustomData:
         eval_set = RecipeDataset(eval_source, name=f"{eval_name} ({turn} turn{'s' if turn == 'all' else ''})", for_training=False, data_files=eval_files)
         return train_set, eval_set
 
-    def warn(self, train_set: RecipeDataset, args) -> None:
+    def warn(self, train_set: RecipeDataset, batch_size: int, max_steps: int, num_train_epochs: float) -> None:
         columns = (self.options.messages_column, self.options.images_column) if self.columns is not None else ()
-        warn_about_data(train_set, row_summaries(self.train, *columns), row_summaries(self.eval, *columns), args)
+        warn_about_data(train_set, row_summaries(self.train, *columns), row_summaries(self.eval, *columns), batch_size,
+                        max_steps, num_train_epochs)
 
 
 __all__ = [

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,9 +29,23 @@ from ..model.processing_phi3v import stop_token_ids
 from ..ranks import rank_and_world
 from .metrics import SCORERS
 
-__all__ = ["AnswerGenerator", "evaluate", "stop_token_ids"]
+__all__ = ["AnswerGenerator", "GenerationSettings", "evaluate", "stop_token_ids"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """A run's settings for its evaluations by generation (`FinetuneArguments.generation_settings`): where the
+    answers are written, the crops, the batch, the answer length, the DataLoader workers, and whether to generate
+    under CUDA fp16 autocast (fp16 mixed precision, whose weights are fp32)."""
+
+    output_dir: Path
+    num_crops: int
+    batch_size: int
+    max_new_tokens: int
+    num_workers: int = 0
+    fp16_autocast: bool = False
 
 
 def _unwrap(model):

@@ -23,6 +23,8 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
+from ..dtypes import dtype_name
+from ..evaluation.generation import GenerationSettings
 from ..model.image_processing_phi3v import MAX_NUM_CROPS
 from ..model.modeling_phi3v import ATTENTION_CHOICES
 from .build_lock import check_build_locks
@@ -43,6 +45,22 @@ SAVE_DTYPE_CHOICES = ("base", "float32", "bfloat16", "float16")
 TRAIN_SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
 # pip names of the --report_to integrations whose package name differs from the integration's.
 LOGGER_PACKAGES = {"comet_ml": "comet-ml", "azure_ml": "azureml-core", "flyte": "flytekit"}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run holds, computes and updates its weights."""
+
+    weights: str
+    compute: str
+    master_weights: str
+    loss_scaling: str
+
+    def __str__(self) -> str:
+        return (
+            f"precision: weights {self.weights}; compute {self.compute}; master weights {self.master_weights}; "
+            f"loss scaling {self.loss_scaling}"
+        )
 
 
 class ArgumentError(ValueError):
@@ -496,6 +514,92 @@ class FinetuneArguments(TrainingArguments):
         if self.fp16:
             return torch.float16
         return torch.float32
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """bf16 weights under --bf16, as the reference recipe loads them; fp32 otherwise, in every mode.
+
+        Under fp16 mixed precision the fp32 weights are the master weights, and a frozen LoRA/QLoRA base stays fp32
+        too, as in the reference: autocast then runs the matmuls in fp16 while the residual stream and the norms
+        stay fp32. An fp16 base would make those fp16 too, whose range is far narrower than bf16's, the dtype this
+        model was trained in.
+        """
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def model_loading(self) -> dict:
+        """`model_setup.load_model`'s settings for this run's base model."""
+        return {
+            "dtype": self.model_dtype,
+            "attn_implementation": self.attn_implementation,
+            "device": self.device,
+            "qlora_compute_dtype": self.compute_dtype if self.training_mode == "qlora" else None,
+            "allow_pickle_weights": self.allow_pickle_weights,
+            "liger_kernels": self.liger_kernels,
+        }
+
+    def generation_settings(self) -> GenerationSettings:
+        """How this run's evaluations generate (`common.evaluation.periodic_evaluation.run_evaluation`)."""
+        return GenerationSettings(
+            output_dir=Path(self.output_dir),
+            num_crops=self.num_crops,
+            batch_size=self.eval_batch_size,
+            max_new_tokens=self.max_new_tokens,
+            num_workers=self.dataloader_num_workers,
+            fp16_autocast=bool(self.fp16) and self.device.type == "cuda",
+        )
+
+    def training_mode_settings(self) -> dict:
+        """`model_setup.setup_training_mode`'s settings for this run."""
+        return {
+            "mode": self.training_mode,
+            "lora_rank": self.lora_rank,
+            "lora_alpha_ratio": self.lora_alpha_ratio,
+            "lora_dropout": self.lora_dropout,
+            "lora_vision": not self.freeze_vision_model,
+            "seed": self.seed,
+            "compile_layers": self.compile_layers,
+        }
+
+    def precision(self) -> Precision:
+        """What training will run in: read from the arguments, since DeepSpeed recasts the model only when it
+        starts."""
+        if self.deepspeed:
+            # DeepSpeed casts the whole model to its config's dtype ("auto" follows --bf16/--fp16) and keeps fp32
+            # master copies in its optimizer, whatever dtype the model loaded in.
+            config = self.hf_deepspeed_config
+            dtype = config.dtype()
+            if dtype == torch.float32:
+                return Precision("float32", "float32", "none", "none")
+            scaling = "none"
+            if dtype == torch.float16:
+                scale = config.get_value("fp16.loss_scale", 0)
+                scaling = "dynamic" if scale == 0 else f"static ({scale})"
+            return Precision(f"{dtype_name(dtype)} (DeepSpeed)", dtype_name(dtype), "float32 (DeepSpeed)", scaling)
+        mixed = self.compute_dtype != torch.float32
+        if self.fsdp and mixed:
+            # accelerate upcasts the trainable weights of an FSDP2 model to fp32 and has FSDP compute in 16 bits; the
+            # frozen tower of frozen-vision training keeps the dtype it loaded in. (FSDP is refused with LoRA.)
+            frozen = f", frozen vision tower {dtype_name(self.model_dtype)}" if self.training_mode == "frozen_vision" else ""
+            return Precision(
+                weights=f"float32 (trainable, upcast by accelerate for FSDP){frozen}",
+                compute=f"{dtype_name(self.compute_dtype)} (FSDP mixed precision)",
+                master_weights="float32 (the weights themselves)",
+                loss_scaling="dynamic" if self.fp16 else "none",
+            )
+        lora = self.training_mode in ("lora", "qlora")
+        weights = dtype_name(self.model_dtype)
+        if self.training_mode == "qlora":
+            weights = f"nf4 4-bit linear layers, {weights} elsewhere"
+        if lora:
+            # peft creates the adapters in fp32 on a 16-bit base (get_peft_model's autocast_adapter_dtype).
+            weights += ", LoRA adapters float32"
+        return Precision(
+            weights=weights,
+            compute=f"{dtype_name(self.compute_dtype)} (autocast)" if mixed else "float32",
+            master_weights="float32" if mixed and (lora or self.model_dtype == torch.float32) else "none",
+            # The Trainer adds a dynamic GradScaler to fp16 mixed precision; bf16 has fp32's range and needs none.
+            loss_scaling="dynamic" if self.fp16 else "none",
+        )
 
 
 def model_context(model_name_or_path: str) -> int | None:

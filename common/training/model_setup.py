@@ -9,7 +9,7 @@ Modes (`FinetuneArguments.training_mode`):
   plus CLIP's q/k/v/out/fc1/fc2 and the image projection unless the vision tower is frozen.
 - ``qlora``: ``lora`` on a 4-bit nf4 base computing in bf16/fp16.
 
-Precision (`FinetuneArguments.choose_precision`, stated in the log by `log_precision`): --bf16 trains bf16
+Precision (`FinetuneArguments.choose_precision`, stated in the log from `FinetuneArguments.precision`): --bf16 trains bf16
 weights; fp16 mixed precision (the GPU default) and --fp32 train fp32 weights, the first computing in fp16 under
 autocast with a loss scaler. Under DeepSpeed its engine casts the model to its own dtype instead.
 """
@@ -17,7 +17,6 @@ autocast with a loss scaler. Under DeepSpeed its engine casts the model to its o
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,14 +24,12 @@ from huggingface_hub.errors import EntryNotFoundError
 from transformers import BitsAndBytesConfig
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from ..dtypes import dtype_name
 from ..errors import error_reason
 from ..model.modeling_phi3v import Phi3VForCausalLM
 from ..model.official_files import base_checkpoint, warn_if_code_is_missing
 from ..model.processing_phi3v import Phi3VProcessor
 from ..ranks import is_main_process
-from .arguments import FinetuneArguments
-from .compile import compile_layers
+from .compile import compile_layers as compile_layers_of
 
 logger = logging.getLogger(__name__)
 
@@ -57,130 +54,65 @@ def checkpoint_not_found(source: str, what: str, error: Exception) -> FileNotFou
     )
 
 
-def load_processor(args: FinetuneArguments) -> Phi3VProcessor:
-    """The base's processor. Being a run's first read of the base, it also pins a hub base's commit and fetches
-    its code files (`common.outputs.export.base_checkpoint`), warning once if the outputs cannot carry them."""
+def load_processor(source: str, num_crops: int) -> Phi3VProcessor:
+    """The base's processor at `num_crops`. Being a run's first read of the base, it also pins a hub base's commit
+    and fetches its code files (`common.model.official_files.base_checkpoint`), warning once if the outputs cannot
+    carry them."""
     try:
-        processor = Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
+        processor = Phi3VProcessor.from_pretrained(source, num_crops=num_crops)
     except OSError as error:
-        raise checkpoint_not_found(args.model_name_or_path, "processor", error) from error
-    base = base_checkpoint(args.model_name_or_path)
+        raise checkpoint_not_found(source, "processor", error) from error
+    base = base_checkpoint(source)
     if is_main_process():
         warn_if_code_is_missing(base)
     return processor
 
 
-def model_dtype(args: FinetuneArguments) -> torch.dtype:
-    """bf16 weights under --bf16, as the reference recipe loads them; fp32 otherwise, in every mode.
+def load_model(
+    source: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    device: torch.device | str = "cpu",
+    qlora_compute_dtype: torch.dtype | None = None,
+    allow_pickle_weights: bool = False,
+    liger_kernels: bool = False,
+) -> Phi3VForCausalLM:
+    """The model in `source` (a folder or a hub id), its weights in `dtype`; with `qlora_compute_dtype`, its linear
+    layers as 4-bit NF4 computing in that dtype (QLoRA), packed on `device`. `FinetuneArguments.model_loading`
+    gives a run's values.
 
-    Under fp16 mixed precision the fp32 weights are the master weights, and a frozen LoRA/QLoRA base stays fp32
-    too, as in the reference: autocast then runs the matmuls in fp16 while the residual stream and the norms stay
-    fp32. An fp16 base would make those fp16 too, whose range is far narrower than bf16's, the dtype this model
-    was trained in.
+    Weights load from safetensors only: a pickle checkpoint can run arbitrary code when read, so it is refused
+    unless `allow_pickle_weights` (--allow_pickle_weights).
     """
-    return torch.bfloat16 if args.bf16 else torch.float32
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How a run holds, computes and updates its weights."""
-
-    weights: str
-    compute: str
-    master_weights: str
-    loss_scaling: str
-
-    def __str__(self) -> str:
-        return (
-            f"precision: weights {self.weights}; compute {self.compute}; master weights {self.master_weights}; "
-            f"loss scaling {self.loss_scaling}"
-        )
-
-
-def training_precision(args: FinetuneArguments) -> Precision:
-    """What training will run in: read from the arguments, since DeepSpeed recasts the model only when it starts."""
-    if args.deepspeed:
-        # DeepSpeed casts the whole model to its config's dtype ("auto" follows --bf16/--fp16) and keeps fp32
-        # master copies in its optimizer, whatever dtype the model loaded in.
-        config = args.hf_deepspeed_config
-        dtype = config.dtype()
-        if dtype == torch.float32:
-            return Precision("float32", "float32", "none", "none")
-        scaling = "none"
-        if dtype == torch.float16:
-            scale = config.get_value("fp16.loss_scale", 0)
-            scaling = "dynamic" if scale == 0 else f"static ({scale})"
-        return Precision(f"{dtype_name(dtype)} (DeepSpeed)", dtype_name(dtype), "float32 (DeepSpeed)", scaling)
-    mixed = args.compute_dtype != torch.float32
-    if args.fsdp and mixed:
-        # accelerate upcasts the trainable weights of an FSDP2 model to fp32 and has FSDP compute in 16 bits; the
-        # frozen tower of frozen-vision training keeps the dtype it loaded in. (FSDP is refused with LoRA.)
-        frozen = f", frozen vision tower {dtype_name(model_dtype(args))}" if args.training_mode == "frozen_vision" else ""
-        return Precision(
-            weights=f"float32 (trainable, upcast by accelerate for FSDP){frozen}",
-            compute=f"{dtype_name(args.compute_dtype)} (FSDP mixed precision)",
-            master_weights="float32 (the weights themselves)",
-            loss_scaling="dynamic" if args.fp16 else "none",
-        )
-    lora = args.training_mode in ("lora", "qlora")
-    weights = dtype_name(model_dtype(args))
-    if args.training_mode == "qlora":
-        weights = f"nf4 4-bit linear layers, {weights} elsewhere"
-    if lora:
-        # peft creates the adapters in fp32 on a 16-bit base (get_peft_model's autocast_adapter_dtype).
-        weights += ", LoRA adapters float32"
-    return Precision(
-        weights=weights,
-        compute=f"{dtype_name(args.compute_dtype)} (autocast)" if mixed else "float32",
-        master_weights="float32" if mixed and (lora or model_dtype(args) == torch.float32) else "none",
-        # The Trainer adds a dynamic GradScaler to fp16 mixed precision; bf16 has fp32's range and needs none.
-        loss_scaling="dynamic" if args.fp16 else "none",
-    )
-
-
-def log_precision(args: FinetuneArguments) -> None:
-    logger.info("%s", training_precision(args))
-
-
-def load_model(args: FinetuneArguments, path: str | Path | None = None, quantize: bool | None = None) -> Phi3VForCausalLM:
-    """The base model as the training mode needs it, from `path` (default: --model_name_or_path).
-
-    Weights load from safetensors only: a pickle checkpoint can run arbitrary code when read, so it is
-    refused unless --allow_pickle_weights is given.
-    """
-    source = str(path or args.model_name_or_path)
-    quantize = args.training_mode == "qlora" if quantize is None else quantize
-    kwargs = {
-        "dtype": model_dtype(args),
-        "attn_implementation": args.attn_implementation,
-        "use_safetensors": None if args.allow_pickle_weights else True,
-    }
-    if quantize:
+    source = str(source)
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation, "use_safetensors": None if allow_pickle_weights else True}
+    if qlora_compute_dtype is not None:
         # 4-bit weights are packed for the device they load on and cannot be moved afterwards.
-        kwargs["device_map"] = {"": args.device}
+        kwargs["device_map"] = {"": device}
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=args.compute_dtype,
+            bnb_4bit_compute_dtype=qlora_compute_dtype,
             llm_int8_skip_modules=QLORA_SKIP_MODULES,
         )
     if is_deepspeed_zero3_enabled():
         # ZeRO-3 partitions the weights while they load, so DeepSpeed's process group must exist before that.
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo" if args.use_cpu else "nccl")
+        deepspeed.init_distributed(dist_backend="gloo" if torch.device(device).type == "cpu" else "nccl")
     try:
         model = Phi3VForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, EntryNotFoundError) as error:
-        if not args.allow_pickle_weights and ".safetensors" in str(error):
+        if not allow_pickle_weights and ".safetensors" in str(error):
             raise UnsafeCheckpointError(
                 f"{source} has no safetensors weights. Pickle (.bin) weights can execute code when loaded, so they "
                 "are refused; convert them to safetensors, or pass --allow_pickle_weights if you trust the source."
             ) from error
         raise checkpoint_not_found(source, "model", error) from error
     model.config.use_cache = False
-    if args.liger_kernels:
+    if liger_kernels:
         apply_liger_kernels(model)
     return model
 
@@ -197,43 +129,52 @@ def apply_liger_kernels(model: Phi3VForCausalLM) -> None:
     logger.info("Liger kernels applied to the decoder: RMSNorm, SwiGLU, RoPE")
 
 
-def to_device(model, args: FinetuneArguments):
-    """The model on this rank's device; a 4-bit model already loaded there (see `load_model`)."""
+def to_device(model, device: torch.device):
+    """The model on `device`; a 4-bit model already loaded there (see `load_model`)."""
     if getattr(model, "is_loaded_in_4bit", False) or getattr(getattr(model, "base_model", None), "is_loaded_in_4bit", False):
         return model
-    return model.to(args.device)
+    return model.to(device)
 
 
-def setup_training_mode(model: Phi3VForCausalLM, args: FinetuneArguments):
-    """Freeze, or wrap in LoRA, as the mode says, and compile its layers under --torch_compile; returns the model
-    to train (maybe a PeftModel). Logs the precision first."""
-    if isinstance(args, FinetuneArguments):
-        # bench/bench_train.py passes only the mode's fields and chooses its dtype itself.
-        log_precision(args)
-    mode = args.training_mode
+def setup_training_mode(
+    model: Phi3VForCausalLM,
+    mode: str,
+    *,
+    lora_rank: int = 16,
+    lora_alpha_ratio: float = 2.0,
+    lora_dropout: float = 0.0,
+    lora_vision: bool = True,
+    seed: int | None = None,
+    compile_layers: dict | None = None,
+):
+    """Freeze (`mode` "frozen_vision"), or wrap in LoRA ("lora", "qlora"; adapters on the vision tower too when
+    `lora_vision`), and compile its layers with `compile_layers` (`compile.compile_layers`'s settings); returns
+    the model to train (maybe a PeftModel) after logging its trainable parameters per part.
+    `FinetuneArguments.training_mode_settings` gives a run's values."""
     if mode == "frozen_vision":
         model.model.vision_embed_tokens.requires_grad_(False)
     elif mode in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
-        targets = DECODER_LORA_TARGETS if args.freeze_vision_model else f"{DECODER_LORA_TARGETS}|{VISION_LORA_TARGETS}"
         config = LoraConfig(
-            r=args.lora_rank,
-            lora_alpha=args.lora_rank * args.lora_alpha_ratio,
-            lora_dropout=args.lora_dropout,
-            target_modules=targets,
+            r=lora_rank,
+            lora_alpha=lora_rank * lora_alpha_ratio,
+            lora_dropout=lora_dropout,
+            target_modules=f"{DECODER_LORA_TARGETS}|{VISION_LORA_TARGETS}" if lora_vision else DECODER_LORA_TARGETS,
             init_lora_weights="gaussian",
             task_type="CAUSAL_LM",
         )
-        if isinstance(args, FinetuneArguments):
+        if seed is not None:
             # The adapter's random initial weights follow --seed (the Trainer seeds only once the model exists),
             # so that two runs of one command train the same model.
-            torch.manual_seed(args.seed)
+            torch.manual_seed(seed)
         model = get_peft_model(model, config)
         save_adapter_weights_only(model)
+    elif mode != "full":
+        raise ValueError(f"unknown training mode {mode!r}: full, frozen_vision, lora or qlora")
     log_trainable_parameters(model, mode)
-    if getattr(args, "compile_layers", None):
-        compile_layers(model, **args.compile_layers)
+    if compile_layers:
+        compile_layers_of(model, **compile_layers)
     return model
 
 

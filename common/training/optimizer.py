@@ -31,18 +31,18 @@ logger = logging.getLogger(__name__)
 PARTS = ("decoder", "vision tower", "projection")
 
 
-def part_learning_rates(args) -> dict[str, float]:
-    """{part: its learning rate}: --vision_learning_rate and --projection_learning_rate default to --learning_rate."""
-    vision, projection = args.vision_learning_rate, args.projection_learning_rate
+def part_learning_rates(learning_rate: float, vision: float | None = None, projection: float | None = None) -> dict[str, float]:
+    """{part: its learning rate}: the vision tower's (--vision_learning_rate) and the projection's
+    (--projection_learning_rate) default to `learning_rate`."""
     return {
-        "decoder": args.learning_rate,
-        "vision tower": args.learning_rate if vision is None else vision,
-        "projection": args.learning_rate if projection is None else projection,
+        "decoder": learning_rate,
+        "vision tower": learning_rate if vision is None else vision,
+        "projection": learning_rate if projection is None else projection,
     }
 
 
-def separate_rates(args) -> bool:
-    return len(set(part_learning_rates(args).values())) > 1
+def separate_rates(rates: dict[str, float]) -> bool:
+    return len(set(rates.values())) > 1
 
 
 def rate_part(name: str) -> str:
@@ -50,16 +50,16 @@ def rate_part(name: str) -> str:
     return parameter_part(name.split(".lora_")[0])
 
 
-def part_groups(model: nn.Module, args, decay_names) -> list[dict]:
-    """The trainable parameters as optimizer groups, part x weight decay, each with its "lr" and its "part"."""
-    rates = part_learning_rates(args)
+def part_groups(model: nn.Module, rates: dict[str, float], weight_decay: float, decay_names) -> list[dict]:
+    """The trainable parameters as optimizer groups, part x weight decay, each with its "lr" (`rates`, from
+    `part_learning_rates`) and its "part"; `weight_decay` applies to `decay_names`."""
     decay_names = set(decay_names)
     members: dict[tuple[str, bool], list[nn.Parameter]] = {(part, decay): [] for part in PARTS for decay in (True, False)}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             members[rate_part(name), name in decay_names].append(parameter)
     return [
-        {"params": params, "lr": rates[part], "weight_decay": args.weight_decay if decay else 0.0, "part": part}
+        {"params": params, "lr": rates[part], "weight_decay": weight_decay if decay else 0.0, "part": part}
         for (part, decay), params in members.items()
         if params
     ]

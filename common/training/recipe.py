@@ -31,6 +31,7 @@ from ..data.scan_cache import ScanCache
 from ..data.validation import SkipLog, validate_evaluation_data, validate_training_data
 from ..dtypes import SAVE_DTYPES
 from ..errors import DataError
+from ..evaluation.periodic_evaluation import AnswersAsTargets, GenerationEvaluation, run_evaluation
 from ..evaluation.plotting import plot_training_curves
 from ..io import follow_umask_in, write_json_atomically
 from ..model.checkpoint_files import weights_only_loads
@@ -39,9 +40,8 @@ from ..model.official_files import BaseCheckpoint
 from ..model.official_format import TOWER_PREFIX, complete_model_folder, with_unused_base_tensors
 from ..ranks import barrier, is_main_process, largest, rank_prefix
 from .arguments import FinetuneArguments, evaluates_during_training
-from .model_setup import UnsafeCheckpointError, load_model, to_device
-from .optimizer import build_optimizer, log_part_rates, part_groups, separate_rates
-from .periodic_evaluation import AnswersAsTargets, GenerationEvaluation, run_evaluation
+from .model_setup import UnsafeCheckpointError, load_model, setup_training_mode, to_device
+from .optimizer import build_optimizer, log_part_rates, part_groups, part_learning_rates, separate_rates
 from .preemption import PREEMPTED_EXIT_CODE, StopOnSignal, announce_stop
 from .run_folder import (
     CheckpointWriteError,
@@ -181,7 +181,7 @@ class RecipeTrainer(Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """The evaluations --eval_strategy asks for score the recipe's metric by generation, plus eval_loss
-        (`common.training.periodic_evaluation`); a dataset passed in explicitly gets the Trainer's own loss evaluation."""
+        (`common.evaluation.periodic_evaluation`); a dataset passed in explicitly gets the Trainer's own loss evaluation."""
         if self.generation_evaluation is None or eval_dataset is not None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         metrics = self.generation_evaluation(self, metric_key_prefix)
@@ -193,9 +193,10 @@ class RecipeTrainer(Trainer):
         """The optimizer --optim names, with a learning rate per part (`common.training.optimizer`); logs each part's rate."""
         if self.optimizer is None:
             opt_model = self.model if model is None else model
-            groups = part_groups(opt_model, self.args, self.get_decay_parameter_names(opt_model))
+            rates = part_learning_rates(self.args.learning_rate, self.args.vision_learning_rate, self.args.projection_learning_rate)
+            groups = part_groups(opt_model, rates, self.args.weight_decay, self.get_decay_parameter_names(opt_model))
             log_part_rates(groups)
-            if not separate_rates(self.args):
+            if not separate_rates(rates):
                 # One rate for every part: the Trainer's own two groups, the layout of earlier checkpoints.
                 return super().create_optimizer(model)
             self.optimizer = build_optimizer(self, opt_model, groups)
@@ -355,7 +356,10 @@ def build_trainer(
     elif evaluates_during_training(args):
         if eval_dataset is None or metric is None:
             raise ValueError("--eval_strategy needs the script to pass build_trainer its eval_dataset and metric")
-        evaluation = GenerationEvaluation(eval_dataset, metric, processor, args)
+        evaluation = GenerationEvaluation(
+            eval_dataset, metric, processor, args.generation_settings(), padding_free=args.padding_free,
+            pin_memory=args.dataloader_pin_memory, prefetch_factor=args.dataloader_prefetch_factor,
+        )
         loss_set = evaluation.loss_set
     return RecipeTrainer(
         model=model,
@@ -445,21 +449,30 @@ def stop_preempted(stop: StopOnSignal, checkpoint: Path) -> None:
     raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
+def load_model_to_train(args: FinetuneArguments):
+    """The base model loaded for this run and set up for its training mode; the run's precision is logged first."""
+    logger.info("%s", args.precision())
+    return setup_training_mode(load_model(args.model_name_or_path, **args.model_loading()), **args.training_mode_settings())
+
+
 def load_trained_model(args: FinetuneArguments, output_dir: str | Path | None = None, quantize: bool | None = None):
     """Load what training wrote, the way a user would.
 
     Full or frozen-vision training wrote a whole model: ``Phi3VForCausalLM.from_pretrained(output_dir)``.
     LoRA wrote an adapter: load the base model, then ``PeftModel.from_pretrained(base, output_dir)``.
+    `quantize` overrides whether the base loads in 4 bits (default: as the run trained it).
     """
     output_dir = Path(output_dir or args.output_dir)
+    loading = args.model_loading()
+    if quantize is not None:
+        loading["qlora_compute_dtype"] = args.compute_dtype if quantize else None
     if args.training_mode in ("lora", "qlora"):
         from peft import PeftModel
 
-        base = load_model(args, quantize=quantize)
-        model = PeftModel.from_pretrained(base, output_dir)
+        model = PeftModel.from_pretrained(load_model(args.model_name_or_path, **loading), output_dir)
     else:
-        model = load_model(args, path=output_dir)
-    return to_device(model, args).eval()
+        model = load_model(output_dir, **loading)
+    return to_device(model, args.device).eval()
 
 
 def free_memory() -> None:
@@ -473,19 +486,20 @@ def evaluate_before(model, processor, eval_dataset, metric: str, args: FinetuneA
     """Score the untrained model. Under QLoRA on CPU a separate load is scored: bitsandbytes repacks 4-bit
     weights for inference after a no-grad forward on CPU, and later LoRA gradients would be silently wrong."""
     if args.training_mode == "qlora" and args.device.type == "cpu":
-        fresh = load_model(args)
-        summary = run_evaluation(fresh, processor, eval_dataset, metric, args, "eval_before.json")
+        fresh = load_model(args.model_name_or_path, **args.model_loading())
+        summary = run_evaluation(fresh, processor, eval_dataset, metric, args.generation_settings(), "eval_before.json")
         del fresh
         free_memory()
         return summary
     # DeepSpeed moves the model to the GPU only when training starts; generation on the CPU would crawl.
-    to_device(model, args)
-    return run_evaluation(model, processor, eval_dataset, metric, args, "eval_before.json")
+    to_device(model, args.device)
+    return run_evaluation(model, processor, eval_dataset, metric, args.generation_settings(), "eval_before.json")
 
 
-def evaluate_after(processor, eval_dataset, metric: str, args: FinetuneArguments) -> dict:
+def evaluate_after(processor, eval_dataset, metric: str, args: FinetuneArguments, file_name: str = "eval_after.json") -> dict:
+    """Score what training wrote, loaded as a user would load it (`load_trained_model`), into `file_name`."""
     model = load_trained_model(args)
-    summary = run_evaluation(model, processor, eval_dataset, metric, args, "eval_after.json")
+    summary = run_evaluation(model, processor, eval_dataset, metric, args.generation_settings(), file_name)
     del model
     free_memory()
     return summary
@@ -542,6 +556,7 @@ __all__ = [
     "build_trainer",
     "train",
     "load_trained_model",
+    "load_model_to_train",
     "CheckpointWriteError",
     "finish",
     "evaluate_before",

@@ -31,7 +31,7 @@ NOT_APPLICABLE: dict[str, str] = {
     "local_rank": "set by the deprecated torch.distributed.launch; torchrun puts LOCAL_RANK in the environment, which is what is read",
     "do_train": "a switch for scripts that the Trainer never reads; these recipes always train",
     "prediction_loss_only": "evaluations during training compute only the loss through the Trainer's loop (their answers "
-    "come from generation, common/training/periodic_evaluation.py), so it holds whatever the flag says",
+    "come from generation, common/evaluation/periodic_evaluation.py), so it holds whatever the flag says",
     "eval_accumulation_steps": "moves gathered predictions to the CPU every N steps; the evaluations during training gather "
     "no predictions from the Trainer's loop, only the loss",
 }

@@ -22,8 +22,8 @@ from transformers import TrainerCallback  # noqa: E402
 
 from common.data.collator import Phi3VCollator  # noqa: E402
 from common.training.arguments import parse_args  # noqa: E402
-from common.training.model_setup import load_model, load_processor, setup_training_mode  # noqa: E402
-from common.training.recipe import RecipeTrainer  # noqa: E402
+from common.training.model_setup import load_processor  # noqa: E402
+from common.training.recipe import RecipeTrainer, load_model_to_train  # noqa: E402
 
 STEPS = 2
 TEXT = {"images": [], "messages": [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}]}
@@ -64,8 +64,8 @@ def train(mode: str, flags: list[str], checkpoint: str, out: Path) -> dict:
         "--train_sampling_strategy", "sequential", "--save_strategy", "no", "--dataloader_num_workers", "0",
         "--learning_rate", "1e-3", "--warmup_steps", "0", "--disable_tqdm", "true", *flags,
     ])
-    processor = load_processor(args)
-    model = setup_training_mode(load_model(args), args)
+    processor = load_processor(args.model_name_or_path, args.num_crops)
+    model = load_model_to_train(args)
     calls = []
     for layer in model.model.vision_embed_tokens.img_processor.vision_model.encoder.layers:
         layer.register_forward_hook(lambda *_: calls.append(1))

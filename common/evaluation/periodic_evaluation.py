@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from pathlib import Path
 
 import torch
 from transformers.trainer_utils import speed_metrics
 
 from ..data.collator import Phi3VCollator
-from ..evaluation.generation import evaluate
-from ..evaluation.metrics import SCORERS
-from .arguments import FinetuneArguments
+from .generation import GenerationSettings, evaluate
+from .metrics import SCORERS
 
 __all__ = ["AnswersAsTargets", "GenerationEvaluation", "generation_autocast", "run_evaluation"]
 
@@ -47,14 +45,18 @@ class GenerationEvaluation:
     """One evaluation during training: ``{prefix}_loss`` through the Trainer's own loop, then
     ``{prefix}_<metric>`` by generation with the model being trained (DDP, DeepSpeed engine or PEFT model)."""
 
-    def __init__(self, eval_set, metric: str, processor, args):
+    def __init__(self, eval_set, metric: str, processor, settings: GenerationSettings, padding_free: bool = False,
+                 pin_memory: bool = True, prefetch_factor: int | None = None):
+        """`settings` for the generation (`FinetuneArguments.generation_settings`); the loss batches are built as the
+        Trainer's (--padding_free, --dataloader_pin_memory, --dataloader_prefetch_factor)."""
         if metric not in SCORERS:
             raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(SCORERS)}")
-        self.eval_set, self.metric, self.processor, self.args = eval_set, metric, processor, args
+        self.eval_set, self.metric, self.processor, self.settings = eval_set, metric, processor, settings
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.loss_set = AnswersAsTargets(eval_set)
         # No --max_length here: the validation pass checked the evaluation split as prompts, and a loss is
         # still right for an example longer than the training limit.
-        self.loss_collator = Phi3VCollator(processor, args.num_crops, padding_free=args.padding_free)
+        self.loss_collator = Phi3VCollator(processor, settings.num_crops, padding_free=padding_free)
 
     def __call__(self, trainer, metric_key_prefix: str = "eval") -> dict[str, float]:
         start = time.time()
@@ -65,7 +67,7 @@ class GenerationEvaluation:
         # Under fp16 or bf16 mixed precision the weights are fp32: generate under the same autocast as training.
         with trainer.accelerator.autocast():
             summary = run_evaluation(
-                trainer.model_wrapped, self.processor, self.eval_set, self.metric, self.args, f"eval_step{step}.json",
+                trainer.model_wrapped, self.processor, self.eval_set, self.metric, self.settings, f"eval_step{step}.json",
                 desc=f"eval at step {step}",
             )
         metrics = {key: value for key, value in loss.metrics.items() if key == f"{metric_key_prefix}_loss"}
@@ -75,40 +77,41 @@ class GenerationEvaluation:
 
     def loss_batches(self, trainer) -> torch.utils.data.DataLoader:
         """The evaluation split as training batches, sharded over the ranks as the Trainer shards its own."""
-        args = self.args
+        settings = self.settings
         batches = torch.utils.data.DataLoader(
             self.loss_set,
-            batch_size=args.eval_batch_size,
+            batch_size=settings.batch_size,
             sampler=torch.utils.data.SequentialSampler(self.loss_set),
             collate_fn=self.loss_collator,
-            num_workers=args.dataloader_num_workers,
-            pin_memory=args.dataloader_pin_memory,
-            prefetch_factor=args.dataloader_prefetch_factor if args.dataloader_num_workers else None,
+            num_workers=settings.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if settings.num_workers else None,
         )
         return trainer.accelerator.prepare(batches)
 
 
-def generation_autocast(args: FinetuneArguments):
-    """fp16 mixed precision loads fp32 weights (`training.model_dtype`): generate under the fp16 autocast that
+def generation_autocast(fp16_autocast: bool):
+    """fp16 mixed precision loads fp32 weights (`FinetuneArguments.model_dtype`): generate under the fp16 autocast that
     training computes in, rather than in fp32 at a fraction of a V100's tensor-core speed."""
-    if args.fp16 and args.device.type == "cuda":
+    if fp16_autocast:
         return torch.autocast("cuda", dtype=torch.float16)
     return contextlib.nullcontext()
 
 
 def run_evaluation(
-    model, processor, eval_dataset, metric: str, args: FinetuneArguments, file_name: str, desc: str | None = None
+    model, processor, eval_dataset, metric: str, settings: GenerationSettings, file_name: str, desc: str | None = None
 ) -> dict:
-    with generation_autocast(args):
+    """`evaluate` with a run's settings, writing its answers to `file_name` in the output folder."""
+    with generation_autocast(settings.fp16_autocast):
         return evaluate(
             model,
             processor,
             eval_dataset,
             metric=metric,
-            output_file=Path(args.output_dir) / file_name,
-            num_crops=args.num_crops,
-            batch_size=args.eval_batch_size,
-            max_new_tokens=args.max_new_tokens,
+            output_file=settings.output_dir / file_name,
+            num_crops=settings.num_crops,
+            batch_size=settings.batch_size,
+            max_new_tokens=settings.max_new_tokens,
             desc=desc or file_name.removesuffix(".json"),
-            num_workers=args.dataloader_num_workers,
+            num_workers=settings.num_workers,
         )
