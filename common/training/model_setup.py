@@ -140,7 +140,7 @@ def setup_training_mode(
     model: Phi3VForCausalLM,
     mode: str,
     *,
-    lora_rank: int = 16,
+    lora_rank: int = 64,
     lora_alpha_ratio: float = 2.0,
     lora_dropout: float = 0.0,
     lora_vision: bool = True,

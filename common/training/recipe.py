@@ -2,7 +2,8 @@
 
 A dataset script calls these in order: ``setup_logging``, the run folder's steps (`common.training.run_folder.RunFolder`:
 lock, move a previous run aside, then, once the training data is read, claim and clear interrupted checkpoints),
-``check_training_data`` (the validation pass), ``load_model``/``setup_training_mode`` (common/training/model_setup.py),
+``check_training_data`` (the validation pass), ``load_model_to_train`` (`model_setup.load_model` and
+`model_setup.setup_training_mode` with the run's settings),
 ``build_collator``, ``build_trainer``, ``evaluate_before``, ``train``, the run folder's ``save_final``,
 ``evaluate_after`` and ``finish``; its ``main`` is wrapped in ``exit_on_bad_input``.
 """
@@ -55,6 +56,7 @@ from .run_folder import (
 )
 
 logger = logging.getLogger(__name__)
+
 
 def setup_logging(args: FinetuneArguments) -> None:
     """Our progress at INFO on the main process; transformers only warns, except the Trainer's run summary."""
