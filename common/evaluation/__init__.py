@@ -1,3 +1,3 @@
-"""Metrics, batched greedy generation scored by them, and the training curves' plot. Imports the data and
-model layers.
+"""Metrics, batched greedy generation scored by them, evaluation during training by a run's settings, and the
+training curves' plot. Imports the data and model layers.
 """
