@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from common.data.formats import CustomData
-from common.training.arguments import ArgumentError, parse_args
+from common.training.arguments import ArgumentError, parse_args, set_launcher_environment
 from common.training.model_setup import load_processor
 from common.training.preemption import stop_signals_end_the_run
 from common.training.recipe import (
@@ -115,6 +115,7 @@ def chosen_metric(argv: list[str] | None) -> str | None:
 @exit_on_bad_input
 def main(argv: list[str] | None = None) -> None:
     metric = chosen_metric(argv)
+    set_launcher_environment(argv)
     args, data_args = parse_args(CustomArguments, argv=argv, defaults={"max_new_tokens": 64}, metric=metric)
     setup_logging(args)
     run_folder = RunFolder(args)

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 from common.data.dataset import RecipeDataset
 from common.data.sources import cauldron_train_example, first_rows, load_split
-from common.training.arguments import parse_args
+from common.training.arguments import parse_args, set_launcher_environment
 from common.training.model_setup import load_processor
 from common.training.preemption import stop_signals_end_the_run
 from common.training.recipe import (
@@ -106,6 +106,7 @@ def eval_example(row: dict, index: int) -> dict:
 @stop_signals_end_the_run
 @exit_on_bad_input
 def main(argv: list[str] | None = None) -> None:
+    set_launcher_environment(argv)
     args, data_args = parse_args(DocVQAArguments, argv=argv, metric=METRIC)
     setup_logging(args)
     run_folder = RunFolder(args)

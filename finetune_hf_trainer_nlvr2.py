@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from common.data.dataset import RecipeDataset
 from common.data.sources import cauldron_eval_example, cauldron_train_example, first_rows, load_split, split_head
-from common.training.arguments import parse_args
+from common.training.arguments import parse_args, set_launcher_environment
 from common.training.model_setup import load_processor
 from common.training.preemption import stop_signals_end_the_run
 from common.training.recipe import (
@@ -68,6 +68,7 @@ class NLVR2Arguments:
 @stop_signals_end_the_run
 @exit_on_bad_input
 def main(argv: list[str] | None = None) -> None:
+    set_launcher_environment(argv)
     args, data_args = parse_args(NLVR2Arguments, argv=argv, defaults={"max_new_tokens": 16}, metric=METRIC)
     setup_logging(args)
     run_folder = RunFolder(args)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from common.data.dataset import RecipeDataset, jsonl_eval_examples, load_jsonl_conversations
 from common.data.sources import first_rows
-from common.training.arguments import parse_args
+from common.training.arguments import parse_args, set_launcher_environment
 from common.training.model_setup import load_processor
 from common.training.preemption import stop_signals_end_the_run
 from common.training.recipe import (
@@ -74,6 +74,7 @@ def split_file(data_dir: Path, split: str) -> Path:
 @stop_signals_end_the_run
 @exit_on_bad_input
 def main(argv: list[str] | None = None) -> None:
+    set_launcher_environment(argv)
     args, data_args = parse_args(UCF101Arguments, argv=argv, defaults={"num_crops": 4, "max_new_tokens": 16}, metric=METRIC)
     setup_logging(args)
     run_folder = RunFolder(args)

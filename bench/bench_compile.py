@@ -60,7 +60,7 @@ BATCHES = [
 
 
 def build_batches(processor) -> list[dict]:
-    collate = Phi3VCollator(processor, NUM_CROPS)
+    collate = Phi3VCollator(processor)
     return [collate([example(size, f"answer {i} {j}") for j, size in enumerate(sizes)]) for i, sizes in enumerate(BATCHES)]
 
 

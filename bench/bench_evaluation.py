@@ -45,9 +45,9 @@ def make_demo_data(folder: Path, classes: int, videos_per_class: int) -> Path:
     return data
 
 
-def preprocessed_batches(processor, examples, num_crops: int, batch_size: int) -> tuple[list[dict], float]:
+def preprocessed_batches(processor, examples, batch_size: int) -> tuple[list[dict], float]:
     """Every batch read, decoded and preprocessed in this process, and the seconds that took."""
-    collate = Phi3VGenerationCollator(processor, num_crops)
+    collate = Phi3VGenerationCollator(processor)
     start = time.perf_counter()
     batches = [
         collate([examples[index] for index in range(first, min(first + batch_size, len(examples)))])[0]
@@ -57,7 +57,7 @@ def preprocessed_batches(processor, examples, num_crops: int, batch_size: int) -
 
 
 def generation_seconds(model, processor, batches: list[dict], max_new_tokens: int) -> float:
-    answer = AnswerGenerator(model, processor, num_crops=1, max_new_tokens=max_new_tokens)
+    answer = AnswerGenerator(model, processor, max_new_tokens=max_new_tokens)
     start = time.perf_counter()
     with torch.no_grad():
         for batch in batches:
@@ -88,13 +88,13 @@ def main(argv: list[str] | None = None) -> None:
         timings: dict[str, list[float]] = {"preprocessing alone": [], "generation alone": []}
         timings |= {f"evaluate, {n} workers": [] for n in args.workers}
         for _ in range(args.rounds):
-            batches, seconds = preprocessed_batches(processor, examples, 1, args.batch_size)
+            batches, seconds = preprocessed_batches(processor, examples, args.batch_size)
             timings["preprocessing alone"].append(seconds)
             timings["generation alone"].append(generation_seconds(model, processor, batches, args.max_new_tokens))
             del batches
             for workers in args.workers:
                 start = time.perf_counter()
-                evaluate(model, processor, examples, "accuracy", folder / "eval.json", num_crops=1, batch_size=args.batch_size,
+                evaluate(model, processor, examples, "accuracy", folder / "eval.json", batch_size=args.batch_size,
                          max_new_tokens=args.max_new_tokens, desc="bench", num_workers=workers)
                 timings[f"evaluate, {workers} workers"].append(time.perf_counter() - start)
 

@@ -118,14 +118,14 @@ def forked_processes(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
 
 
-def pass_configurations(rows: list[dict], processor, num_crops: int, workers_list: list[int]) -> dict:
+def pass_configurations(rows: list[dict], processor, workers_list: list[int]) -> dict:
     def headers_only():
-        for scanned in RecipeDataset(rows, name="bench").scan(processor, num_crops):
+        for scanned in RecipeDataset(rows, name="bench").scan(processor):
             assert scanned.error is None, scanned.error
 
     def validation(pool):
         with pool:
-            validate_training_data(RecipeDataset(rows, name="bench"), processor, num_crops, 0, None, pool)
+            validate_training_data(RecipeDataset(rows, name="bench"), processor, 0, None, pool)
 
     passes = {HEADERS_ONLY: headers_only}
     for workers in workers_list:
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-validation-") as temporary:
         folder = Path(temporary)
-        processor = Phi3VProcessor.from_pretrained(build_tiny_checkpoint(folder / "tiny"))
+        checkpoint = build_tiny_checkpoint(folder / "tiny")
         started = time.perf_counter()
         small_rows, small_sizes = write_data(folder / "small", args.images, small_image, args.seed)
         small_note = describe("small images, 48-320 px a side", small_sizes, time.perf_counter() - started)
@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         checks[f"check_image_decodes, spawn pool of {most}"] = lambda: on_processes(most, "spawn", paths)
         runs = dict(checks)
         for prefix, rows, num_crops in (("small", small_rows, 4), ("pages", page_rows, 16)):
-            for name, run in pass_configurations(rows, processor, num_crops, args.workers).items():
+            processor = Phi3VProcessor.from_pretrained(checkpoint, num_crops=num_crops)
+            for name, run in pass_configurations(rows, processor, args.workers).items():
                 runs[f"{prefix}: {name}"] = run
 
         timings = {name: [] for name in runs}

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common.training.arguments import LAUNCHER_VARIABLES, set_launcher_environment
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DRIVER = REPO_ROOT / "tests" / "drivers" / "run_recipe.py"
 
@@ -55,6 +57,17 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def assert_ranks_in_sync(digest_dir: Path, nproc: int = 2) -> None:
     digests = [json.loads((digest_dir / f"rank{rank}.json").read_text()) for rank in range(nproc)]
     assert digests[0] and all(d == digests[0] for d in digests[1:]), "ranks ended with different weights"
+
+
+def launched_as_one_process(monkeypatch) -> None:
+    """The environment a launcher gives one process (what `set_launcher_environment` writes), undone after the
+    test, so that parsing with DeepSpeed or FSDP in the test process leaves nothing behind."""
+    for key in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    set_launcher_environment(["--deepspeed", "ds_configs/zero2.json"])
+    written = {key: os.environ.pop(key) for key in LAUNCHER_VARIABLES}
+    for key, value in written.items():
+        monkeypatch.setenv(key, value)
 
 
 def parse_refusal(capsys, parse, *args) -> str:

@@ -9,7 +9,7 @@ from PIL import Image
 from common.data.collator import Phi3VCollator, Phi3VGenerationCollator, example_length, example_tokens, hd_output_size
 from common.data.conversation import IGNORE_INDEX, encode_conversation, encode_prompt
 from common.errors import ExampleError
-from common.model.image_processing_phi3v import hd_transform
+from common.model.image_processing_phi3v import Phi3VImageProcessor, hd_transform
 from common.model.modeling_phi3v import Phi3VForCausalLM
 from common.model.processing_phi3v import Phi3VProcessor
 
@@ -49,7 +49,7 @@ TEXT_ONLY = {
 
 @pytest.fixture(scope="module")
 def processor(tiny_checkpoint):
-    return Phi3VProcessor.from_pretrained(tiny_checkpoint)
+    return Phi3VProcessor.from_pretrained(tiny_checkpoint, num_crops=NUM_CROPS)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_padded_batch_is_exact(processor):
     fill = width - len(single_ids)
     assert fill > 0
 
-    batch = Phi3VCollator(processor, NUM_CROPS)([SINGLE, MULTI])
+    batch = Phi3VCollator(processor)([SINGLE, MULTI])
 
     assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "image_sizes"}
     assert torch.equal(batch["input_ids"], torch.tensor([single_ids + [pad] * fill, multi_ids]))
@@ -110,7 +110,7 @@ def test_padded_batch_is_exact(processor):
 
 
 def test_pixel_values_follow_batch_and_image_order(processor):
-    batch = Phi3VCollator(processor, NUM_CROPS)([SINGLE, MULTI])
+    batch = Phi3VCollator(processor)([SINGLE, MULTI])
     one_by_one = [processor.image_processor([im], num_crops=NUM_CROPS)["pixel_values"] for im in (RED, GREEN_TALL, BLUE_SQUARE)]
     expected = torch.cat(one_by_one)
     assert batch["pixel_values"].dtype == torch.float32
@@ -120,10 +120,10 @@ def test_pixel_values_follow_batch_and_image_order(processor):
 
 
 def test_text_only_examples(processor):
-    collator = Phi3VCollator(processor, NUM_CROPS)
+    collator = Phi3VCollator(processor)
     mixed = collator([TEXT_ONLY, SINGLE])
     assert mixed["pixel_values"].shape[0] == 1 and mixed["image_sizes"].tolist() == [[672, 672]]
-    text_ids = encode_conversation(processor, TEXT_ONLY, NUM_CROPS).input_ids
+    text_ids = encode_conversation(processor, TEXT_ONLY).input_ids
     assert mixed["input_ids"][0, : len(text_ids)].tolist() == text_ids
     assert (mixed["input_ids"][0] >= 0).all()
 
@@ -133,8 +133,8 @@ def test_text_only_examples(processor):
 
 def test_padding_free_row_is_the_concatenation(processor):
     (single_ids, single_labels), (multi_ids, multi_labels) = expected_rows(processor)
-    padded = Phi3VCollator(processor, NUM_CROPS)([SINGLE, MULTI])
-    packed = Phi3VCollator(processor, NUM_CROPS, padding_free=True)([SINGLE, MULTI])
+    padded = Phi3VCollator(processor)([SINGLE, MULTI])
+    packed = Phi3VCollator(processor, padding_free=True)([SINGLE, MULTI])
 
     assert set(packed) == {"input_ids", "labels", "position_ids", "pixel_values", "image_sizes"}
     assert torch.equal(packed["input_ids"], torch.tensor([single_ids + multi_ids]))
@@ -150,8 +150,8 @@ def test_padding_free_row_is_the_concatenation(processor):
 
 
 def test_padding_free_loss_equals_padded_loss(processor, model):
-    padded = Phi3VCollator(processor, NUM_CROPS)([SINGLE, MULTI, TEXT_ONLY])
-    packed = Phi3VCollator(processor, NUM_CROPS, padding_free=True)([SINGLE, MULTI, TEXT_ONLY])
+    padded = Phi3VCollator(processor)([SINGLE, MULTI, TEXT_ONLY])
+    packed = Phi3VCollator(processor, padding_free=True)([SINGLE, MULTI, TEXT_ONLY])
     with torch.no_grad():
         padded_loss = model(**padded, use_cache=False).loss
         packed_loss = model(**packed, use_cache=False).loss
@@ -163,39 +163,40 @@ def test_padding_free_loss_equals_padded_loss(processor, model):
 
 
 def test_max_length_names_the_example(processor):
-    length = len(encode_conversation(processor, MULTI, NUM_CROPS))
-    Phi3VCollator(processor, NUM_CROPS, max_length=length)([SINGLE, MULTI])
+    length = len(encode_conversation(processor, MULTI))
+    Phi3VCollator(processor, max_length=length)([SINGLE, MULTI])
     message = rf"'multi' \(batch position 1\) is {length} tokens long, more than max_length={length - 1}"
     with pytest.raises(ExampleError, match=message):
-        Phi3VCollator(processor, NUM_CROPS, max_length=length - 1)([SINGLE, MULTI])
+        Phi3VCollator(processor, max_length=length - 1)([SINGLE, MULTI])
     with pytest.raises(ExampleError, match=r"batch position 0 \(it has no 'id'\) is \d+ tokens long"):
-        Phi3VCollator(processor, NUM_CROPS, max_length=10, padding_free=True)([{k: v for k, v in SINGLE.items() if k != "id"}])
+        Phi3VCollator(processor, max_length=10, padding_free=True)([{k: v for k, v in SINGLE.items() if k != "id"}])
     # 0 is --max_length 0: no limit.
-    assert Phi3VCollator(processor, NUM_CROPS, max_length=0)([MULTI])["input_ids"].shape == (1, length)
+    assert Phi3VCollator(processor, max_length=0)([MULTI])["input_ids"].shape == (1, length)
     with pytest.raises(ValueError, match=r"max_length must be a non-negative int \(0 or None: no limit\)"):
-        Phi3VCollator(processor, NUM_CROPS, max_length=-1)
+        Phi3VCollator(processor, max_length=-1)
 
 
 def test_bad_example_is_named(processor):
     bad = dict(SINGLE, id="bad-tags", images=[RED, RED])
     with pytest.raises(ExampleError, match=r"example 'bad-tags' \(batch position 1\) cannot be encoded: .*image tags \[1\].*2 image"):
-        Phi3VCollator(processor, NUM_CROPS)([TEXT_ONLY, bad])
+        Phi3VCollator(processor)([TEXT_ONLY, bad])
 
 
 def test_length_of_is_exact_without_pixels(processor):
-    collator = Phi3VCollator(processor, NUM_CROPS)
+    collator = Phi3VCollator(processor)
     for example in (SINGLE, MULTI, TEXT_ONLY):
-        assert collator.length_of(example) == len(encode_conversation(processor, example, NUM_CROPS))
+        assert collator.length_of(example) == len(encode_conversation(processor, example))
     assert collator.length_of(SINGLE) == len(expected_rows(processor)[0][0])
     for num_crops in (1, 16):
-        assert example_length(processor, MULTI, num_crops) == len(encode_conversation(processor, MULTI, num_crops))
+        at_crops = Phi3VProcessor(Phi3VImageProcessor(num_crops=num_crops), processor.tokenizer)
+        assert example_length(at_crops, MULTI) == len(encode_conversation(at_crops, MULTI))
 
 
 def test_token_counts_match_the_labels(processor):
     for example in (SINGLE, MULTI, TEXT_ONLY):
-        encoded = encode_conversation(processor, example, NUM_CROPS)
+        encoded = encode_conversation(processor, example)
         supervised = sum(label != IGNORE_INDEX for label in encoded.labels)
-        assert example_tokens(processor, example, NUM_CROPS) == (len(encoded), supervised)
+        assert example_tokens(processor, example) == (len(encoded), supervised)
 
 
 def test_hd_output_size_matches_hd_transform():
@@ -211,12 +212,12 @@ def test_hd_output_size_matches_hd_transform():
 def test_generation_collator_left_pads(processor):
     single_eval = {"id": "single", "images": [RED], "messages": SINGLE["messages"][:1], "references": ["red", "Red"]}
     text_eval = {"id": "text", "images": [], "messages": TEXT_ONLY["messages"][:1], "references": ["yes"]}
-    inputs, metadata = Phi3VGenerationCollator(processor, NUM_CROPS)([text_eval, single_eval])
+    inputs, metadata = Phi3VGenerationCollator(processor)([text_eval, single_eval])
 
     assert metadata == {"ids": ["text", "single"], "references": [["yes"], ["red", "Red"]]}
     assert set(inputs) == {"input_ids", "attention_mask", "pixel_values", "image_sizes"}
-    text_ids = encode_prompt(processor, text_eval, NUM_CROPS).input_ids
-    single_ids = encode_prompt(processor, single_eval, NUM_CROPS).input_ids
+    text_ids = encode_prompt(processor, text_eval).input_ids
+    single_ids = encode_prompt(processor, single_eval).input_ids
     fill = len(single_ids) - len(text_ids)
     pad = processor.tokenizer.pad_token_id
     assert torch.equal(inputs["input_ids"], torch.tensor([[pad] * fill + text_ids, single_ids]))
@@ -227,4 +228,4 @@ def test_generation_collator_left_pads(processor):
     assert inputs["input_ids"][:, -3:].tolist() == [prompt_end, prompt_end]
 
     with pytest.raises(ExampleError, match=r"evaluation example 'x' \(batch position 0\).*'references'"):
-        Phi3VGenerationCollator(processor, NUM_CROPS)([dict(text_eval, id="x", references="yes")])
+        Phi3VGenerationCollator(processor)([dict(text_eval, id="x", references="yes")])

@@ -43,7 +43,7 @@ def test_compiled_layers_train_without_graph_breaks_and_with_the_eager_numbers(t
     # The Trainer (through accelerate) would otherwise compile the whole model around the compiled layers.
     assert not args.torch_compile and args.torch_compile_backend is None
     processor = load_processor(args.model_name_or_path, args.num_crops)
-    collate = Phi3VCollator(processor, args.num_crops)
+    collate = Phi3VCollator(processor)
     batches = {"images and text": collate([IMAGE_EXAMPLE, TEXT_EXAMPLE]), "text only": collate([TEXT_EXAMPLE])}
     models = {}
     for name, compiled in (("eager", False), ("compiled", True)):
@@ -67,7 +67,7 @@ def test_compiled_layers_train_without_graph_breaks_and_with_the_eager_numbers(t
     assert counters["frames"]["ok"] == counters["frames"]["total"] >= 2
 
     frames = counters["frames"]["total"]
-    generation = Phi3VGenerationCollator(processor, args.num_crops)
+    generation = Phi3VGenerationCollator(processor)
     prompt = {"id": "p", "references": ["red"], "images": IMAGE_EXAMPLE["images"], "messages": IMAGE_EXAMPLE["messages"][:1]}
     inputs, _ = generation([prompt])
     settings = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)

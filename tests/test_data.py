@@ -14,6 +14,7 @@ from common.data.collator import Phi3VCollator
 from common.data.conversation import encode_conversation
 from common.data.dataset import RecipeDataset, jsonl_eval_examples, load_jsonl_conversations
 from common.errors import DataError, ExampleError
+from common.model.image_processing_phi3v import Phi3VImageProcessor
 from common.model.processing_phi3v import Phi3VProcessor
 
 NUM_CROPS = 4
@@ -22,7 +23,7 @@ PROMPT = "Classify the video into one of the following classes: Archery, BenchPr
 
 @pytest.fixture(scope="module")
 def processor(tiny_checkpoint):
-    return Phi3VProcessor.from_pretrained(tiny_checkpoint)
+    return Phi3VProcessor.from_pretrained(tiny_checkpoint, num_crops=NUM_CROPS)
 
 
 @pytest.fixture
@@ -232,10 +233,11 @@ def no_pixel_decoding(monkeypatch):
 
 def test_lengths_of_jsonl_examples_are_exact_without_decoding(tmp_path, image_root, processor, no_pixel_decoding):
     dataset = RecipeDataset(load_jsonl_conversations(write_jsonl(tmp_path / "d.jsonl", happy_lines()), image_root), name="custom")
-    lengths = dataset.lengths(processor, NUM_CROPS)
+    lengths = dataset.lengths(processor)
     assert no_pixel_decoding == []
-    assert lengths == [len(encode_conversation(processor, dataset[i], NUM_CROPS)) for i in range(len(dataset))]
-    assert dataset.lengths(processor, 1) == [len(encode_conversation(processor, dataset[i], 1)) for i in range(len(dataset))]
+    assert lengths == [len(encode_conversation(processor, dataset[i])) for i in range(len(dataset))]
+    one_crop = Phi3VProcessor(Phi3VImageProcessor(num_crops=1), processor.tokenizer)
+    assert dataset.lengths(one_crop) == [len(encode_conversation(one_crop, dataset[i])) for i in range(len(dataset))]
 
 
 def jpeg_bytes(size, orientation=None) -> bytes:
@@ -282,14 +284,14 @@ def test_lengths_of_a_hub_style_dataset_are_exact_without_decoding(processor, no
 
     calls = []
     dataset = RecipeDataset(source, lambda row, index: calls.append(index) or to_example(row, index), name="cauldron")
-    lengths = dataset.lengths(processor, NUM_CROPS)
+    lengths = dataset.lengths(processor)
     # Only the sideways JPEG is decoded (to turn it upright, as datasets does); the others are read by header.
     assert no_pixel_decoding == ["JPEG"]
     assert dataset[1]["images"][0].size == (300, 900)
-    assert lengths == [len(encode_conversation(processor, dataset[i], NUM_CROPS)) for i in range(len(dataset))]
+    assert lengths == [len(encode_conversation(processor, dataset[i])) for i in range(len(dataset))]
 
     calls.clear()
-    assert dataset.lengths(processor, NUM_CROPS) == lengths
+    assert dataset.lengths(processor) == lengths
     assert calls == []
 
 
@@ -305,7 +307,7 @@ def test_errors_from_dataloader_workers_are_the_same_one_line(tmp_path, processo
     with pytest.raises(DataError) as in_process:
         dataset[0]
 
-    collator = Phi3VCollator(processor, NUM_CROPS, max_length=20)
+    collator = Phi3VCollator(processor, max_length=20)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=collator)
     with pytest.raises(DataError) as from_worker:
         next(iter(loader))

@@ -75,7 +75,7 @@ class ScriptedModel(Phi3VForCausalLM):
 
 @pytest.fixture(scope="module")
 def processor(tiny_checkpoint):
-    return Phi3VProcessor.from_pretrained(tiny_checkpoint)
+    return Phi3VProcessor.from_pretrained(tiny_checkpoint, num_crops=1)
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +94,14 @@ IMAGE_COUNTS = [1, 2, 0, 0, 1]
 
 def test_batched_predictions_equal_one_at_a_time_and_score_is_the_mean(model, processor, tmp_path):
     examples = [make_example(k, n) for k, n in enumerate(IMAGE_COUNTS)]
-    evaluate(model, processor, examples, "anls", tmp_path / "bs1.json", num_crops=1, batch_size=1, max_new_tokens=6)
+    evaluate(model, processor, examples, "anls", tmp_path / "bs1.json", batch_size=1, max_new_tokens=6)
     alone = [r["prediction"] for r in json.loads((tmp_path / "bs1.json").read_text())["examples"]]
     assert all(alone)
     # Near misses (a quarter cut off) and unrelated references, so the mean is over scores strictly between 0 and 1.
     for k, example in enumerate(examples):
         example["references"] = [alone[k][: len(alone[k]) * 3 // 4]] if k % 2 == 0 else ["nothing alike"]
 
-    summary = evaluate(model, processor, examples, "anls", tmp_path / "bs2.json", num_crops=1, batch_size=2,
+    summary = evaluate(model, processor, examples, "anls", tmp_path / "bs2.json", batch_size=2,
                        max_new_tokens=6)
     written = json.loads((tmp_path / "bs2.json").read_text())
     records = written["examples"]
@@ -118,7 +118,7 @@ def test_batched_predictions_equal_one_at_a_time_and_score_is_the_mean(model, pr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bs1.json", "bs2.json"]
 
     # DataLoader workers preprocessing the next batches during generation change nothing in what is scored.
-    prefetched = evaluate(model, processor, examples, "anls", tmp_path / "workers.json", num_crops=1, batch_size=2,
+    prefetched = evaluate(model, processor, examples, "anls", tmp_path / "workers.json", batch_size=2,
                           max_new_tokens=6, num_workers=2)
     assert prefetched == summary
     assert json.loads((tmp_path / "workers.json").read_text())["examples"] == records
@@ -127,7 +127,7 @@ def test_batched_predictions_equal_one_at_a_time_and_score_is_the_mean(model, pr
 def test_an_example_failing_in_a_worker_is_one_line_naming_it(model, processor, tmp_path):
     examples = [make_example(0, 1), {**make_example(1, 0), "references": "not a list"}]
     with pytest.raises(LoadingError) as failed:
-        evaluate(model, processor, examples, "anls", tmp_path / "e.json", num_crops=1, batch_size=1, num_workers=1)
+        evaluate(model, processor, examples, "anls", tmp_path / "e.json", batch_size=1, num_workers=1)
     assert "\n" not in str(failed.value) and "ex-1" in str(failed.value) and "'references' must be a list" in str(failed.value)
 
 
@@ -135,7 +135,7 @@ def test_an_example_failing_in_a_worker_is_one_line_naming_it(model, processor, 
 def test_known_predictions_score_exactly(scripted, processor, tmp_path, metric):
     examples = [make_example(k, n, references=refs) for k, (n, refs) in enumerate(zip(IMAGE_COUNTS, REFERENCES))]
     scripted.train()
-    summary = evaluate(scripted, processor, examples, metric, tmp_path / "out" / "eval.json", num_crops=1, batch_size=2)
+    summary = evaluate(scripted, processor, examples, metric, tmp_path / "out" / "eval.json", batch_size=2)
     records = json.loads((tmp_path / "out" / "eval.json").read_text())["examples"]
     assert [r["prediction"] for r in records] == ANSWERS
     assert [r["references"] for r in records] == REFERENCES
@@ -157,19 +157,19 @@ def test_known_predictions_score_exactly(scripted, processor, tmp_path, metric):
 
 def test_pixels_take_the_vision_towers_dtype(scripted, processor, tmp_path):
     scripted.model.vision_embed_tokens.to(torch.bfloat16)
-    evaluate(scripted, processor, [make_example(0, 1, ["paris"])], "accuracy", tmp_path / "e.json", num_crops=1)
+    evaluate(scripted, processor, [make_example(0, 1, ["paris"])], "accuracy", tmp_path / "e.json")
     assert scripted.calls[0]["pixel_values"].dtype == torch.bfloat16
 
 
 def test_peft_wrapped_model_generates_like_the_base(model, processor, tiny_checkpoint, tmp_path):
     peft = pytest.importorskip("peft")
     examples = [make_example(k, n) for k, n in enumerate([1, 0])]
-    base = evaluate(model, processor, examples, "accuracy", tmp_path / "base.json", num_crops=1, max_new_tokens=4)
+    base = evaluate(model, processor, examples, "accuracy", tmp_path / "base.json", max_new_tokens=4)
     # Fresh LoRA adapters start with B = 0, so the wrapped model must answer exactly as the base one.
     wrapped = peft.get_peft_model(Phi3VForCausalLM.from_pretrained(tiny_checkpoint),
                                   peft.LoraConfig(r=4, target_modules=["qkv_proj", "fc1"]))
     wrapped.train()
-    lora = evaluate(wrapped, processor, examples, "accuracy", tmp_path / "lora.json", num_crops=1, max_new_tokens=4)
+    lora = evaluate(wrapped, processor, examples, "accuracy", tmp_path / "lora.json", max_new_tokens=4)
     assert lora == base
     predictions = [json.loads((tmp_path / f"{name}.json").read_text())["examples"] for name in ("base", "lora")]
     assert [r["prediction"] for r in predictions[0]] == [r["prediction"] for r in predictions[1]]
@@ -178,9 +178,9 @@ def test_peft_wrapped_model_generates_like_the_base(model, processor, tiny_check
 
 def test_bad_arguments_fail_before_any_work(scripted, processor, tmp_path):
     with pytest.raises(ValueError, match="no evaluation examples"):
-        evaluate(scripted, processor, [], "accuracy", tmp_path / "e.json", num_crops=1)
+        evaluate(scripted, processor, [], "accuracy", tmp_path / "e.json")
     with pytest.raises(ValueError, match="unknown metric 'bleu'"):
-        evaluate(scripted, processor, [make_example(0, 0, ["x"])], "bleu", tmp_path / "e.json", num_crops=1)
+        evaluate(scripted, processor, [make_example(0, 0, ["x"])], "bleu", tmp_path / "e.json")
     assert scripted.calls == [] and not any(tmp_path.iterdir())
 
 
@@ -193,7 +193,7 @@ def _distributed_worker(rank, port, checkpoint, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        processor = Phi3VProcessor.from_pretrained(checkpoint)
+        processor = Phi3VProcessor.from_pretrained(checkpoint, num_crops=1)
         model = ScriptedModel.from_pretrained(checkpoint)
         answers = {k: f"answer {k}" for k in range(7)}
         result = {}
@@ -203,8 +203,7 @@ def _distributed_worker(rank, port, checkpoint, out_dir):
             # Under ZeRO-3 only the number of generate calls and synced_gpus change; GatheredParameters leaves
             # plain (non-ZeRO) parameters alone, so the path runs here with the real deepspeed context.
             evaluation.is_deepspeed_zero3_enabled = (lambda: True) if zero3 else (lambda: False)
-            summary = evaluate(model, processor, examples, "accuracy", f"{out_dir}/{name}.json", num_crops=1,
-                               batch_size=batch_size)
+            summary = evaluate(model, processor, examples, "accuracy", f"{out_dir}/{name}.json", batch_size=batch_size)
             result[name] = {
                 "summary": summary,
                 "read": examples.read,
@@ -212,7 +211,7 @@ def _distributed_worker(rank, port, checkpoint, out_dir):
                 "synced": [call["synced_gpus"] for call in model.calls],
             }
         try:
-            evaluate(model, processor, LazyExamples(0), "accuracy", f"{out_dir}/none.json", num_crops=1)
+            evaluate(model, processor, LazyExamples(0), "accuracy", f"{out_dir}/none.json")
         except ValueError as err:
             result["none"] = str(err)
         with open(f"{out_dir}/rank{rank}.json", "w") as f:

@@ -61,7 +61,7 @@ def test_every_path_turns_the_photo_once_and_counts_its_tokens_upright(tiny_chec
     )
     hub_rows = RecipeDataset(hub, lambda row, index: {"images": [row["image"]], "messages": [
         {"role": "user", "content": "<|image_1|>\nWhat is it?"}, {"role": "assistant", "content": "A photo."}]}, name="hub")
-    scanned = {row.example_id: row.tokens for row in training.scan(processor, 4)}
+    scanned = {row.example_id: row.tokens for row in training.scan(processor)}
     for index, (name, pixels) in enumerate(shown.items()):
         upright = Image.fromarray(pixels)
         for path, image in [
@@ -73,5 +73,5 @@ def test_every_path_turns_the_photo_once_and_counts_its_tokens_upright(tiny_chec
             np.testing.assert_array_equal(np.asarray(image.convert("RGB")), pixels, err_msg=f"{path} {name}")
         # The validation pass and length grouping count the tokens of the upright photo, read from its header.
         example = {"images": [upright], "messages": training[index]["messages"]}
-        assert scanned[name] == example_tokens(processor, example, 4), name
-    assert hub_rows.lengths(processor, 4) == training.lengths(processor, 4)
+        assert scanned[name] == example_tokens(processor, example), name
+    assert hub_rows.lengths(processor) == training.lengths(processor)

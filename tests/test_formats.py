@@ -65,7 +65,7 @@ def test_llava_placeholders_mid_text_become_tags_where_they_stand_token_by_token
     (conversation,), found = read_conversations(path, images)
     assert found == "llava"
     assert conversation["messages"][0]["content"] == "Left: <|image_1|> Right: <|image_2|>\nWhich has more?"
-    encoded = encode_prompt(processor, evaluation_examples(conversation, "first")[0] | {"images": [Image.open(images / "a.png").convert("RGB"), Image.open(images / "b.png").convert("RGB")]}, 1)
+    encoded = encode_prompt(processor, evaluation_examples(conversation, "first")[0] | {"images": [Image.open(images / "a.png").convert("RGB"), Image.open(images / "b.png").convert("RGB")]})
     expected = (text_ids(processor, "<|user|>\nLeft: ") + [-1] * image_tokens(processor, images / "a.png")
                 + text_ids(processor, " Right: ") + [-2] * image_tokens(processor, images / "b.png")
                 + text_ids(processor, "\nWhich has more?<|end|>\n<|assistant|>\n"))
@@ -85,7 +85,7 @@ def test_a_system_turn_reaches_the_phi3_template_and_is_never_a_target(processor
     (conversation,), found = read_conversations(path, images)
     assert found == "messages" and conversation["id"] == "train.json:2"
     example = {**conversation, "images": [Image.open(images / "a.png").convert("RGB")]}
-    encoded = encode_conversation(processor, example, 1)
+    encoded = encode_conversation(processor, example)
     answer = processor.tokenizer("shape<|end|>\n<|endoftext|>", add_special_tokens=False)["input_ids"]
     second_answer = processor.tokenizer("yes<|end|>\n<|endoftext|>", add_special_tokens=False)["input_ids"]
     first_prompt = (text_ids(processor, "<|system|>\nAnswer with one word.<|end|>\n<|user|>\n")
@@ -188,8 +188,8 @@ def test_evaluation_turns_answer_with_the_earlier_turns_as_context():
 
 def test_context_turns_are_encoded_as_in_training(processor):
     messages = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}]
-    prompt = encode_prompt(processor, {"images": [], "messages": messages}, 1)
-    trained = encode_conversation(processor, {"images": [], "messages": messages + [{"role": "assistant", "content": "a2"}]}, 1)
+    prompt = encode_prompt(processor, {"images": [], "messages": messages})
+    trained = encode_conversation(processor, {"images": [], "messages": messages + [{"role": "assistant", "content": "a2"}]})
     answer = processor.tokenizer("a2<|end|>\n<|endoftext|>", add_special_tokens=False)["input_ids"]
     assert prompt.input_ids + answer == trained.input_ids
 

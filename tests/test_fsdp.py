@@ -22,14 +22,11 @@ DRIVER = REPO_ROOT / "tests" / "drivers" / "fsdp_step.py"
 
 @pytest.fixture
 def gpu(monkeypatch):
-    """Parse as on a CUDA GPU with bf16, without the process group a launcher-less --fsdp parse would start."""
+    """Parse as on a CUDA GPU with bf16, in a process no launcher started (so no process group starts)."""
     monkeypatch.setattr(common.training.arguments, "cuda_available", lambda: True)
     monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda *args, **kwargs: True)
-    launches = []
-    monkeypatch.setattr(common.training.arguments, "ensure_distributed_env", lambda: launches.append(True))
     # TrainingArguments sets it from fsdp_config; restored after the test.
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
-    return launches
 
 
 def parse(tmp_path, *flags):
@@ -50,7 +47,7 @@ def test_fsdp_on_cpu_is_refused_with_its_reason(tmp_path, capsys, flags):
 
 def test_fsdp_replaces_the_default_zero2_with_fsdp2_settings(gpu, tmp_path):
     args = parse(tmp_path, "--fsdp", "--bf16")
-    assert args.deepspeed is None and args.fsdp is True and gpu, "no DeepSpeed; distributed env ensured as for DeepSpeed"
+    assert args.deepspeed is None and args.fsdp is True, "no DeepSpeed"
     assert args.fsdp_plugin_args == {
         "fsdp_version": 2,
         "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",

@@ -35,7 +35,7 @@ def parse(checkpoint, output_dir, *flags):
 def trainer_for(args, **kwargs):
     model = load_model_to_train(args)
     processor = load_processor(args.model_name_or_path, args.num_crops)
-    return RecipeTrainer(model=model, args=args, processing_class=processor, data_collator=Phi3VCollator(processor, 1), **kwargs)
+    return RecipeTrainer(model=model, args=args, processing_class=processor, data_collator=Phi3VCollator(processor), **kwargs)
 
 
 def expected_part(name: str) -> str:

@@ -59,8 +59,8 @@ def test_evaluation_examples_become_loss_examples_answered_with_their_first_refe
     loss_set = AnswersAsTargets(eval_set)
     assert len(loss_set) == 1
     assert loss_set[0] == {"id": "q7", "images": [image], "messages": [question, {"role": "assistant", "content": "a cat"}]}
-    processor = Phi3VProcessor.from_pretrained(tiny_checkpoint)
-    batch = Phi3VCollator(processor, 1)([loss_set[0]])
+    processor = Phi3VProcessor.from_pretrained(tiny_checkpoint, num_crops=1)
+    batch = Phi3VCollator(processor)([loss_set[0]])
     answer = processor.tokenizer("a cat", add_special_tokens=False).input_ids
     labels = batch["labels"][0][batch["labels"][0] != -100].tolist()
     assert labels[: len(answer)] == answer

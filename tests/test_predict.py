@@ -44,7 +44,7 @@ def images(tmp_path_factory) -> list[Path]:
 
 def evaluation_predictions(model, processor, examples, tmp_path) -> list[str]:
     """What the recipes' evaluation answers for the same examples."""
-    evaluate(model, processor, examples, "accuracy", tmp_path / "eval.json", num_crops=processor.image_processor.num_crops,
+    evaluate(model, processor, examples, "accuracy", tmp_path / "eval.json", 
              batch_size=2, max_new_tokens=6)
     return [record["prediction"] for record in json.loads((tmp_path / "eval.json").read_text())["examples"]]
 

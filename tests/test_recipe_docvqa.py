@@ -11,7 +11,7 @@ import torch
 
 from common.model.modeling_phi3v import Phi3VForCausalLM
 
-from .recipe_utils import REPO_ROOT, assert_ok, assert_ranks_in_sync, offline_env, read_eval, run_script, weights
+from .recipe_utils import REPO_ROOT, assert_ok, assert_ranks_in_sync, launched_as_one_process, offline_env, read_eval, run_script, weights
 
 SCRIPT = "finetune_hf_trainer_docvqa.py"
 VISION = "model.vision_embed_tokens."
@@ -187,13 +187,15 @@ def test_resume_matches_an_uninterrupted_run(tiny_checkpoint, docvqa_data, tmp_p
 )
 def test_impossible_flag_combinations_fail_before_loading(tmp_path, capsys, monkeypatch, flags, reason):
     # In this process: exit 2 comes from the parser, whereas loading the missing model would exit 1.
-    import common.training.arguments
+    from transformers import TrainingArguments
+
     from finetune_hf_trainer_docvqa import main
 
-    def deepspeed_setup():
-        raise AssertionError("the refusal must come before the default ZeRO-2 sets up a process group")
+    def process_group_setup(self):
+        raise AssertionError("the refusal must come before TrainingArguments sets up the default ZeRO-2's process group")
 
-    monkeypatch.setattr(common.training.arguments, "ensure_distributed_env", deepspeed_setup)
+    launched_as_one_process(monkeypatch)
+    monkeypatch.setattr(TrainingArguments, "__post_init__", process_group_setup)
     with pytest.raises(SystemExit) as stopped:
         main(["--model_name_or_path", str(tmp_path / "does-not-exist"), "--output_dir", str(tmp_path / "o"), *flags])
     assert stopped.value.code == 2

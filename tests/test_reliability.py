@@ -85,7 +85,7 @@ def test_bad_jsonl_line_stops_before_loading_anything(tiny_checkpoint, jsonl_dir
     code, stderr = run_main("finetune_hf_trainer_ucf101", ["--model_name_or_path", tiny_checkpoint, "--data_dir", jsonl_dir,
                                                            "--output_dir", tmp_path / "out", "--deepspeed", "none"], capsys)
     assert code == 1
-    assert f"ucf101_train.jsonl:3" in stderr and message in stderr, stderr
+    assert "ucf101_train.jsonl:3" in stderr and message in stderr, stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 

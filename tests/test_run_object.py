@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from transformers import Trainer
 
-from common.model.official_format import TOWER_PREFIX
+from common.model.official_files import TOWER_PREFIX
 from common.training.recipe import TRAINER_INTERNALS, UNUSED_TOWER_KEYS, RecipeTrainer
 from common.training.run_folder import COMPLETE_MARKER, RunFolder
 
@@ -19,9 +19,9 @@ def test_the_trainer_internals_used_have_the_signatures_they_were_read_against(n
     assert str(inspect.signature(getattr(Trainer, name))) == TRAINER_INTERNALS[name]
 
 
-def test_recipe_trainer_overrides_only_the_checkpoint_save_and_the_weights_save():
+def test_recipe_trainer_overrides_only_the_checkpoint_save():
     private = {name for name in vars(RecipeTrainer) if name.startswith("_") and not name.startswith("__") and hasattr(Trainer, name)}
-    assert private == {"_save_checkpoint", "_save"}
+    assert private == {"_save_checkpoint"}
 
 
 def test_the_end_of_training_keeps_only_the_best_of_this_runs_checkpoints(tmp_path):

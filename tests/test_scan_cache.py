@@ -58,27 +58,27 @@ def dataset_of(path, system_prompt=None):
 
 def test_the_key_follows_the_data_files_and_the_tokenization(processor, tiny_checkpoint, tmp_path):
     path = write_llava(tmp_path / "data")
-    key = scan_key(dataset_of(path), processor, NUM_CROPS)
-    assert scan_key(dataset_of(path), processor, NUM_CROPS) == key
-    assert scan_key(dataset_of(path), processor, 4) != key
-    assert scan_key(dataset_of(path, system_prompt="Be brief."), processor, NUM_CROPS) != key
+    key = scan_key(dataset_of(path), processor)
+    assert scan_key(dataset_of(path), processor) == key
+    assert scan_key(dataset_of(path), Phi3VProcessor.from_pretrained(tiny_checkpoint, num_crops=4)) != key
+    assert scan_key(dataset_of(path, system_prompt="Be brief."), processor) != key
     other = Phi3VProcessor.from_pretrained(tiny_checkpoint, num_crops=NUM_CROPS)
     other.tokenizer.chat_template = "{{ messages }}"
-    assert scan_key(dataset_of(path), other, NUM_CROPS) != key
+    assert scan_key(dataset_of(path), other) != key
 
     # The same rows, the file touched, then changed at its end, then at its start, each time same size.
     dataset = dataset_of(path)
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    touched = scan_key(dataset, processor, NUM_CROPS)
+    touched = scan_key(dataset, processor)
     assert touched != key
     data = path.read_bytes()
     path.write_bytes(data[:-1] + b" ")
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert scan_key(dataset, processor, NUM_CROPS) not in (key, touched)
+    assert scan_key(dataset, processor) not in (key, touched)
     path.write_bytes(b" " + data[1:])
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert scan_key(dataset, processor, NUM_CROPS) not in (key, touched)
+    assert scan_key(dataset, processor) not in (key, touched)
 
 
 def test_a_dataset_columns_system_prompt_changes_the_key(processor):
@@ -87,15 +87,15 @@ def test_a_dataset_columns_system_prompt_changes_the_key(processor):
     rows = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}])
     plain = RecipeDataset(rows, ColumnConversations("messages", "images", None, None, "toy"), "toy")
     prompted = RecipeDataset(rows, ColumnConversations("messages", "images", None, "Be brief.", "toy"), "toy")
-    assert scan_key(plain, processor, NUM_CROPS) != scan_key(prompted, processor, NUM_CROPS)
+    assert scan_key(plain, processor) != scan_key(prompted, processor)
 
 
 def test_two_shares_joined_equal_one_pass(processor, tmp_path):
     from common.data.scan_cache import RowScan
 
     dataset = dataset_of(write_llava(tmp_path / "data"))
-    whole = _scan_share(dataset, processor, NUM_CROPS, None, range(ROWS), None)
-    halves = RowScan.joined([_scan_share(dataset, processor, NUM_CROPS, None, share, None) for share in (range(0, 5), range(5, ROWS))])
+    whole = _scan_share(dataset, processor, None, range(ROWS), None)
+    halves = RowScan.joined([_scan_share(dataset, processor, None, share, None) for share in (range(0, 5), range(5, ROWS))])
     assert whole.complete and halves.complete
     assert np.array_equal(whole.total, halves.total) and np.array_equal(whole.supervised, halves.supervised)
     assert whole.errors == halves.errors and sorted(whole.errors) == list(BAD_IMAGES)
@@ -104,7 +104,7 @@ def test_two_shares_joined_equal_one_pass(processor, tmp_path):
     def too_long(tokens):
         return tokens.total > MAX_LENGTH
 
-    shares = [_scan_share(dataset, processor, NUM_CROPS, None, share, too_long) for share in (range(0, 5), range(5, ROWS))]
+    shares = [_scan_share(dataset, processor, None, share, too_long) for share in (range(0, 5), range(5, ROWS))]
     stopped = RowScan.joined(shares)
     assert [share.scanned for share in shares] == [3, 5] and stopped.scanned == 3 and not stopped.complete
 
@@ -113,38 +113,38 @@ def test_a_restart_reads_the_findings_instead_of_checking(processor, tmp_path, c
     path = write_llava(tmp_path / "data")
     out = tmp_path / "out"
     first_log, second_log = SkipLog(out / "first"), SkipLog(out / "second")
-    first = validate_training_data(dataset_of(path), processor, NUM_CROPS, MAX_LENGTH, first_log, cache=ScanCache(out))
+    first = validate_training_data(dataset_of(path), processor, MAX_LENGTH, first_log, cache=ScanCache(out))
     assert [first[i]["id"] for i in range(len(first))] == [f"r{i}" for i in range(ROWS) if i not in BAD_IMAGES + LONG_ROWS]
 
     monkeypatch.setattr(RecipeDataset, "scan", lambda *args, **kwargs: pytest.fail("the rows were checked again"))
     with caplog.at_level(logging.INFO, logger="common.data.validation"):
-        again = validate_training_data(dataset_of(path), processor, NUM_CROPS, MAX_LENGTH, second_log, cache=ScanCache(out))
+        again = validate_training_data(dataset_of(path), processor, MAX_LENGTH, second_log, cache=ScanCache(out))
     assert any("validation results of 12 rows reused from" in message for message in caplog.messages)
     assert [again[i]["id"] for i in range(len(again))] == [first[i]["id"] for i in range(len(first))]
     assert second_log.path.read_text() == first_log.path.read_text()
-    assert again.lengths(processor, NUM_CROPS) == first.lengths(processor, NUM_CROPS)
+    assert again.lengths(processor) == first.lengths(processor)
 
     # --max_length is applied to the recorded counts: no limit keeps the long rows, from the cache still.
-    unlimited = validate_training_data(dataset_of(path), processor, NUM_CROPS, 0, SkipLog(out / "third"), cache=ScanCache(out))
+    unlimited = validate_training_data(dataset_of(path), processor, 0, SkipLog(out / "third"), cache=ScanCache(out))
     assert len(unlimited) == ROWS - len(BAD_IMAGES)
     # Without --skip_bad_examples the first bad row stops the run, named as the pass named it.
     with pytest.raises(ExampleError, match=r"train.json row 2 \(id 'r2'\): OSError: image file .*002\.png does not decode"):
-        validate_training_data(dataset_of(path), processor, NUM_CROPS, MAX_LENGTH, None, cache=ScanCache(out))
+        validate_training_data(dataset_of(path), processor, MAX_LENGTH, None, cache=ScanCache(out))
 
 
 def test_lengths_for_grouping_come_from_the_validation_pass(processor, tmp_path, monkeypatch):
-    dataset = validate_training_data(dataset_of(write_llava(tmp_path / "data")), processor, NUM_CROPS, 0, SkipLog(tmp_path / "out"))
-    expected = [RecipeDataset([dataset[i]]).lengths(processor, NUM_CROPS)[0] for i in range(len(dataset))]
+    dataset = validate_training_data(dataset_of(write_llava(tmp_path / "data")), processor, 0, SkipLog(tmp_path / "out"))
+    expected = [RecipeDataset([dataset[i]]).lengths(processor)[0] for i in range(len(dataset))]
     monkeypatch.setattr(RecipeDataset, "scan", lambda *args, **kwargs: pytest.fail("the rows were scanned again for their lengths"))
-    assert dataset.lengths(processor, NUM_CROPS) == expected
+    assert dataset.lengths(processor) == expected
 
 
 def test_a_damaged_or_foreign_cache_file_is_ignored_with_a_warning(processor, tmp_path, caplog):
     path = write_llava(tmp_path / "data")
     cache = ScanCache(tmp_path / "out")
     dataset = dataset_of(path)
-    key = scan_key(dataset, processor, NUM_CROPS)
-    checked_rows(dataset, processor, NUM_CROPS, None, cache)
+    key = scan_key(dataset, processor)
+    checked_rows(dataset, processor, None, cache)
     record_file = cache.path(dataset.name)
     assert cache.load(dataset.name, key, ROWS) is not None
     assert cache.load(dataset.name, "another key", ROWS) is None
@@ -181,16 +181,16 @@ def test_two_ranks_share_the_pass_and_a_restart_reuses_it(processor, tiny_checkp
     rows, _ = read_conversations(path, path.parent, "llava")
     train_rows = hold_out(rows, 0.25, 42)[0]
     single_log = SkipLog(tmp_path / "single")
-    single = validate_training_data(RecipeDataset(train_rows, name="train.json", data_files=[path]), processor, NUM_CROPS, MAX_LENGTH, single_log)
+    single = validate_training_data(RecipeDataset(train_rows, name="train.json", data_files=[path]), processor, MAX_LENGTH, single_log)
     sharded = [json.loads(line) for line in (out / "skipped_examples.jsonl").read_text().splitlines()]
     expected = [json.loads(line) for line in single_log.path.read_text().splitlines()]
     assert sharded[: len(expected)] == expected and expected
     # The recipe's rows follow --seed (42 by default) in their draws, and so does the key.
     as_trained = RecipeDataset(train_rows, name="train.json", seed=42, data_files=[path])
-    recorded = ScanCache(out).load("train.json", scan_key(as_trained, processor, NUM_CROPS), len(train_rows))
+    recorded = ScanCache(out).load("train.json", scan_key(as_trained, processor), len(train_rows))
     assert recorded is not None
     kept = recorded.total[(recorded.total >= 0) & (recorded.total <= MAX_LENGTH)]
-    assert kept.tolist() == single.lengths(processor, NUM_CROPS)
+    assert kept.tolist() == single.lengths(processor)
 
     again = run_script("finetune_hf_trainer_custom.py", [*args, "--resume_from_checkpoint", "latest"], tmp_path, nproc=2)
     assert_ok(again)

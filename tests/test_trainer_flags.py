@@ -73,7 +73,7 @@ def test_training_options_take_effect(tiny_checkpoint, tmp_path, monkeypatch):
     )
     observer = Observer()
     processor = load_processor(args.model_name_or_path, args.num_crops)
-    collator = Phi3VCollator(processor, args.num_crops)
+    collator = Phi3VCollator(processor)
     trainer = RecipeTrainer(model=load_model_to_train(args), args=args, processing_class=processor,
                             data_collator=collator, train_dataset=EXAMPLES, callbacks=[observer])
     try:

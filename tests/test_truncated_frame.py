@@ -45,7 +45,7 @@ def test_the_validation_pass_names_the_truncated_frame(tiny_checkpoint, video_ro
     frame.write_bytes(frame.read_bytes()[:30])
     processor = Phi3VProcessor.from_pretrained(tiny_checkpoint, num_crops=1)
     with image_check_pool(2) as pool, pytest.raises(ExampleError) as stopped:
-        validate_evaluation_data(evaluation_set(root), processor, 1, None, pool)
+        validate_evaluation_data(evaluation_set(root), processor, None, pool)
     message = str(stopped.value)
     assert message.startswith(f"ucf101 val row 0 (id 'val-0000000000'): OSError: image file {frame} ")
     assert "\n" not in message

@@ -20,7 +20,7 @@ NUM_CROPS = 1
 
 @pytest.fixture(scope="module")
 def processor(tiny_checkpoint):
-    return Phi3VProcessor.from_pretrained(tiny_checkpoint)
+    return Phi3VProcessor.from_pretrained(tiny_checkpoint, num_crops=NUM_CROPS)
 
 
 def photo_bytes(file_format: str, seed: int = 0) -> bytes:
@@ -58,18 +58,17 @@ def test_truncated_jpeg_stops_the_run_at_validation_naming_row_and_file(jsonl_da
     path, root = jsonl_data
     dataset = RecipeDataset(load_jsonl_conversations(path, root), name="custom train")
     # The header is intact: reading image sizes alone, as before, finds nothing wrong.
-    assert len(dataset.lengths(processor, NUM_CROPS)) == 3
+    assert len(dataset.lengths(processor)) == 3
     message = rf"custom train row 2 \(id 'cut'\): OSError: image file {root.resolve()}/cut\.jpg does not decode: image file is truncated"
     with pytest.raises(ExampleError, match=message) as error:
-        validate_training_data(dataset, processor, NUM_CROPS, None, None)
+        validate_training_data(dataset, processor, None, None)
     assert "\n" not in str(error.value)
 
 
 def test_truncated_jpeg_is_skipped_with_skip_bad_examples(jsonl_data, processor, tmp_path):
     path, root = jsonl_data
     skip_log = SkipLog(tmp_path / "out")
-    dataset = validate_training_data(RecipeDataset(load_jsonl_conversations(path, root), name="custom train"), processor,
-                                     NUM_CROPS, None, skip_log)
+    dataset = validate_training_data(RecipeDataset(load_jsonl_conversations(path, root), name="custom train"), processor, None, skip_log)
     assert [dataset[i]["id"] for i in range(len(dataset))] == ["a", "b"]
     skipped = [json.loads(line) for line in skip_log.path.read_text().splitlines()]
     assert len(skipped) == 1 and skipped[0]["stage"] == "validation"
@@ -92,7 +91,7 @@ def test_damaged_images_in_a_hub_dataset_are_caught(processor):
 
     with image_check_pool(2) as pool:
         found = {scanned.index: scanned.error for scanned in RecipeDataset(source, to_example, name="hub").scan(
-            processor, NUM_CROPS, pool)}
+            processor, pool)}
     assert [index for index, error in found.items() if error is not None] == [1, 2, 3]
     assert "hub row 1 (id 'r1'): OSError: images[0] does not decode: image file is truncated" in str(found[1])
 
@@ -104,7 +103,7 @@ def test_unconvertible_image_mode_is_caught_without_decoding(processor):
     rows = [{"id": "odd", "images": [ImageOfUnknownMode()], "messages": [{"role": "user", "content": "<|image_1|>\nq"},
                                                                          {"role": "assistant", "content": "a"}]}]
     with pytest.raises(ExampleError, match=r"row 0 \(id 'odd'\): ValueError: cannot convert an image of PIL mode 'XYZ;12'"):
-        validate_training_data(RecipeDataset(rows, name="odd"), processor, NUM_CROPS, None, None)
+        validate_training_data(RecipeDataset(rows, name="odd"), processor, None, None)
 
 
 def text_row(example_id: str, answer: str = "yes", images: list | None = None) -> dict:
@@ -113,15 +112,16 @@ def text_row(example_id: str, answer: str = "yes", images: list | None = None) -
             "messages": [{"role": "user", "content": f"{tags}\nSay yes."}, {"role": "assistant", "content": answer}]}
 
 
-def test_a_121k_token_row_is_refused_by_default(processor, tmp_path):
+def test_a_121k_token_row_is_refused_by_default(tiny_checkpoint, tmp_path):
     args, = parse_args(argv=["--output_dir", str(tmp_path), "--deepspeed", "none"])
+    processor = Phi3VProcessor.from_pretrained(tiny_checkpoint, num_crops=16)
     # 48 pages at 16 crops, 2,509 image tokens each: the long row of the probe (issue 12).
     page = Image.new("RGB", (1344, 1344))
     rows = [text_row("short"), text_row("pages", images=[page] * 48)]
     message = rf"docs row 1 \(id 'pages'\) is 12\d{{4}} tokens long, more than --max_length {args.max_length}\..*0 turns the limit off"
     with pytest.raises(ExampleError, match=message):
-        validate_training_data(RecipeDataset(rows, name="docs"), processor, 16, args.max_length, None)
-    kept = validate_training_data(RecipeDataset(rows, name="docs"), processor, 16, 0, None)
+        validate_training_data(RecipeDataset(rows, name="docs"), processor, args.max_length, None)
+    kept = validate_training_data(RecipeDataset(rows, name="docs"), processor, 0, None)
     assert len(kept) == 2
 
 
@@ -130,22 +130,22 @@ def test_examples_without_a_supervised_token_are_an_error(processor, tmp_path, m
     monkeypatch.setattr("common.data.collator.answer_ids", lambda processor, content: [])
     rows = [text_row("a"), text_row("b")]
     with pytest.raises(DataError, match=r"toy row 0 \(id 'a'\) has no supervised token: every label is masked, so there is nothing to learn"):
-        validate_training_data(RecipeDataset(rows, name="toy"), processor, NUM_CROPS, None, None)
+        validate_training_data(RecipeDataset(rows, name="toy"), processor, None, None)
     with pytest.raises(DataError, match=r"toy: all 2 rows are unusable; the first: toy row 0 \(id 'a'\) has no supervised token") as error:
-        validate_training_data(RecipeDataset(rows, name="toy"), processor, NUM_CROPS, None, SkipLog(tmp_path))
+        validate_training_data(RecipeDataset(rows, name="toy"), processor, None, SkipLog(tmp_path))
     assert "\n" not in str(error.value)
 
 
 def test_empty_data_is_an_error(processor):
     with pytest.raises(DataError, match="toy holds no rows, so there is nothing to train on"):
-        validate_training_data(RecipeDataset([], name="toy"), processor, NUM_CROPS, None, None)
+        validate_training_data(RecipeDataset([], name="toy"), processor, None, None)
 
 
 def test_summary_gives_the_length_distribution_and_the_longest_id(processor, caplog):
     rows = [text_row(f"r{i}", "yes " * i) for i in range(1, 101)]
-    lengths = sorted(RecipeDataset(rows, name="toy").lengths(processor, NUM_CROPS))
+    lengths = sorted(RecipeDataset(rows, name="toy").lengths(processor))
     with caplog.at_level(logging.INFO, logger="common.data.validation"):
-        validate_training_data(RecipeDataset(rows, name="toy"), processor, NUM_CROPS, 8192, None)
+        validate_training_data(RecipeDataset(rows, name="toy"), processor, 8192, None)
     expected = (f"toy: tokens per example: min {lengths[0]}, median {lengths[49]}, p99 {lengths[98]}, max {lengths[99]} "
                 "(id 'r100'); --max_length 8192")
     assert expected in caplog.messages

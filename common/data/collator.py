@@ -110,8 +110,8 @@ def image_size(image) -> tuple[int, int]:
     raise ExampleError(f"an image must be a PIL image or a file path, got {type(image).__name__}")
 
 
-def example_tokens(processor: Phi3VProcessor, example: dict, num_crops: int) -> TokenCounts:
-    """The token counts of `encode_conversation(processor, example, num_crops)`, from text and image sizes only:
+def example_tokens(processor: Phi3VProcessor, example: dict) -> TokenCounts:
+    """The token counts of `encode_conversation(processor, example)`, from text and image sizes only:
     its length, and how many of its labels are not IGNORE_INDEX (the answer tokens of every turn).
 
     Images may be PIL images (a lazily opened file is not decoded: only `.size` is read) or file paths.
@@ -123,6 +123,7 @@ def example_tokens(processor: Phi3VProcessor, example: dict, num_crops: int) -> 
     check_messages(messages, len(images), for_training=not prompt_only)
     system, turns = split_system(messages)
     tokens_per_tile = processor.image_processor.num_img_tokens
+    num_crops = processor.image_processor.num_crops
     counts = [num_image_tokens(*hd_output_size(image_size(image), num_crops), tokens_per_tile) for image in images]
     total = supervised = 0
     for turn in range(0, len(turns), 2):
@@ -135,9 +136,9 @@ def example_tokens(processor: Phi3VProcessor, example: dict, num_crops: int) -> 
     return TokenCounts(total, supervised)
 
 
-def example_length(processor: Phi3VProcessor, example: dict, num_crops: int) -> int:
-    """Exact `len(encode_conversation(processor, example, num_crops))`, from text and image sizes only."""
-    return example_tokens(processor, example, num_crops).total
+def example_length(processor: Phi3VProcessor, example: dict) -> int:
+    """Exact `len(encode_conversation(processor, example))`, from text and image sizes only."""
+    return example_tokens(processor, example).total
 
 
 def answer_ids(processor: Phi3VProcessor, content: str) -> list[int]:
@@ -174,7 +175,7 @@ class Phi3VCollator:
 
     Input: training examples as defined in `common/data/conversation.py`, ``{"images": [PIL images],
     "messages": [system (optional), user, assistant, ...], "id": optional}``. Each is encoded with `encode_conversation` at
-    `num_crops` (1..16).
+    the processor's ``num_crops`` (1..16), the one source of the crop count.
 
     Output (a dict; all integer tensors int64):
 
@@ -212,7 +213,6 @@ class Phi3VCollator:
     def __init__(
         self,
         processor: Phi3VProcessor,
-        num_crops: int,
         max_length: int | None = None,
         padding_free: bool = False,
         skip_log=None,
@@ -221,7 +221,6 @@ class Phi3VCollator:
         if max_length is not None and not valid_int:
             raise ValueError(f"max_length must be a non-negative int (0 or None: no limit), got {max_length!r}")
         self.processor = processor
-        self.num_crops = check_num_crops(num_crops)
         self.max_length = max_length or None
         self.padding_free = bool(padding_free)
         self.pad_token_id = _pad_id(processor)
@@ -229,14 +228,14 @@ class Phi3VCollator:
 
     def length_of(self, example: dict) -> int:
         """The example's exact token length in a batch of this collator, computed without pixel data."""
-        return example_length(self.processor, example, self.num_crops)
+        return example_length(self.processor, example)
 
     def encode(self, example: dict, position: int = 0) -> EncodedExample:
         """`encode_conversation` with errors that name the example, and the `max_length` check."""
         if not isinstance(example, dict):
             raise LoadingError(f"batch position {position} holds a {type(example).__name__}, not an example dict")
         try:
-            encoded = encode_conversation(self.processor, example, self.num_crops)
+            encoded = encode_conversation(self.processor, example)
         except (ValueError, TypeError, OSError) as error:
             raise LoadingError(
                 f"{_describe(example, position)} cannot be encoded: {error}. Fix the example (or the code that "
@@ -246,7 +245,7 @@ class Phi3VCollator:
             raise LoadingError(
                 f"{_describe(example, position)} is {len(encoded)} tokens long, more than max_length="
                 f"{self.max_length}; image tokens cannot be truncated. Raise max_length, lower num_crops "
-                f"(now {self.num_crops}), or drop the examples whose length_of() exceeds max_length."
+                f"(now {self.processor.image_processor.num_crops}), or drop the examples whose length_of() exceeds max_length."
             )
         return encoded
 
@@ -301,7 +300,7 @@ class Phi3VGenerationCollator:
     """Evaluation collator: a list of evaluation examples -> ``(model_inputs, metadata)``.
 
     Input: evaluation examples (`common/data/conversation.py`), ``{"id", "images", "messages": [..., the user message
-    to answer], "references": [str, ...]}``, each encoded with `encode_prompt` at `num_crops`, so every prompt ends with
+    to answer], "references": [str, ...]}``, each encoded with `encode_prompt` at the processor's `num_crops`, so every prompt ends with
     the generation prompt ``<|assistant|>\\n``.
 
     ``model_inputs`` (for ``model.generate(**model_inputs, ...)``): ``input_ids`` (B, L) int64, left-padded
@@ -314,9 +313,8 @@ class Phi3VGenerationCollator:
     ``metadata``: ``{"ids": [example ids], "references": [each example's reference list]}``, in batch order.
     """
 
-    def __init__(self, processor: Phi3VProcessor, num_crops: int):
+    def __init__(self, processor: Phi3VProcessor):
         self.processor = processor
-        self.num_crops = check_num_crops(num_crops)
         self.pad_token_id = _pad_id(processor)
 
     def __call__(self, examples: list[dict]) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
@@ -327,7 +325,7 @@ class Phi3VGenerationCollator:
             if not isinstance(example, dict):
                 raise ExampleError(f"batch position {position} holds a {type(example).__name__}, not an example dict")
             try:
-                encoded.append(encode_prompt(self.processor, example, self.num_crops))
+                encoded.append(encode_prompt(self.processor, example))
                 example_references = example.get("references")
                 if not isinstance(example_references, list) or not all(isinstance(r, str) for r in example_references):
                     raise ExampleError(f"'references' must be a list of strings, got {example_references!r:.200}")

@@ -83,13 +83,13 @@ def check_messages(messages, num_images: int, for_training: bool) -> None:
         )
 
 
-def process_images(processor: Phi3VProcessor, images, num_crops: int):
+def process_images(processor: Phi3VProcessor, images):
     if not images:
         return None, None, []
     for index, image in enumerate(images):
         if not isinstance(image, Image.Image):
             raise ExampleError(f"images[{index}] is a {type(image).__name__}, not a PIL image")
-    features = processor.image_processor(list(images), num_crops=num_crops)
+    features = processor.image_processor(list(images))
     return features["pixel_values"], features["image_sizes"], features["num_img_tokens"]
 
 
@@ -118,21 +118,21 @@ def _encode_turns(processor: Phi3VProcessor, messages: list, token_counts) -> tu
     return input_ids, labels
 
 
-def _encode_example(processor: Phi3VProcessor, example: dict, num_crops: int, for_training: bool) -> EncodedExample:
+def _encode_example(processor: Phi3VProcessor, example: dict, for_training: bool) -> EncodedExample:
     images = example.get("images") or []
     messages = example.get("messages")
     check_messages(messages, len(images), for_training=for_training)
-    pixel_values, image_sizes, token_counts = process_images(processor, images, num_crops)
+    pixel_values, image_sizes, token_counts = process_images(processor, images)
     input_ids, labels = _encode_turns(processor, messages, token_counts)
     return EncodedExample(input_ids, labels if for_training else None, pixel_values, image_sizes)
 
 
-def encode_conversation(processor: Phi3VProcessor, example: dict, num_crops: int) -> EncodedExample:
+def encode_conversation(processor: Phi3VProcessor, example: dict) -> EncodedExample:
     """Token ids and labels of a training example (see the module docstring)."""
-    return _encode_example(processor, example, num_crops, for_training=True)
+    return _encode_example(processor, example, for_training=True)
 
 
-def encode_prompt(processor: Phi3VProcessor, example: dict, num_crops: int) -> EncodedExample:
+def encode_prompt(processor: Phi3VProcessor, example: dict) -> EncodedExample:
     """Token ids of an evaluation example's prompt: its earlier turns as in training, then its last user message
     with the generation prompt."""
-    return _encode_example(processor, example, num_crops, for_training=False)
+    return _encode_example(processor, example, for_training=False)

@@ -208,9 +208,7 @@ class RecipeDataset(torch.utils.data.Dataset):
             return None
         return example
 
-    def scan(
-        self, processor: Phi3VProcessor, num_crops: int, image_pool: Executor | None = None, rows: range | None = None
-    ) -> Iterator[ScannedRow]:
+    def scan(self, processor: Phi3VProcessor, image_pool: Executor | None = None, rows: range | None = None) -> Iterator[ScannedRow]:
         """Every row in order (or those of `rows`, a range of indices), with its exact token counts or the
         ExampleError of that row.
 
@@ -228,7 +226,7 @@ class RecipeDataset(torch.utils.data.Dataset):
         chunk_files: list[list[tuple[str, bytes | str | os.PathLike]]] = []
         chunk_bytes = 0
         for index in progress:
-            scanned, row, files = self._scan_row(index, rows, processor, num_crops, image_pool is not None)
+            scanned, row, files = self._scan_row(index, rows, processor, image_pool is not None)
             if image_pool is None:
                 yield scanned
                 continue
@@ -244,7 +242,7 @@ class RecipeDataset(torch.utils.data.Dataset):
         while in_flight:
             yield from self._checked(*in_flight.popleft())
 
-    def _scan_row(self, index, rows, processor, num_crops, with_files: bool) -> tuple[ScannedRow, object, list]:
+    def _scan_row(self, index, rows, processor, with_files: bool) -> tuple[ScannedRow, object, list]:
         """One row checked by this process, and the image files the pool is to decode for it."""
         row, opened = None, {}
         try:
@@ -254,7 +252,7 @@ class RecipeDataset(torch.utils.data.Dataset):
                 raise unreadable
             example = self._convert(row, index)
             self._check(example)
-            tokens = example_tokens(processor, example, num_crops)
+            tokens = example_tokens(processor, example)
             files = _image_files(example["images"], opened) if with_files else []
             return ScannedRow(index, example["id"], tokens, None), row, files
         except Exception as error:
@@ -285,35 +283,35 @@ class RecipeDataset(torch.utils.data.Dataset):
     def original_index(self, index: int) -> int:
         return index if self.original_indices is None else self.original_indices[index]
 
-    def lengths(self, processor: Phi3VProcessor, num_crops: int) -> list[int]:
-        """Each training example's exact token length at `num_crops` (what `Phi3VCollator.length_of` gives).
+    def lengths(self, processor: Phi3VProcessor) -> list[int]:
+        """Each training example's exact token length with `processor` (what `Phi3VCollator.length_of` gives).
 
         Pixels are not decoded: image sizes come from file headers (a `datasets.Dataset`'s image columns are
         read undecoded and handed to `to_example` as lazily opened PIL images; only EXIF-rotated images are
         decoded, to turn them upright as `datasets` does). A `to_example` that draws randomly (e.g. one answer
-        of several) gives the length of one draw. Memoised per (processor, num_crops); the validation pass hands
+        of several) gives the length of one draw. Memoised per processor and crop count; the validation pass hands
         over the lengths it measured (`remember_lengths`), so length-grouped batching does not scan again.
         """
         if not self.for_training:
             raise ValueError(
                 f"{self.name}: lengths are token lengths of training examples; this dataset holds evaluation examples"
             )
-        cached = self._lengths.get((id(processor), num_crops))
+        cached = self._lengths.get(_lengths_key(processor))
         if cached is not None and cached[0] is processor:
             return cached[1].tolist()
         result = []
-        for scanned in self.scan(processor, num_crops):
+        for scanned in self.scan(processor):
             if scanned.error is not None:
                 raise scanned.error
             result.append(scanned.tokens.total)
-        self.remember_lengths(processor, num_crops, np.asarray(result, dtype=np.int32))
+        self.remember_lengths(processor, np.asarray(result, dtype=np.int32))
         return result
 
-    def remember_lengths(self, processor: Phi3VProcessor, num_crops: int, lengths: np.ndarray) -> None:
-        """Take `lengths` (one per row, in order) as what `lengths(processor, num_crops)` returns."""
+    def remember_lengths(self, processor: Phi3VProcessor, lengths: np.ndarray) -> None:
+        """Take `lengths` (one per row, in order) as what `lengths(processor)` returns."""
         if len(lengths) != len(self):
             raise ValueError(f"{self.name}: {len(lengths)} lengths for {len(self)} rows")
-        self._lengths[(id(processor), num_crops)] = (processor, np.asarray(lengths, dtype=np.int32))
+        self._lengths[_lengths_key(processor)] = (processor, np.asarray(lengths, dtype=np.int32))
 
     def example_id(self, index: int):
         """The id the validation pass names row `index` by, read without decoding its images."""
@@ -407,6 +405,11 @@ class RecipeDataset(torch.utils.data.Dataset):
                     # Handed over, not raised: raising here would end the generator and every row after this one.
                     row = error
                 yield row, opened
+
+
+def _lengths_key(processor: Phi3VProcessor) -> tuple[int, int]:
+    # Lengths follow the processor's crop count, which a caller may change on the same processor.
+    return id(processor), processor.image_processor.num_crops
 
 
 def _stable(value):

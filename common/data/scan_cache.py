@@ -126,7 +126,7 @@ def processor_identity(processor) -> dict:
     }
 
 
-def scan_key(dataset, processor, num_crops: int, content: str | None = None) -> str:
+def scan_key(dataset, processor, content: str | None = None) -> str:
     """The fingerprint a recorded scan of `dataset` must carry to be used (see the module's docstring);
     `content`: the rows' `data_fingerprint` when it is known already (it reads every row)."""
     identity = {
@@ -139,7 +139,7 @@ def scan_key(dataset, processor, num_crops: int, content: str | None = None) -> 
         "conversion": converter_identity(dataset.to_example),
         # Random draws in the conversion follow the seed (`RecipeDataset`).
         "seed": getattr(dataset, "seed", None),
-        "num_crops": num_crops,
+        "num_crops": processor.image_processor.num_crops,
         "processor": processor_identity(processor),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()

@@ -63,7 +63,6 @@ class SkipLog:
 def validate_training_data(
     dataset: RecipeDataset,
     processor,
-    num_crops: int,
     max_length: int | None,
     skip_log: SkipLog | None,
     image_pool: Executor | None = None,
@@ -82,7 +81,7 @@ def validate_training_data(
     def unusable(tokens: TokenCounts) -> bool:
         return bool(max_length and tokens.total > max_length) or tokens.supervised == 0
 
-    scan = checked_rows(dataset, processor, num_crops, image_pool, cache, stop_at=unusable if skip_log is None else None)
+    scan = checked_rows(dataset, processor, image_pool, cache, stop_at=unusable if skip_log is None else None)
     rows = scan.scanned
     bad = scan.total[:rows] < 0
     if max_length:
@@ -90,10 +89,10 @@ def validate_training_data(
     bad |= scan.supervised[:rows] == 0
     problems = np.flatnonzero(bad)
     if problems.size and skip_log is None:
-        raise _problem(dataset, scan, int(problems[0]), num_crops, max_length)
+        raise _problem(dataset, scan, int(problems[0]), processor, max_length)
     first_problem = None
     for index in problems.tolist():
-        error = _problem(dataset, scan, index, num_crops, max_length)
+        error = _problem(dataset, scan, index, processor, max_length)
         first_problem = first_problem or error
         skip_log.record(str(error), stage="validation")
     keep = np.flatnonzero(~bad)
@@ -106,7 +105,7 @@ def validate_training_data(
         )
         dataset = dataset.subset(keep.tolist())
     lengths = scan.total[keep]
-    dataset.remember_lengths(processor, num_crops, lengths)
+    dataset.remember_lengths(processor, lengths)
     dataset.skip_log = skip_log
     logger.info("%s: %d rows checked, %d used for training", dataset.name, len(keep) + problems.size, len(keep))
     longest = int(np.argmax(lengths))
@@ -117,7 +116,6 @@ def validate_training_data(
 def validate_evaluation_data(
     dataset: RecipeDataset,
     processor,
-    num_crops: int,
     skip_log: SkipLog | None,
     image_pool: Executor | None = None,
     cache: ScanCache | None = None,
@@ -128,10 +126,10 @@ def validate_evaluation_data(
     out over the ranks and recorded in `cache` as `validate_training_data` does."""
     if len(dataset) == 0:
         raise DataError(f"{dataset.name} holds no rows, so there is nothing to evaluate on; check the data path and --max_eval_samples")
-    scan = checked_rows(dataset, processor, num_crops, image_pool, cache, stop_at=(lambda tokens: False) if skip_log is None else None)
+    scan = checked_rows(dataset, processor, image_pool, cache, stop_at=(lambda tokens: False) if skip_log is None else None)
     failed = sorted(scan.errors)
     if failed and skip_log is None:
-        raise _problem(dataset, scan, failed[0], num_crops, None)
+        raise _problem(dataset, scan, failed[0], processor, None)
     skipped: list[dict] = []
     for index in failed:
         row_id, _, reason = scan.errors[index]
@@ -149,7 +147,7 @@ def validate_evaluation_data(
 
 
 def checked_rows(
-    dataset: RecipeDataset, processor, num_crops: int, image_pool: Executor | None, cache: ScanCache | None, stop_at=None
+    dataset: RecipeDataset, processor, image_pool: Executor | None, cache: ScanCache | None, stop_at=None
 ) -> RowScan:
     """What the checks find in every row, on every rank: read from `cache` when it holds this data's record
     (`common.data.scan_cache`), else each rank checks its share of consecutive rows and the shares are gathered.
@@ -160,7 +158,7 @@ def checked_rows(
     key = None
     if cache is not None:
         if is_main_process():
-            key = scan_key(dataset, processor, num_crops, cache.contents.get(id(dataset)))
+            key = scan_key(dataset, processor, cache.contents.get(id(dataset)))
         recorded = from_main(cache.load(dataset.name, key, len(dataset)) if key else None)
         if recorded is not None:
             logger.info("%s: validation results of %d rows reused from %s (recorded by an earlier start on the same data and settings)",
@@ -168,7 +166,7 @@ def checked_rows(
             return recorded
     rank, world = rank_and_world()
     share = range(len(dataset) * rank // world, len(dataset) * (rank + 1) // world)
-    scan = RowScan.joined(gathered(_scan_share(dataset, processor, num_crops, image_pool, share, stop_at)))
+    scan = RowScan.joined(gathered(_scan_share(dataset, processor, image_pool, share, stop_at)))
     if world > 1:
         logger.info("%s: rows checked in %d processes, %d to %d rows each", dataset.name, world, len(dataset) // world, -(-len(dataset) // world))
     if key is not None and scan.complete:
@@ -176,9 +174,9 @@ def checked_rows(
     return scan
 
 
-def _scan_share(dataset: RecipeDataset, processor, num_crops: int, image_pool: Executor | None, share: range, stop_at) -> RowScan:
+def _scan_share(dataset: RecipeDataset, processor, image_pool: Executor | None, share: range, stop_at) -> RowScan:
     part = RowScan.empty(len(share))
-    for scanned in _scan(dataset, processor, num_crops, image_pool, share):
+    for scanned in _scan(dataset, processor, image_pool, share):
         offset = scanned.index - share.start
         part.scanned = offset + 1
         if scanned.error is not None:
@@ -193,11 +191,11 @@ def _scan_share(dataset: RecipeDataset, processor, num_crops: int, image_pool: E
     return part
 
 
-def _scan(dataset: RecipeDataset, processor, num_crops: int, image_pool: Executor | None, rows: range):
+def _scan(dataset: RecipeDataset, processor, image_pool: Executor | None, rows: range):
     """Each row of `rows` as `RecipeDataset.scan` finds it, its images checked on `image_pool` or a pool of our own."""
     own_pool = image_check_pool() if image_pool is None else None
     try:
-        yield from dataset.scan(processor, num_crops, image_pool or own_pool, rows)
+        yield from dataset.scan(processor, image_pool or own_pool, rows)
     finally:
         if own_pool is not None:
             # Stopping at a bad row must not wait for the checks still queued behind it.
@@ -218,7 +216,7 @@ def length_summary(name: str, lengths: list[int], longest_id, max_length: int | 
     )
 
 
-def _problem(dataset: RecipeDataset, scan: RowScan, index: int, num_crops: int, max_length: int | None) -> ExampleError:
+def _problem(dataset: RecipeDataset, scan: RowScan, index: int, processor, max_length: int | None) -> ExampleError:
     """The error that makes row `index` unusable: the one its check raised, or its length or its labels."""
     if index in scan.errors:
         _, kind, reason = scan.errors[index]
@@ -229,7 +227,7 @@ def _problem(dataset: RecipeDataset, scan: RowScan, index: int, num_crops: int, 
         return ExampleError(
             f"{where} is {total} tokens long, more than --max_length {max_length}. Image tokens cannot "
             f"be cut: raise --max_length (0 turns the limit off) if the GPU has the memory, lower --num_crops (now "
-            f"{num_crops}), or pass --skip_bad_examples to drop such rows."
+            f"{processor.image_processor.num_crops}), or pass --skip_bad_examples to drop such rows."
         )
     return ExampleError(
         f"{where} has no supervised token: every label is masked, so there is nothing to learn from it (training "

@@ -37,11 +37,10 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class GenerationSettings:
     """A run's settings for its evaluations by generation (`FinetuneArguments.generation_settings`): where the
-    answers are written, the crops, the batch, the answer length, the DataLoader workers, and whether to generate
-    under CUDA fp16 autocast (fp16 mixed precision, whose weights are fp32)."""
+    answers are written, the batch, the answer length, the DataLoader workers, and whether to generate under CUDA
+    fp16 autocast (fp16 mixed precision, whose weights are fp32). The crops are the processor's."""
 
     output_dir: Path
-    num_crops: int
     batch_size: int
     max_new_tokens: int
     num_workers: int = 0
@@ -88,10 +87,10 @@ class AnswerGenerator:
     ``model`` may be a Phi3VForCausalLM, a PEFT model around one, or a DDP/DeepSpeed wrapper of either.
     """
 
-    def __init__(self, model, processor, num_crops: int, max_new_tokens: int, synced_gpus: bool = False):
+    def __init__(self, model, processor, max_new_tokens: int, synced_gpus: bool = False):
         tokenizer = processor.tokenizer
         self.tokenizer = tokenizer
-        self.collate = Phi3VGenerationCollator(processor, num_crops)
+        self.collate = Phi3VGenerationCollator(processor)
         self.generator, base = _unwrap(model)
         self.device, self.pixel_dtype = base.device, _pixel_dtype(base)
         self.generation_kwargs = dict(
@@ -160,7 +159,6 @@ def evaluate(
     examples,
     metric: str,
     output_file,
-    num_crops: int,
     batch_size: int = 8,
     max_new_tokens: int = 64,
     desc: str = "evaluate",
@@ -196,7 +194,7 @@ def evaluate(
         shard += [None] * (math.ceil(num_examples / world_size) - len(shard))
 
     scorer = SCORERS[metric]
-    answer = AnswerGenerator(model, processor, num_crops, max_new_tokens, synced_gpus=synced_gpus)
+    answer = AnswerGenerator(model, processor, max_new_tokens, synced_gpus=synced_gpus)
     batches = torch.utils.data.DataLoader(
         _Shard(examples, shard),
         batch_size=batch_size,

@@ -56,7 +56,7 @@ class GenerationEvaluation:
         self.loss_set = AnswersAsTargets(eval_set)
         # No --max_length here: the validation pass checked the evaluation split as prompts, and a loss is
         # still right for an example longer than the training limit.
-        self.loss_collator = Phi3VCollator(processor, settings.num_crops, padding_free=padding_free)
+        self.loss_collator = Phi3VCollator(processor, padding_free=padding_free)
 
     def __call__(self, trainer, metric_key_prefix: str = "eval") -> dict[str, float]:
         start = time.time()
@@ -109,7 +109,6 @@ def run_evaluation(
             eval_dataset,
             metric=metric,
             output_file=settings.output_dir / file_name,
-            num_crops=settings.num_crops,
             batch_size=settings.batch_size,
             max_new_tokens=settings.max_new_tokens,
             desc=desc or file_name.removesuffix(".json"),

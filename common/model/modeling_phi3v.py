@@ -24,6 +24,7 @@ from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, P
 from transformers.utils import is_flash_attn_2_available
 
 from .configuration_phi3v import Phi3VConfig
+from .official_files import with_unused_base_tensors
 
 CROP_SIZE = 336
 # The attention kernels the model runs with (`attn_implementation`).
@@ -90,7 +91,7 @@ class Phi3VImageEmbedding(nn.Module):
     def merge_2x2(self, patch_features: torch.Tensor) -> torch.Tensor:
         """(n, g*g, C) patch features -> (n, g/2, g/2, 4C), each 2x2 block ordered (0,0), (0,1), (1,0), (1,1)."""
         n, _, channels = patch_features.shape
-        g, m = self.patch_grid, self.merged_grid
+        m = self.merged_grid
         blocks = patch_features.reshape(n, m, 2, m, 2, channels).permute(0, 1, 3, 2, 4, 5)
         return blocks.reshape(n, m, m, 4 * channels)
 
@@ -233,6 +234,17 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
         self._sync_vision_attn_implementation()
+
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        """`PreTrainedModel.save_pretrained`, with the weight names of the checkpoint this model was loaded from:
+        the CLIP layer after the feature layer and ``post_layernorm``, which this class does not build, are copied
+        from there (`common.model.official_files.unused_base_tensors`), so that the checkpoint's own code and
+        loaders that check names strictly read the folder as they read the base. A model built from a config, or
+        whose source is gone, saves its own weights alone; an empty `state_dict` (a DeepSpeed save that writes its
+        own files instead) stays empty."""
+        if self.name_or_path and (state_dict is None or len(state_dict)):
+            state_dict = with_unused_base_tensors(self.state_dict() if state_dict is None else state_dict, self.name_or_path)
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
 
     def _sync_vision_attn_implementation(self):
         # The CLIP layers read their own (sub-)config, which transformers updates only for sub-models that are

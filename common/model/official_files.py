@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import constants, snapshot_download
+from safetensors import safe_open
 from transformers.utils import cached_file
 
 from ..dtypes import SAVE_DTYPES
@@ -25,6 +26,8 @@ SAFE_INDEX = "model.safetensors.index.json"
 CODE_PATTERNS = ["*.py"]
 # The JSON files whose auto_map entries name code modules.
 AUTO_MAP_FILES = ("config.json", "preprocessor_config.json", "processor_config.json")
+# Where the vision tower's weights are named in the official checkpoint.
+TOWER_PREFIX = "model.vision_embed_tokens.img_processor.vision_model."
 # The hub cache names each snapshot folder by its commit.
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 # tokenizer_config.json keys that only transformers 5 writes and 4.x would pass on as tokenizer arguments.
@@ -111,6 +114,30 @@ class BaseCheckpoint:
             return [path for path in map(self.file, names) if path is not None]
         single = self.file(SAFE_WEIGHTS)
         return [single] if single is not None else []
+
+
+def unused_base_tensors(base: BaseCheckpoint, present: set[str]) -> dict[str, torch.Tensor]:
+    """The base's vision-tower tensors our model does not build (the CLIP layer after the feature layer and
+    ``post_layernorm``). They never affect the output and never train; copying them makes the output's weight
+    names the base's, so the checkpoint's own code and loaders that check names strictly load it as the base."""
+    tensors = {}
+    for path in base.weight_files():
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                if name.startswith(TOWER_PREFIX) and name not in present:
+                    tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+def with_unused_base_tensors(state_dict: dict[str, torch.Tensor], base_source: str | os.PathLike | BaseCheckpoint) -> dict[str, torch.Tensor]:
+    """A model's state dict plus the base's unused tower tensors (`unused_base_tensors`), in the dtype of the
+    tower's other weights: what `Phi3VForCausalLM.save_pretrained` writes, whatever the engine gathered."""
+    extra = unused_base_tensors(base_checkpoint(base_source), set(state_dict))
+    tower = next((t for name, t in state_dict.items() if name.startswith(TOWER_PREFIX) and t.is_floating_point()), None)
+    if tower is not None:
+        extra = {name: t.to(tower.dtype) for name, t in extra.items()}
+    return {**state_dict, **extra}
+
 
 def _modules(reference) -> set[str]:
     """The local modules an ``auto_map`` entry (``module.Class``, or a list of them) names; a ``repo--module.Class``

@@ -13,8 +13,9 @@ it so:
   commit, fetched into the hub cache when the run starts (`base_checkpoint`). ``auto_map`` entries stay local
   (``module.Class``) and only name modules the folder holds; we never write or ship that code ourselves;
 - the base's full set of weight names: the unused last CLIP layer and ``post_layernorm``, which our model does
-  not build, are copied from the base (`unused_base_tensors`). Final models (`finalize_weights`) are written in
-  the base checkpoint's dtype (or ``--save_dtype``); checkpoints for resume keep the training precision.
+  not build, are copied from the base (`Phi3VForCausalLM.save_pretrained`; `finalize_weights` for folders written
+  otherwise). Final models (`finalize_weights`) are written in the base checkpoint's dtype (or ``--save_dtype``);
+  checkpoints for resume keep the training precision.
 """
 
 from __future__ import annotations
@@ -32,11 +33,8 @@ from ..dtypes import dtype_name
 from ..errors import ExportError
 from ..io import follow_umask_in, replace_atomically
 from .modeling_phi3v import Phi3VForCausalLM
-from .official_files import SAFE_INDEX, SAFE_WEIGHTS, BaseCheckpoint, base_checkpoint, copy_code_files, write_json
+from .official_files import SAFE_INDEX, SAFE_WEIGHTS, BaseCheckpoint, base_checkpoint, copy_code_files, unused_base_tensors, write_json
 from .processing_phi3v import stop_token_ids
-
-TOWER_PREFIX = "model.vision_embed_tokens.img_processor.vision_model."
-
 
 def write_generation_config(folder: Path, base: BaseCheckpoint, tokenizer) -> None:
     """The base's generation_config.json with every stop id: the hub file stops only at ``</s>``, so a
@@ -73,29 +71,6 @@ def complete_model_folder(folder: str | Path, base_source: str | os.PathLike | B
     write_generation_config(folder, base, tokenizer)
     copy_code_files(base, folder)
     follow_umask_in(folder)
-
-
-def unused_base_tensors(base: BaseCheckpoint, present: set[str]) -> dict[str, torch.Tensor]:
-    """The base's vision-tower tensors our model does not build (the CLIP layer after the feature layer and
-    ``post_layernorm``). They never affect the output and never train; copying them makes the output's weight
-    names the base's, so the checkpoint's own code and loaders that check names strictly load it as the base."""
-    tensors = {}
-    for path in base.weight_files():
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                if name.startswith(TOWER_PREFIX) and name not in present:
-                    tensors[name] = handle.get_tensor(name)
-    return tensors
-
-
-def with_unused_base_tensors(state_dict: dict[str, torch.Tensor], base_source: str | os.PathLike | BaseCheckpoint) -> dict[str, torch.Tensor]:
-    """A model's state dict plus the base's unused tower tensors (`unused_base_tensors`), in the dtype of the
-    tower's other weights: what the project's own save writes into every checkpoint-N, whatever the engine."""
-    extra = unused_base_tensors(base_checkpoint(base_source), set(state_dict))
-    tower = next((t for name, t in state_dict.items() if name.startswith(TOWER_PREFIX) and t.is_floating_point()), None)
-    if tower is not None:
-        extra = {name: t.to(tower.dtype) for name, t in extra.items()}
-    return {**state_dict, **extra}
 
 
 def finalize_weights(folder: str | Path, base_source: str | os.PathLike, dtype: torch.dtype | None = None) -> torch.dtype:
@@ -149,18 +124,25 @@ def mismatch_reason(error: RuntimeError) -> str | None:
     return lines[0] if lines else None
 
 
-def load_merged(adapter: Path, base_source: str):
-    """The base in fp32 with the adapter merged in: one rounding to the saved dtype, after the merge."""
+def with_adapter(model, adapter: Path, mismatch_error):
+    """`model` with the LoRA adapter in `adapter` applied (a PeftModel); an adapter trained on another base, whose
+    shapes do not fit, raises ``mismatch_error(reason)`` (the first size mismatch) instead of PEFT's long error."""
     from peft import PeftModel
 
-    base = Phi3VForCausalLM.from_pretrained(base_source, dtype=torch.float32, use_safetensors=True)
     try:
-        model = PeftModel.from_pretrained(base, adapter)
+        return PeftModel.from_pretrained(model, adapter)
     except RuntimeError as error:
-        if mismatch_reason(error) is None:
+        reason = mismatch_reason(error)
+        if reason is None:
             raise
-        raise ExportError(
-            f"the adapter {adapter} does not fit the base {base_source} ({mismatch_reason(error)}); pass --base with "
-            "the checkpoint the adapter was trained on"
-        ) from None
+        raise mismatch_error(reason) from None
+
+
+def load_merged(adapter: Path, base_source: str):
+    """The base in fp32 with the adapter merged in: one rounding to the saved dtype, after the merge."""
+    base = Phi3VForCausalLM.from_pretrained(base_source, dtype=torch.float32, use_safetensors=True)
+    model = with_adapter(base, adapter, lambda reason: ExportError(
+        f"the adapter {adapter} does not fit the base {base_source} ({reason}); pass --base with the checkpoint the "
+        "adapter was trained on"
+    ))
     return model.merge_and_unload(progressbar=True)

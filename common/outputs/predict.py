@@ -47,9 +47,12 @@ from tqdm import tqdm
 from ..data.dataset import load_image
 from ..data.formats import FILE_FORMATS, prediction_examples, with_system
 from ..errors import DataError, ExportError, error_reason
+from ..evaluation.generation import AnswerGenerator
 from ..io import follow_umask, replace_atomically
+from ..model.modeling_phi3v import Phi3VForCausalLM
 from ..model.official_files import BaseCheckpoint
-from ..model.official_format import mismatch_reason
+from ..model.official_format import with_adapter
+from ..model.processing_phi3v import Phi3VProcessor
 from ..training.preemption import PREEMPTED_EXIT_CODE, RECORD_ENV, STOP_SIGNALS
 from ..training.run_folder import file_sha256
 from .export import adapter_base, check_weight_files, write_failure
@@ -157,11 +160,6 @@ def check_max_new_tokens(args) -> None:
 
 
 def load(args, device: torch.device):
-    from peft import PeftModel
-
-    from ..model.modeling_phi3v import Phi3VForCausalLM
-    from ..model.processing_phi3v import Phi3VProcessor
-
     base, adapter = resolve_model(args.model, args.adapter)
     for folder in (base, adapter):
         if folder is not None:
@@ -172,14 +170,10 @@ def load(args, device: torch.device):
         processor = Phi3VProcessor.from_pretrained(adapter or base, num_crops=args.num_crops)
         model = Phi3VForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=args.attn_implementation, use_safetensors=True)
         if adapter is not None:
-            model = PeftModel.from_pretrained(model, adapter)
-    except RuntimeError as error:
-        if mismatch_reason(error) is None:
-            raise
-        raise PredictError(
-            f"the adapter {adapter} does not fit the model {base} ({mismatch_reason(error)}); pass the checkpoint it "
-            f"was trained on as --model, with --adapter {adapter}"
-        ) from None
+            model = with_adapter(model, adapter, lambda reason: PredictError(
+                f"the adapter {adapter} does not fit the model {base} ({reason}); pass the checkpoint it was trained "
+                f"on as --model, with --adapter {adapter}"
+            ))
     except (OSError, SafetensorError, HFValidationError) as error:
         raise PredictError(f"could not load the model {base}{f' with adapter {adapter}' if adapter else ''}: {error_reason(error)}") from error
     return model.to(device).eval(), processor
@@ -374,8 +368,6 @@ def predict_shard(args, remaining: list[dict], answer, log: PredictionLog, stop:
 
 
 def predict_batch(args, examples: list[dict], rank: int, world_size: int, device: torch.device) -> int:
-    from ..evaluation.generation import AnswerGenerator
-
     output = Path(args.output)
     identity = {
         "model": model_content(*resolve_model(args.model, args.adapter)) if rank == 0 else {},
@@ -401,7 +393,7 @@ def predict_batch(args, examples: list[dict], rank: int, world_size: int, device
         logger.info("going on from an earlier run: %d of %d examples already predicted", len(done), len(examples))
     with StopRequest() as stop:
         model, processor = load(args, device)
-        answer = AnswerGenerator(model, processor, processor.image_processor.num_crops, args.max_new_tokens)
+        answer = AnswerGenerator(model, processor, args.max_new_tokens)
         predict_shard(args, remaining, answer, log, stop, len(examples), rank, world_size)
     if dist.is_initialized():
         dist.barrier()
@@ -455,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
 
             example = open_images(examples[0])
             model, processor = load(args, device)
-            answer = AnswerGenerator(model, processor, processor.image_processor.num_crops, args.max_new_tokens)
+            answer = AnswerGenerator(model, processor, args.max_new_tokens)
             with torch.no_grad():
                 print(answer([example])[0])
         else:

@@ -281,14 +281,15 @@ class FinetuneArguments(TrainingArguments):
             # Measured in bench/: sdpa attends over the whole packed row with a block-diagonal mask, which costs
             # more than the padding it removes; flash attention's variable-length kernel does not.
             logger.warning("--padding_free without flash attention is correct but slower than padded batches")
-        if self.deepspeed in NO_DEEPSPEED:
-            self.deepspeed = None
-        elif self.deepspeed is None and self.training_mode in ("full", "frozen_vision") and not self.fsdp:
-            self.deepspeed = str(DEFAULT_DEEPSPEED_CONFIG)
+        self.deepspeed = deepspeed_for(self.deepspeed, self.training_mode, self.fsdp)
         if self.fsdp:
             configure_fsdp(self)
-        if self.deepspeed or self.fsdp:
-            ensure_distributed_env()
+        if self.deepspeed and "RANK" not in os.environ:
+            # DeepSpeed would look for MPI and fail with an ImportError that names neither cause.
+            raise ArgumentError(
+                "DeepSpeed without a launcher needs the environment that set_launcher_environment() writes: call it "
+                "before parse_args, as the scripts' main() does, or start the run with torchrun"
+            )
         if self.deepspeed:
             check_build_locks()
         super().__post_init__()
@@ -501,11 +502,7 @@ class FinetuneArguments(TrainingArguments):
 
     @property
     def training_mode(self) -> str:
-        if self.use_qlora:
-            return "qlora"
-        if self.use_lora:
-            return "lora"
-        return "frozen_vision" if self.freeze_vision_model else "full"
+        return training_mode_of(self.use_lora, self.use_qlora, self.freeze_vision_model)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -541,7 +538,6 @@ class FinetuneArguments(TrainingArguments):
         """How this run's evaluations generate (`common.evaluation.periodic_evaluation.run_evaluation`)."""
         return GenerationSettings(
             output_dir=Path(self.output_dir),
-            num_crops=self.num_crops,
             batch_size=self.eval_batch_size,
             max_new_tokens=self.max_new_tokens,
             num_workers=self.dataloader_num_workers,
@@ -637,14 +633,49 @@ def same_setting(recipe: tuple[str, object], hugging_face: tuple[str, object], d
     return next((value for value in (recipe_value, hf_value) if value is not None), default)
 
 
-def ensure_distributed_env() -> None:
-    """Let DeepSpeed run in a plain `python` process: it otherwise looks for MPI when no launcher set these."""
+# What torchrun sets in each process it starts; DeepSpeed looks for MPI without them.
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def training_mode_of(use_lora: bool, use_qlora: bool, freeze_vision_model: bool) -> str:
+    """The one training mode the three switches select."""
+    if use_qlora:
+        return "qlora"
+    if use_lora:
+        return "lora"
+    return "frozen_vision" if freeze_vision_model else "full"
+
+
+def deepspeed_for(deepspeed: str | None, training_mode: str, fsdp) -> str | None:
+    """The DeepSpeed config a run trains with: none when --deepspeed says none or FSDP shards instead; ZeRO-2
+    (ds_configs/zero2.json) by default for full and frozen-vision training."""
+    if deepspeed in NO_DEEPSPEED:
+        return None
+    if deepspeed is None and training_mode in ("full", "frozen_vision") and not fsdp:
+        return str(DEFAULT_DEEPSPEED_CONFIG)
+    return deepspeed
+
+
+def set_launcher_environment(argv: list[str] | None = None) -> None:
+    """A run started with plain `python`, not torchrun, that will train under DeepSpeed (the full modes' default)
+    or FSDP: the variables a launcher sets, for one process, which TrainingArguments needs when `parse_args`
+    builds it (DeepSpeed otherwise looks for MPI). Each script's main() calls it before parsing; a launched
+    process (RANK set) and runs without either engine are left as they are. A command line that does not parse
+    changes nothing here: `parse_args` reports it."""
     if "RANK" in os.environ:
+        return
+    reader = HfArgumentParser(FinetuneArguments, add_help=False, exit_on_error=False)
+    try:
+        options = reader.parse_known_args(sys.argv[1:] if argv is None else list(argv))[0]
+    except (argparse.ArgumentError, ValueError):
+        return
+    mode = training_mode_of(options.use_lora, options.use_qlora, options.freeze_vision_model)
+    if not (deepspeed_for(options.deepspeed, mode, options.fsdp) or options.fsdp):
         return
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(dict(zip(LAUNCHER_VARIABLES, ("0", "0", "1", "127.0.0.1", str(port)))))
 
 
 def check_best_metric(argv: list[str] | None, metric: str) -> None:
@@ -759,4 +790,4 @@ def parse_args(*extra_dataclasses, argv: list[str] | None = None, defaults: dict
         parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
-__all__ = ["FinetuneArguments", "ArgumentError", "build_parser", "parse_args", "DEFAULT_DEEPSPEED_CONFIG"]
+__all__ = ["FinetuneArguments", "ArgumentError", "build_parser", "parse_args", "set_launcher_environment", "DEFAULT_DEEPSPEED_CONFIG"]

@@ -34,11 +34,9 @@ from ..dtypes import SAVE_DTYPES
 from ..errors import DataError
 from ..evaluation.periodic_evaluation import AnswersAsTargets, GenerationEvaluation, run_evaluation
 from ..evaluation.plotting import plot_training_curves
-from ..io import follow_umask_in, write_json_atomically
+from ..io import write_json_atomically
 from ..model.checkpoint_files import weights_only_loads
-from ..model.modeling_phi3v import Phi3VForCausalLM
-from ..model.official_files import BaseCheckpoint
-from ..model.official_format import TOWER_PREFIX, complete_model_folder, with_unused_base_tensors
+from ..model.official_files import TOWER_PREFIX, BaseCheckpoint
 from ..ranks import barrier, is_main_process, largest, rank_prefix
 from .arguments import FinetuneArguments, evaluates_during_training
 from .model_setup import UnsafeCheckpointError, load_model, setup_training_mode, to_device
@@ -70,7 +68,7 @@ def setup_logging(args: FinetuneArguments) -> None:
 
 class UnusedTowerKeys(logging.Filter):
     """Leaves the base's unused tower tensors out of the Trainer's "unexpected keys" warning when it loads a
-    checkpoint back: every checkpoint carries them (`RecipeTrainer._save`), they are not weights the model lacks
+    checkpoint back: every checkpoint carries them (`Phi3VForCausalLM.save_pretrained`), they are not weights the model lacks
     a place for. The warning goes when nothing else is left in it."""
 
     WARNING = "There were unexpected keys in the checkpoint model loaded: "
@@ -127,7 +125,7 @@ def skip_log_for(args: FinetuneArguments) -> SkipLog | None:
 def check_evaluation_data(eval_set: RecipeDataset, processor, args: FinetuneArguments) -> RecipeDataset:
     """The validation pass over an evaluation split, before training, with --skip_bad_examples applied; its
     findings are kept in the run folder for a restart (`common.data.scan_cache`)."""
-    return validate_evaluation_data(eval_set, processor, args.num_crops, skip_log_for(args), cache=ScanCache(args.output_dir))
+    return validate_evaluation_data(eval_set, processor, skip_log_for(args), cache=ScanCache(args.output_dir))
 
 
 def check_training_data(train_set: RecipeDataset, processor, args: FinetuneArguments, run_folder: RunFolder) -> RecipeDataset:
@@ -136,20 +134,18 @@ def check_training_data(train_set: RecipeDataset, processor, args: FinetuneArgum
     # The validation pass checks the draws that the first epoch makes (see `RecipeDataset`).
     train_set.seed = args.seed
     cache = ScanCache(args.output_dir, {id(train_set): run_folder.claim(train_set).identity["data"]})
-    return validate_training_data(train_set, processor, args.num_crops, args.max_length, skip_log_for(args), cache=cache)
+    return validate_training_data(train_set, processor, args.max_length, skip_log_for(args), cache=cache)
 
 
 def build_collator(processor, args: FinetuneArguments, train_set: RecipeDataset) -> Phi3VCollator:
     return Phi3VCollator(
-        processor, args.num_crops, max_length=args.max_length, padding_free=args.padding_free, skip_log=train_set.skip_log
+        processor, max_length=args.max_length, padding_free=args.padding_free, skip_log=train_set.skip_log
     )
 
 
 # The Trainer internals the recipes build on, read against transformers 5.24.0 (requirements.txt): the checkpoint
-# save and the weights save are overridden, the DataLoader builder called. tests/test_run_object.py fails when a
-# signature changes.
+# save is overridden, the DataLoader builder called. tests/test_run_object.py fails when a signature changes.
 TRAINER_INTERNALS = {
-    "_save": "(self, output_dir: str | None = None, state_dict: dict | None = None) -> None",
     "_save_checkpoint": "(self, model: torch.nn.modules.module.Module, trial: 'optuna.Trial | dict[str, Any] | None') -> None",
     "_get_dataloader": (
         "(self, dataset: torch.utils.data.dataset.Dataset, description: str, batch_size: int, sampler_fn: "
@@ -222,25 +218,10 @@ class RecipeTrainer(Trainer):
         if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, RecipeDataset):
             # The stock sampler would read every example (decoding its images) to measure it; the validation pass
             # has left the lengths on the dataset.
-            lengths = dataset.lengths(self.processing_class, self.args.num_crops)
+            lengths = dataset.lengths(self.processing_class)
             megabatch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return LengthGroupedSampler(megabatch, lengths=lengths)
         return super()._get_train_sampler(dataset)
-
-    def _save(self, output_dir=None, state_dict=None):
-        # The weights save (read against transformers 5.24.0): the one place every engine's state dict passes
-        # (plain, DeepSpeed, FSDP) before save_pretrained; no public hook sees it.
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        # A DeepSpeed run without gathered weights passes an empty dict; its weights are not ours to write.
-        if self.args.should_save and isinstance(model, Phi3VForCausalLM) and (state_dict is None or len(state_dict)):
-            # Every model folder, checkpoint-N included, holds the base's full set of weight names.
-            state_dict = with_unused_base_tensors(model.state_dict() if state_dict is None else state_dict, self.args.model_name_or_path)
-        super()._save(output_dir, state_dict)
-        if self.args.should_save:
-            folder = Path(output_dir or self.args.output_dir)
-            if (folder / "config.json").is_file():
-                complete_model_folder(folder, self.args.model_name_or_path, self.processing_class.tokenizer)
-            follow_umask_in(folder)
 
     def _save_checkpoint(self, model, trial):
         # The Trainer's checkpoint save (read against transformers 5.24.0), written by the run folder: markers,
@@ -254,7 +235,7 @@ class RecipeTrainer(Trainer):
         try:
             checkpoint = self.run_folder.save_checkpoint(
                 lambda: super(RecipeTrainer, self)._save_checkpoint(model, trial), self.state.global_step,
-                self.state.best_model_checkpoint,
+                self.state.best_model_checkpoint, self.processing_class.tokenizer,
             )
         finally:
             self.stop_signal.saving = False

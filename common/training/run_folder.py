@@ -47,10 +47,10 @@ from ..data.dataset import data_fingerprint
 from ..data.scan_cache import CACHE_FOLDER as SCAN_CACHE_FOLDER
 from ..dtypes import SAVE_DTYPES, dtype_name
 from ..errors import error_reason
-from ..io import plain, read_json, whole_file, write_json_atomically
+from ..io import follow_umask_in, plain, read_json, whole_file, write_json_atomically
 from ..model.checkpoint_files import UnsafeCheckpointFile, check_torch_file, torch_files
 from ..model.official_files import base_checkpoint
-from ..model.official_format import finalize_weights, load_merged, write_final_model
+from ..model.official_format import complete_model_folder, finalize_weights, load_merged, write_final_model
 from ..ranks import any_rank, barrier, from_main, gathered, is_main_process, rank_and_world
 
 logger = logging.getLogger(__name__)
@@ -671,15 +671,17 @@ class RunFolder:
 
         _decided_on_main(decide)
 
-    def save_checkpoint(self, write, step: int, best: str | None) -> Path:
+    def save_checkpoint(self, write, step: int, best: str | None, tokenizer) -> Path:
         """Write checkpoint-`step` with `write` (every rank), marked as this run's while it is written and complete,
-        with its manifest, once every rank has written its part; then rotation (--save_total_limit) deletes only
-        this run's older checkpoints. A write that fails on any rank ends the run on every rank with one line."""
+        in the official checkpoint's format (`complete_saved_model`), with its manifest, once every rank has written
+        its part; then rotation (--save_total_limit) deletes only this run's older checkpoints. A write that fails
+        on any rank ends the run on every rank with one line."""
         claim = self.claim_made
         checkpoint = self.folder / f"checkpoint-{step}"
         main = is_main_process()
         self.attempt(checkpoint, begin_checkpoint, checkpoint, claim, step, main_only=True)
         self.attempt(checkpoint, write)
+        self.attempt(checkpoint, self.complete_saved_model, checkpoint, tokenizer, main_only=True)
         hashes = hash_parts(checkpoint, from_main(part_files(checkpoint) if main else None))
         self.attempt(checkpoint, finish_checkpoint, checkpoint, claim, step, hashes, main_only=True)
         if main:
@@ -688,6 +690,13 @@ class RunFolder:
             rotate(self.folder, claim.run_id, self.save_total_limit, best)
         barrier()
         return checkpoint
+
+    def complete_saved_model(self, folder: Path, tokenizer) -> None:
+        """Main process: a folder the Trainer saved a whole model into (config.json, not an adapter) gets what the
+        official checkpoint holds around the weights (`complete_model_folder`); its files follow the umask."""
+        if (folder / "config.json").is_file():
+            complete_model_folder(folder, self.args.model_name_or_path, tokenizer)
+        follow_umask_in(folder)
 
     def keep_only_best(self, best: str | None) -> None:
         """At the end of training under --save_total_limit 1 with a best checkpoint: only the best of this run's
@@ -710,6 +719,7 @@ class RunFolder:
             shutil.rmtree(staging, ignore_errors=True)
         barrier()
         self.attempt(staging, trainer.save_model, str(staging), describe=failed_final_save_message)
+        self.attempt(staging, self.complete_saved_model, staging, processor.tokenizer, main_only=True, describe=failed_final_save_message)
         self.attempt(staging, self._move_final_into_place, staging, main_only=True, describe=failed_final_save_message)
         trainer.save_state()
         barrier()

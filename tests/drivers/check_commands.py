@@ -9,7 +9,6 @@ the flash-attn package is left out here (tests/test_options.py tests it); every 
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ for script, argv, world_size in json.loads(sys.argv[1]):
     module = __import__(script.removesuffix(".py"))
     dataclass_types = [v for name, v in vars(module).items() if name.endswith("Arguments") and isinstance(v, type)]
     try:
+        common.training.arguments.set_launcher_environment(argv)
         common.training.arguments.parse_args(*dataclass_types, argv=argv)
         results.append({"command": [script, *argv], "ok": True})
     except SystemExit as stop:

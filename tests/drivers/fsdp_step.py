@@ -7,8 +7,8 @@ checkpointing on, as --fsdp trains by default), the other stays whole and plays 
 over the ranks by hand). Rank 0 trains on an example with an image, rank 1 on one without (its forward still
 runs the vision tower, so the units' collectives stay matched). Then: one AdamW step on both; an evaluation
 by generation of the sharded model (3 examples on 2 ranks, so one rank runs a filler); the full state dict
-gathered and written by `RecipeTrainer._save` (as the Trainer's FSDP save does) plus `finalize_weights`,
-reloaded into Phi3VForCausalLM; and that state dict loaded back into a fresh sharded model, as accelerate's
+gathered and written by the Trainer's `_save` (as its FSDP save does), completed by the run folder as a
+checkpoint is, plus `finalize_weights`, reloaded into Phi3VForCausalLM; and that state dict loaded back into a fresh sharded model, as accelerate's
 resume does. Any check that fails raises; rank 0 writes OUT_DIR/report.json with what was measured.
 """
 
@@ -74,8 +74,8 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2, "run with --nproc_per_node=2"
     report = {}
-    processor = Phi3VProcessor.from_pretrained(checkpoint)
-    batch = Phi3VCollator(processor, num_crops=1)([TRAIN[rank]])
+    processor = Phi3VProcessor.from_pretrained(checkpoint, num_crops=1)
+    batch = Phi3VCollator(processor)([TRAIN[rank]])
     reference = Phi3VForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     model = Phi3VForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     names = list(model.state_dict())
@@ -125,7 +125,7 @@ def main() -> None:
     assert report["max_weight_difference"] < 1e-6, report
 
     # batch_size 1: rank 0 generates twice, rank 1 once plus once for a filler.
-    generation = dict(metric="anls", num_crops=1, batch_size=1, max_new_tokens=4)
+    generation = dict(metric="anls", batch_size=1, max_new_tokens=4)
     evaluate(model, processor, EVALUATION, output_file=out / "eval_sharded.json", **generation)
 
     gathered = full_state_dict(model)
@@ -134,6 +134,7 @@ def main() -> None:
     if rank == 0:
         assert list(gathered) == names, "the gathered state dict has the model's own names, in its order"
         assert all(torch.equal(gathered[n], updated[n]) for n in updated), "the gathered weights are the trained ones"
+        trainer.run_folder.complete_saved_model(folder, processor.tokenizer)
         finalize_weights(folder, checkpoint)
     else:
         assert gathered == {}, "only rank 0 holds the full state dict"

@@ -69,7 +69,7 @@ def train(mode: str, flags: list[str], checkpoint: str, out: Path) -> dict:
     calls = []
     for layer in model.model.vision_embed_tokens.img_processor.vision_model.encoder.layers:
         layer.register_forward_hook(lambda *_: calls.append(1))
-    trainer = ObservedTrainer(model=model, args=args, train_dataset=ROWS, data_collator=Phi3VCollator(processor, 1),
+    trainer = ObservedTrainer(model=model, args=args, train_dataset=ROWS, data_collator=Phi3VCollator(processor),
                               processing_class=processor, callbacks=[StepDone(mode)])
     trainer.mode, trainer.kinds = mode, []
     trainer.train()
