@@ -46,6 +46,7 @@ def unlaunched(monkeypatch):
         (["--use_qlora", "--deepspeed", "ds_configs/zero2.json"], True),
         (["--fsdp", "--deepspeed", "none"], True),
         (["--use_lora", "--data_dir", "d"], False),  # a script's own option is not this reader's business
+        (["--metric", "anls"], True),  # nor taken for an abbreviation of --metric_for_best_model
         (["--lora_rank", "many"], False),  # not parsable: parse_args reports it, nothing is written
     ],
 )

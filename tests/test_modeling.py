@@ -14,6 +14,7 @@ from transformers.utils import logging as hf_logging
 from common import Phi3VConfig, Phi3VForCausalLM
 from common.fixtures.tiny import TINY_VISION, official_config_dict
 from common.model.modeling_phi3v import Phi3VImageEmbedding
+from common.model.official_files import TOWER_PREFIX
 
 from .conftest import REPO_ROOT
 
@@ -91,17 +92,28 @@ def test_reads_the_published_config_json(tmp_path):
     assert "auto_map" not in config.to_dict()
 
 
-def test_save_writes_official_names_without_shared_tensors_and_reloads(model, tmp_path):
+def test_save_writes_official_names_without_shared_tensors_and_reloads(model, tiny_checkpoint, tmp_path):
     model.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-    assert keys == set(model.state_dict())
+    with safe_open(str(tiny_checkpoint / "model.safetensors"), "pt") as f:
+        base_keys = set(f.keys())
+    # The unused tower tensors the model does not build come from the checkpoint it was loaded from.
+    unused = base_keys - set(model.state_dict())
+    assert keys == base_keys and unused and all(name.startswith(TOWER_PREFIX) for name in unused)
     assert "model.vision_embed_tokens.wte.weight" not in keys
     assert {"model.vision_embed_tokens.glb_GN", "model.vision_embed_tokens.sub_GN", "lm_head.weight"} <= keys
     assert "auto_map" not in json.loads((tmp_path / "config.json").read_text())
     again = Phi3VForCausalLM.from_pretrained(tmp_path)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[name]), name
+
+
+def test_a_model_built_from_a_config_saves_its_own_weights_alone(tmp_path):
+    model = Phi3VForCausalLM(Phi3VConfig(**official_config_dict(64, 1, 4, TINY_VISION, 0)))
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(model.state_dict())
 
 
 def test_merge_and_separator_layout_on_labelled_features():

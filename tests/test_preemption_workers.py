@@ -1,10 +1,10 @@
 """Stop signals and resume with DataLoader workers, as a cluster job runs: --dataloader_num_workers 2, two ranks
 under `python -m common.launch`, LoRA (whose default engine is DDP), DocVQA rows with several accepted answers.
 
-One uninterrupted run is the reference for every interrupted one: SIGTERM to the launcher, to one rank, and to
-the whole process group (as SLURM and Kubernetes send it) each end in exit 75 with a checkpoint in the middle of
-the first epoch, and the resume from it reproduces the reference's losses and adapter bit for bit, through an
-epoch boundary (each epoch draws other answers).
+SIGTERM to the launcher, to one rank, and to the whole process group (as SLURM and Kubernetes send it) each end
+in exit 75 with a checkpoint in the middle of the first epoch; the resume from the process group's stop reproduces
+an uninterrupted run's losses and adapter bit for bit, through an epoch boundary (each epoch draws other answers).
+The full modes' default engine, ZeRO-2, is stopped and resumed the same way in test_resume_zero2_with_workers.py.
 """
 
 import os
@@ -127,12 +127,9 @@ def signal_process_group(process, out):
     os.killpg(process.pid, signal.SIGTERM)
 
 
-@pytest.mark.parametrize("send", [signal_launcher, signal_one_rank, signal_process_group],
-                         ids=["launcher", "one-rank", "process-group"])
-def test_sigterm_with_workers_stops_with_a_checkpoint_and_resume_is_bit_equal(tiny_checkpoint, docvqa_data, reference,
-                                                                              tmp_path, send):
-    out = tmp_path / "out"
-    args = run_args(tiny_checkpoint, docvqa_data, out)
+def stop_with(send, args, out, tmp_path) -> int:
+    """Run under `python -m common.launch` with slowed steps, `send` SIGTERM once checkpoint-2 is complete; the run
+    must end with exit 75 and the one stop line, with a complete checkpoint of the step it stopped at (returned)."""
     process = start_torchrun(args, tmp_path, {"PHI3V_TEST_SLOW_STEPS": "0.5"}, launcher="common.training.launch", script=SCRIPT)
     try:
         wait_for(lambda: (out / "checkpoint-2" / "checkpoint_complete.json").is_file(), process)
@@ -148,6 +145,23 @@ def test_sigterm_with_workers_stops_with_a_checkpoint_and_resume_is_bit_equal(ti
     step = int(stop_line.split("after step ")[1].split(":")[0])
     assert 2 < step < STEPS_PER_EPOCH and (out / f"checkpoint-{step}" / "checkpoint_complete.json").is_file()
     assert not (out / "adapter_model.safetensors").exists()
+    return step
+
+
+@pytest.mark.parametrize("send", [signal_launcher, signal_one_rank], ids=["launcher", "one-rank"])
+def test_sigterm_with_workers_to_the_launcher_or_one_rank_stops_every_rank_with_a_checkpoint(tiny_checkpoint, docvqa_data,
+                                                                                            tmp_path, send):
+    # What follows the stop, the resume, is the same whichever process got the signal; the next test checks it.
+    out = tmp_path / "out"
+    stop_with(send, run_args(tiny_checkpoint, docvqa_data, out), out, tmp_path)
+
+
+def test_sigterm_with_workers_to_the_process_group_stops_with_a_checkpoint_and_resume_is_bit_equal(
+        tiny_checkpoint, docvqa_data, reference, tmp_path):
+    # The signal SLURM and Kubernetes send, which the DataLoader workers get too.
+    out = tmp_path / "out"
+    args = run_args(tiny_checkpoint, docvqa_data, out)
+    step = stop_with(signal_process_group, args, out, tmp_path)
 
     resumed = run_script(SCRIPT, args, tmp_path, nproc=2)
     assert_ok(resumed)
@@ -187,28 +201,3 @@ def test_a_stop_signal_during_the_evaluation_before_training_ends_every_rank_wit
     stop_line = output.strip().splitlines()[-1]
     assert stop_line.startswith("stopped by SIGTERM before or after training: "), stop_line
     assert not (out / "eval_before.json").exists() and not (out / "run.lock").exists()
-
-
-def test_sigterm_to_the_process_group_under_the_full_modes_default_zero2_stops_with_a_checkpoint(tiny_checkpoint, docvqa_data,
-                                                                                                  tmp_path):
-    # The scripts' default: full fine-tuning under DeepSpeed ZeRO-2, here with 2 DataLoader workers a rank. (Resume
-    # from such a checkpoint is bit-equal as the ZeRO-2 resume tests check; this is about the stop itself.)
-    out = tmp_path / "out"
-    args = [arg for arg in run_args(tiny_checkpoint, docvqa_data, out) if arg not in ("--use_lora",)]
-    at = args.index("--lora_rank")
-    args = args[:at] + args[at + 2:]
-    process = start_torchrun(args, tmp_path, {"PHI3V_TEST_SLOW_STEPS": "0.5"}, launcher="common.training.launch", script=SCRIPT)
-    try:
-        wait_for(lambda: (out / "checkpoint-2" / "checkpoint_complete.json").is_file(), process)
-        os.killpg(process.pid, signal.SIGTERM)
-        output = process.communicate(timeout=240)[0]
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == PREEMPTED_EXIT_CODE, output[-4000:]
-    assert "DataLoader worker" not in output and "deepspeed" in output.lower()
-    stop_line = output.strip().splitlines()[-1]
-    assert stop_line.startswith("stopped by SIGTERM after step "), stop_line
-    step = int(stop_line.split("after step ")[1].split(":")[0])
-    checkpoint = out / f"checkpoint-{step}"
-    assert step > 2 and (checkpoint / "checkpoint_complete.json").is_file() and list(checkpoint.glob("global_step*"))

@@ -656,6 +656,13 @@ def deepspeed_for(deepspeed: str | None, training_mode: str, fsdp) -> str | None
     return deepspeed
 
 
+class _QuietParser(HfArgumentParser):
+    """A parser whose every error is an exception, printed nowhere: `parse_args` reports it."""
+
+    def error(self, message):
+        raise argparse.ArgumentError(None, message)
+
+
 def set_launcher_environment(argv: list[str] | None = None) -> None:
     """A run started with plain `python`, not torchrun, that will train under DeepSpeed (the full modes' default)
     or FSDP: the variables a launcher sets, for one process, which TrainingArguments needs when `parse_args`
@@ -664,10 +671,11 @@ def set_launcher_environment(argv: list[str] | None = None) -> None:
     changes nothing here: `parse_args` reports it."""
     if "RANK" in os.environ:
         return
-    reader = HfArgumentParser(FinetuneArguments, add_help=False, exit_on_error=False)
+    # The script's own options are unknown here: no abbreviation may take one of them (--metric) for ours.
+    reader = _QuietParser(FinetuneArguments, add_help=False, allow_abbrev=False)
     try:
         options = reader.parse_known_args(sys.argv[1:] if argv is None else list(argv))[0]
-    except (argparse.ArgumentError, ValueError):
+    except argparse.ArgumentError:
         return
     mode = training_mode_of(options.use_lora, options.use_qlora, options.freeze_vision_model)
     if not (deepspeed_for(options.deepspeed, mode, options.fsdp) or options.fsdp):
