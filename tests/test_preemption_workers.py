@@ -141,7 +141,7 @@ def stop_with(send, args, out, tmp_path) -> int:
     assert process.returncode == PREEMPTED_EXIT_CODE, output[-4000:]
     assert "DataLoader worker" not in output
     stop_line = output.strip().splitlines()[-1]
-    assert stop_line.startswith("stopped by SIGTERM after step "), stop_line
+    assert stop_line.startswith("stopped by SIGTERM after step ") and "--resume_from_checkpoint latest" in stop_line, stop_line
     step = int(stop_line.split("after step ")[1].split(":")[0])
     assert 2 < step < STEPS_PER_EPOCH and (out / f"checkpoint-{step}" / "checkpoint_complete.json").is_file()
     assert not (out / "adapter_model.safetensors").exists()

@@ -75,12 +75,33 @@ def test_documented_recipe_commands_parse(tmp_path):
     assert not failed, f"{failed}\n{result.stderr[-3000:]}"
 
 
-@pytest.mark.parametrize("script", SCRIPTS + ["convert_ucf101.py"])
-def test_help_answers(script, tmp_path):
-    result = subprocess.run([sys.executable, script, "--help"], cwd=REPO_ROOT, env=offline_env(tmp_path), capture_output=True,
-                            text=True, timeout=120)
+# Each script run as `python SCRIPT --help` runs it (as __main__, with that argv), all in one process: a process
+# of its own would pay the ~8 s of imports once per script.
+HELP_OF_EACH = """
+import contextlib, io, json, runpy, sys
+answers = {}
+for script in sys.argv[1:]:
+    sys.argv, printed, code = [script, "--help"], io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(printed):
+            runpy.run_path(script, run_name="__main__")
+    except SystemExit as stop:
+        code = stop.code
+    answers[script] = [code, printed.getvalue()]
+print(json.dumps(answers))
+"""
+
+
+def test_help_answers(tmp_path):
+    scripts = SCRIPTS + ["convert_ucf101.py"]
+    result = subprocess.run([sys.executable, "-c", HELP_OF_EACH, *scripts], cwd=REPO_ROOT, env=offline_env(tmp_path),
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "--output_dir" in result.stdout or "--out_dir" in result.stdout
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted(answers) == sorted(scripts)
+    for script, (code, printed) in answers.items():
+        assert code in (0, None), (script, code, result.stderr[-2000:])
+        assert "--output_dir" in printed or "--out_dir" in printed, script
 
 
 def test_documented_export_and_predict_commands_parse():

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from .recipe_utils import REPO_ROOT, assert_ok, assert_ranks_in_sync, offline_env, read_eval, run_script
+from .test_reliability import run_main
 
 pytestmark = pytest.mark.slow
 COMMON = ["--num_crops", "1", "--max_steps", "2", "--eval_batch_size", "4", "--max_new_tokens", "4",
@@ -66,9 +67,10 @@ def test_ucf101_converted_videos_two_processes(tiny_checkpoint, tmp_path):
     assert json.loads((out / "eval_test.json").read_text())["num_examples"] == 6
 
 
-def test_ucf101_without_converted_data_says_what_to_run(tmp_path):
-    result = subprocess.run([sys.executable, "finetune_hf_trainer_ucf101.py", "--data_dir", str(tmp_path / "nothing"),
-                             "--output_dir", str(tmp_path / "o"), "--deepspeed", "none"],
-                            cwd=REPO_ROOT, env=offline_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "convert_ucf101.py" in result.stderr
+def test_ucf101_without_converted_data_says_what_to_run(tiny_checkpoint, tmp_path, capsys):
+    # In this process: the check comes before anything is loaded.
+    code, stderr = run_main("finetune_hf_trainer_ucf101", ["--model_name_or_path", tiny_checkpoint, "--data_dir",
+                                                           tmp_path / "nothing", "--output_dir", tmp_path / "o",
+                                                           "--deepspeed", "none"], capsys)
+    assert code == 1
+    assert "convert_ucf101.py" in stderr

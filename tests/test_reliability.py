@@ -303,31 +303,6 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tiny_checkpoint, 
     assert_same_weights(straight_run, out)
 
 
-def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint_and_resume_is_exact(tiny_checkpoint, kill_data, tmp_path,
-                                                                                   straight_run):
-    # Rank 1 alone gets the signal: rank 0 must stop at the same step, from the vote after every step.
-    out = tmp_path / "preempted"
-    process = start_torchrun(kill_args(tiny_checkpoint, kill_data, out), tmp_path, {"PHI3V_TEST_SLOW_STEPS": "0.5"},
-                             launcher="common.training.launch")
-    try:
-        wait_for(lambda: (out / "checkpoint-2" / "checkpoint_complete.json").is_file(), process)
-        os.kill(worker_pids(str(out))[1], signal.SIGTERM)
-        output = process.communicate(timeout=240)[0]
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == PREEMPTED_EXIT_CODE, output[-4000:]
-    stop_line = output.strip().splitlines()[-1]
-    assert stop_line.startswith("stopped by SIGTERM after step ") and "--resume_from_checkpoint latest" in stop_line
-    step = int(stop_line.split("after step ")[1].split(":")[0])
-    assert 2 < step < 6 and (out / f"checkpoint-{step}" / "checkpoint_complete.json").is_file()
-    assert not (out / "model.safetensors").exists()
-    result = resume(tiny_checkpoint, kill_data, out, tmp_path)
-    assert f"resuming from {out / f'checkpoint-{step}'}" in result.stderr
-    assert_same_weights(straight_run, out)
-    assert step_losses(out) == step_losses(straight_run) and len(step_losses(out)) == 6
-
-
 def test_a_second_signal_during_the_stop_checkpoint_exits_at_once_and_keeps_the_previous_one(tiny_checkpoint, kill_data,
                                                                                             tmp_path):
     # As SLURM does: SIGUSR1 to every process of the job (torchrun passes it on once more), later SIGTERM.
