@@ -300,8 +300,8 @@ class Phi3VGenerationCollator:
     """Evaluation collator: a list of evaluation examples -> ``(model_inputs, metadata)``.
 
     Input: evaluation examples (`common/data/conversation.py`), ``{"id", "images", "messages": [..., the user message
-    to answer], "references": [str, ...]}``, each encoded with `encode_prompt` at the processor's `num_crops`, so every prompt ends with
-    the generation prompt ``<|assistant|>\\n``.
+    to answer], "references": [str, ...]}``, each encoded with `encode_prompt` at the processor's `num_crops`, so
+    every prompt ends with the generation prompt ``<|assistant|>\\n``.
 
     ``model_inputs`` (for ``model.generate(**model_inputs, ...)``): ``input_ids`` (B, L) int64, left-padded
     with the pad id so that every prompt ends in the last column and generated tokens start at column L;

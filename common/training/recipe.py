@@ -68,8 +68,8 @@ def setup_logging(args: FinetuneArguments) -> None:
 
 class UnusedTowerKeys(logging.Filter):
     """Leaves the base's unused tower tensors out of the Trainer's "unexpected keys" warning when it loads a
-    checkpoint back: every checkpoint carries them (`Phi3VForCausalLM.save_pretrained`), they are not weights the model lacks
-    a place for. The warning goes when nothing else is left in it."""
+    checkpoint back: every checkpoint carries them (`Phi3VForCausalLM.save_pretrained`), they are not weights the
+    model lacks a place for. The warning goes when nothing else is left in it."""
 
     WARNING = "There were unexpected keys in the checkpoint model loaded: "
 

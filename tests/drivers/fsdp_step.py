@@ -8,8 +8,8 @@ over the ranks by hand). Rank 0 trains on an example with an image, rank 1 on on
 runs the vision tower, so the units' collectives stay matched). Then: one AdamW step on both; an evaluation
 by generation of the sharded model (3 examples on 2 ranks, so one rank runs a filler); the full state dict
 gathered and written by the Trainer's `_save` (as its FSDP save does), completed by the run folder as a
-checkpoint is, plus `finalize_weights`, reloaded into Phi3VForCausalLM; and that state dict loaded back into a fresh sharded model, as accelerate's
-resume does. Any check that fails raises; rank 0 writes OUT_DIR/report.json with what was measured.
+checkpoint is, plus `finalize_weights`, reloaded into Phi3VForCausalLM; and that state dict loaded back into a
+fresh sharded model, as accelerate's resume does. Any check that fails raises; rank 0 writes OUT_DIR/report.json with what was measured.
 """
 
 import json
