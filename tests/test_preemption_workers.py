@@ -103,6 +103,12 @@ def test_answer_draws_follow_seed_epoch_and_index_in_any_process(docvqa_data):
     second_epoch = by_workers(2)
     assert second_epoch == [answer(dataset[index]) for index in range(len(dataset))]
     assert second_epoch != first_epoch, "each epoch draws again"
+    # Workers kept from one epoch to the next (--dataloader_persistent_workers) see the new epoch too.
+    persistent = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2, persistent_workers=True)
+    dataset.set_epoch(0)
+    assert [answer(e) for e in persistent] == first_epoch
+    dataset.set_epoch(1)
+    assert [answer(e) for e in persistent] == second_epoch
 
 
 @pytest.fixture(scope="module")
