@@ -20,8 +20,8 @@ import torch
 
 from common.training.preemption import PREEMPTED_EXIT_CODE, children_leave_stop_signals
 
-from .recipe_utils import assert_ok, run_script, weights
-from .test_reliability import start_torchrun, step_losses, wait_for, worker_pids
+from .recipe_utils import assert_ok, run_script
+from .test_reliability import assert_same_weights, start_torchrun, step_losses, stop_by_signal, wait_for, worker_pids
 
 pytestmark = pytest.mark.slow
 SCRIPT = "finetune_hf_trainer_docvqa.py"
@@ -134,21 +134,9 @@ def signal_process_group(process, out):
 
 
 def stop_with(send, args, out, tmp_path) -> int:
-    """Run under `python -m common.launch` with slowed steps, `send` SIGTERM once checkpoint-2 is complete; the run
-    must end with exit 75 and the one stop line, with a complete checkpoint of the step it stopped at (returned)."""
-    process = start_torchrun(args, tmp_path, {"PHI3V_TEST_SLOW_STEPS": "0.5"}, launcher="common.training.launch", script=SCRIPT)
-    try:
-        wait_for(lambda: (out / "checkpoint-2" / "checkpoint_complete.json").is_file(), process)
-        send(process, out)
-        output = process.communicate(timeout=240)[0]
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == PREEMPTED_EXIT_CODE, output[-4000:]
-    assert "DataLoader worker" not in output
-    stop_line = output.strip().splitlines()[-1]
-    assert stop_line.startswith("stopped by SIGTERM after step ") and "--resume_from_checkpoint latest" in stop_line, stop_line
-    step = int(stop_line.split("after step ")[1].split(":")[0])
+    """SIGTERM by `send` once checkpoint-2 is complete (`stop_by_signal`): the run stops in the first epoch with a
+    complete checkpoint of the step it stopped at (returned) and no final adapter."""
+    step, _ = stop_by_signal(args, tmp_path, lambda process: send(process, out), out / "checkpoint-2", SCRIPT)
     assert 2 < step < STEPS_PER_EPOCH and (out / f"checkpoint-{step}" / "checkpoint_complete.json").is_file()
     assert not (out / "adapter_model.safetensors").exists()
     return step
@@ -173,10 +161,7 @@ def test_sigterm_with_workers_to_the_process_group_stops_with_a_checkpoint_and_r
     assert_ok(resumed)
     assert f"resuming from {out / f'checkpoint-{step}'}" in resumed.stderr
     assert step_losses(out) == step_losses(reference) and len(step_losses(out)) == MAX_STEPS
-    wanted, actual = weights(reference / "adapter_model.safetensors"), weights(out / "adapter_model.safetensors")
-    assert actual.keys() == wanted.keys()
-    for name in wanted:
-        assert torch.equal(actual[name], wanted[name]), name
+    assert_same_weights(reference, out, "adapter_model.safetensors")
 
 
 def test_a_stop_signal_during_the_evaluation_before_training_ends_every_rank_with_exit_75(tiny_checkpoint, docvqa_data,

@@ -226,6 +226,25 @@ def start_torchrun(args, tmp_path, env, launcher="torch.distributed.run", script
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def stop_by_signal(args, tmp_path, send, after: Path, script: str) -> tuple[int, str]:
+    """2 processes of `script` under `python -m common.launch` with slowed steps; `send(process)` a stop signal once
+    the checkpoint folder `after` is complete. The run must end with exit 75, no DataLoader worker error, and the
+    stop line that names its step and how to resume. Returns (that step, the run's output)."""
+    process = start_torchrun(args, tmp_path, {"PHI3V_TEST_SLOW_STEPS": "0.5"}, launcher="common.training.launch", script=script)
+    try:
+        wait_for(lambda: (after / "checkpoint_complete.json").is_file(), process)
+        send(process)
+        output = process.communicate(timeout=240)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == PREEMPTED_EXIT_CODE, output[-4000:]
+    assert "DataLoader worker" not in output, output[-4000:]
+    stop_line = output.strip().splitlines()[-1]
+    assert stop_line.startswith("stopped by SIGTERM after step ") and "--resume_from_checkpoint latest" in stop_line, stop_line
+    return int(stop_line.split("after step ")[1].split(":")[0]), output
+
+
 def wait_for(condition, process, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -251,9 +270,9 @@ def straight_run(tiny_checkpoint, kill_data, tmp_path_factory) -> Path:
     return out
 
 
-def assert_same_weights(expected: Path, out: Path):
-    """Bit-equal final weights."""
-    wanted, actual = weights(expected / "model.safetensors"), weights(out / "model.safetensors")
+def assert_same_weights(expected: Path, out: Path, file_name: str = "model.safetensors"):
+    """Bit-equal final weights (a whole model's, or `file_name`: an adapter's)."""
+    wanted, actual = weights(expected / file_name), weights(out / file_name)
     assert actual.keys() == wanted.keys()
     for name in wanted:
         assert torch.equal(actual[name], wanted[name]), name

@@ -15,12 +15,9 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 
-from common.training.preemption import PREEMPTED_EXIT_CODE
-
-from .recipe_utils import assert_ok, run_script, weights
-from .test_reliability import start_torchrun, step_losses, wait_for
+from .recipe_utils import assert_ok, run_script
+from .test_reliability import assert_same_weights, step_losses, stop_by_signal
 
 pytestmark = pytest.mark.slow
 SCRIPT = "finetune_hf_trainer_nlvr2.py"
@@ -43,20 +40,9 @@ def test_sigterm_under_zero2_with_workers_stops_with_a_checkpoint_and_resume_equ
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert_ok(run_script(SCRIPT, command(straight), tmp_path, nproc=2))
 
-    process = start_torchrun(command(stopped), tmp_path, {"PHI3V_TEST_SLOW_STEPS": "0.5"}, launcher="common.training.launch",
-                             script=SCRIPT)
-    try:
-        wait_for(lambda: (stopped / f"checkpoint-{SAVE_STEPS}" / "checkpoint_complete.json").is_file(), process)
-        os.killpg(process.pid, signal.SIGTERM)
-        output = process.communicate(timeout=240)[0]
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == PREEMPTED_EXIT_CODE, output[-4000:]
-    assert "DataLoader worker" not in output and "deepspeed" in output.lower(), "the full mode trains under ZeRO-2 by default"
-    stop_line = output.strip().splitlines()[-1]
-    assert stop_line.startswith("stopped by SIGTERM after step "), stop_line
-    step = int(stop_line.split("after step ")[1].split(":")[0])
+    step, output = stop_by_signal(command(stopped), tmp_path, lambda process: os.killpg(process.pid, signal.SIGTERM),
+                                  stopped / f"checkpoint-{SAVE_STEPS}", SCRIPT)
+    assert "deepspeed" in output.lower(), "the full mode trains under ZeRO-2 by default"
     checkpoint = stopped / f"checkpoint-{step}"
     assert SAVE_STEPS < step < MAX_STEPS and (checkpoint / "checkpoint_complete.json").is_file()
     assert list(checkpoint.glob("global_step*")), "a DeepSpeed checkpoint"
@@ -65,7 +51,4 @@ def test_sigterm_under_zero2_with_workers_stops_with_a_checkpoint_and_resume_equ
     assert_ok(result)
     assert f"resuming from {checkpoint}" in result.stderr
     assert step_losses(stopped) == step_losses(straight) and len(step_losses(straight)) == MAX_STEPS
-    wanted, actual = weights(straight / "model.safetensors"), weights(stopped / "model.safetensors")
-    assert actual.keys() == wanted.keys()
-    for name in wanted:
-        assert torch.equal(actual[name], wanted[name]), name
+    assert_same_weights(straight, stopped)

@@ -696,7 +696,8 @@ class RunFolder:
         official checkpoint holds around the weights (`complete_model_folder`); its files follow the umask."""
         if (folder / "config.json").is_file():
             complete_model_folder(folder, self.args.model_name_or_path, tokenizer)
-        follow_umask_in(folder)
+        else:
+            follow_umask_in(folder)
 
     def keep_only_best(self, best: str | None) -> None:
         """At the end of training under --save_total_limit 1 with a best checkpoint: only the best of this run's
