@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     run_folder.lock()
     run_folder.move_previous_run_aside()
 
-    data = CustomData(data_args, args.seed, skip_log_for(args))
+    data = CustomData(data_args, args.seed, skip_log_for(args), args.output_dir)
     train_set, eval_set = data.datasets()
 
     processor = load_processor(args.model_name_or_path, args.num_crops)

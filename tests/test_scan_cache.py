@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from common.data.dataset import RecipeDataset
-from common.data.formats import ColumnConversations, read_conversations
+from common.data.formats import ColumnConversations, read_conversations, stored_conversations
 from common.data.scan_cache import ScanCache, scan_key
 from common.data.validation import SkipLog, _scan_share, checked_rows, validate_training_data
 from common.errors import ExampleError
@@ -174,6 +174,7 @@ def test_two_ranks_share_the_pass_and_a_restart_reuses_it(processor, tiny_checkp
     first = run_script("finetune_hf_trainer_custom.py", args, tmp_path, nproc=2, env={"PHI3V_TEST_STOP_AT_STEP": 1})
     assert_ok(first)
     assert "train.json: rows checked in 2 processes" in first.stderr and "reused from" not in first.stderr
+    assert "rows opened from" not in first.stderr
 
     # One process over the same rows finds the same: skipped rows in the same order, the same lengths.
     from common.data.formats import hold_out
@@ -185,8 +186,11 @@ def test_two_ranks_share_the_pass_and_a_restart_reuses_it(processor, tiny_checkp
     sharded = [json.loads(line) for line in (out / "skipped_examples.jsonl").read_text().splitlines()]
     expected = [json.loads(line) for line in single_log.path.read_text().splitlines()]
     assert sharded[: len(expected)] == expected and expected
-    # The recipe's rows follow --seed (42 by default) in their draws, and so does the key.
-    as_trained = RecipeDataset(train_rows, name="train.json", seed=42, data_files=[path])
+    # The recipe's rows follow --seed (42 by default) in their draws, and so does the key; the rows are those the
+    # run kept in its folder.
+    stored_rows = stored_conversations(path, path.parent, "auto", None, None, out)[0]
+    as_trained = RecipeDataset(hold_out(stored_rows, 0.25, 42)[0], name="train.json", seed=42, data_files=[path])
+    assert list(as_trained.source) == train_rows
     recorded = ScanCache(out).load("train.json", scan_key(as_trained, processor), len(train_rows))
     assert recorded is not None
     kept = recorded.total[(recorded.total >= 0) & (recorded.total <= MAX_LENGTH)]
@@ -195,6 +199,7 @@ def test_two_ranks_share_the_pass_and_a_restart_reuses_it(processor, tiny_checkp
     again = run_script("finetune_hf_trainer_custom.py", [*args, "--resume_from_checkpoint", "latest"], tmp_path, nproc=2)
     assert_ok(again)
     assert "train.json: validation results of 18 rows reused from" in again.stderr
+    assert "train.json: 24 rows opened from" in again.stderr and "read as llava" not in again.stderr
     assert "rows checked in 2 processes" not in again.stderr
 
 

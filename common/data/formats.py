@@ -33,14 +33,15 @@ import logging
 import math
 import random
 import re
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
+import numpy as np
 
 from ..errors import DataError, ExampleError
-from .conversation import check_messages, split_system
+from ..ranks import from_main, is_main_process
+from .conversation import check_messages
 from .dataset import (
     RecipeDataset,
     _resolve_image,
@@ -48,7 +49,8 @@ from .dataset import (
     load_jsonl_conversations,
     resolving_images,
 )
-from .scan_cache import converter_identity
+from .row_store import RowStore, RowSummaries, first_exchange
+from .scan_cache import CACHE_FOLDER, converter_identity, file_fingerprint
 from .sources import first_rows, load_split
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ CHAT_ROLES = ("system", "user", "assistant")
 DETECT_ROWS = 5
 # Fewer optimizer steps than this rarely move a model; the run is more likely a misconfiguration.
 MIN_USEFUL_STEPS = 10
+# Part of the key of rows kept by `stored_conversations`: raise it when reading a row gives other conversations.
+ROWS_READER_VERSION = 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -353,6 +357,79 @@ def read_conversations(path, image_root, file_format: str = "auto", system_promp
     return conversations, file_format
 
 
+class _KeptSkips:
+    """A skip log that also keeps the reasons it is given, for the row store to give them again at a restart."""
+
+    def __init__(self, skip_log):
+        self.skip_log, self.reasons = skip_log, []
+
+    def record(self, reason: str, stage: str) -> None:
+        self.reasons.append(reason)
+        self.skip_log.record(reason, stage)
+
+
+def rows_key(path: Path, root: Path, file_format: str, system_prompt: str | None) -> str:
+    """What stored rows of `path` must have been read under to be used: the file (where it is, its size, its
+    modification time, its first and last 64 KiB), the image root and the reading options."""
+    identity = {
+        "reader": ROWS_READER_VERSION,
+        "file": str(path.resolve()),
+        "fingerprint": file_fingerprint(path),
+        "image_root": str(root.resolve()),
+        "format": file_format,
+        "system_prompt": system_prompt,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def stored_conversations(path, image_root, file_format: str, system_prompt: str | None, skip_log, run_folder) -> tuple[RowStore, str]:
+    """`read_conversations` as a `RowStore`, kept in ``RUN_FOLDER/data_scans/`` for the next start on the same file
+    and options (`rows_key`), which opens it instead of reading the file again.
+
+    The main process reads the file and saves the store; the other ranks open what it saved (on a disk that
+    nodes do not share, each reads the file itself). A bad row's error reaches every rank. Rows left out under
+    --skip_bad_examples are recorded in the skip log again at each start, as a first start does; without a skip
+    log, the first of them stops the run as reading the file would.
+    """
+    path, root = Path(path), Path(image_root)
+    folder = Path(run_folder) / CACHE_FOLDER / f"rows-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
+
+    def read() -> tuple[RowStore, dict]:
+        kept = _KeptSkips(skip_log) if skip_log is not None else None
+        conversations, found = read_conversations(path, root, file_format, system_prompt, kept)
+        meta = {"key": key, "format": found, "skipped": kept.reasons if kept else []}
+        return RowStore.build(conversations, str(root.resolve())), meta
+
+    key = stored = error = None
+    if is_main_process():
+        try:
+            key = rows_key(path, root, file_format, system_prompt) if path.is_file() else None
+            stored = RowStore.open(folder, key) if key else None
+            if stored is not None:
+                logger.info("%s: %d rows opened from %s (read by an earlier start of this run; the file is unchanged)", path, len(stored[0]), folder)
+                for reason in stored[1]["skipped"]:
+                    if skip_log is None:
+                        raise DataError(reason)
+                    skip_log.record(reason, stage="validation")
+            else:
+                stored = read()
+                try:
+                    stored[0].save(folder, stored[1])
+                except OSError as failure:
+                    logger.warning("%s: could not keep the rows in %s (%s); a restart will read the file again", path, folder, failure)
+        except (DataError, FileNotFoundError) as failure:
+            error = failure
+    key, error = from_main((key, error))
+    if error is not None:
+        raise error
+    if not is_main_process():
+        stored = RowStore.open(folder, key)
+        if stored is None:
+            logger.info("%s: the rows the main process read are not in %s here; reading the file", path, folder)
+            stored = read()
+    return stored[0], stored[1]["format"]
+
+
 def prediction_examples(path, image_root, file_format: str = "auto", system_prompt: str | None = None) -> list[dict]:
     """Examples for `common.outputs.predict --jsonl`: a conversation that ends with a user message has that message
     answered, the turns before it as context; otherwise its first turn is answered and its first answer is the
@@ -527,7 +604,7 @@ def hold_out(rows, fraction: float, seed: int):
     order = list(range(count))
     random.Random(seed).shuffle(order)
     eval_indices, train_indices = sorted(order[:held]), sorted(order[held:])
-    if isinstance(rows, datasets.Dataset):
+    if isinstance(rows, (datasets.Dataset, RowStore)):
         return rows.select(train_indices), rows.select(eval_indices)
     return [rows[i] for i in train_indices], [rows[i] for i in eval_indices]
 
@@ -545,9 +622,11 @@ def _image_key(image) -> str:
     return str(image)
 
 
-def row_summaries(rows, messages_column: str | None = None, images_column: str | None = None) -> list[tuple[str | None, tuple, str, str]]:
-    """(id, images, first question, first answer) of each conversation, or of each dataset row read from its
-    raw columns (image bytes hashed, nothing decoded), for the checks of `warn_about_data`."""
+def row_summaries(rows, messages_column: str | None = None, images_column: str | None = None) -> RowSummaries:
+    """What `data_warnings` compares of each conversation (`RowSummaries`): kept by a `RowStore`, or read from a
+    list of conversations, or from a dataset's raw columns (image bytes hashed, nothing decoded)."""
+    if isinstance(rows, RowStore):
+        return rows.summaries()
     summaries = []
     if isinstance(rows, datasets.Dataset):
         columns = [c for c in ("id", messages_column, images_column) if c in rows.column_names]
@@ -560,41 +639,35 @@ def row_summaries(rows, messages_column: str | None = None, images_column: str |
                 except ExampleError:
                     # The validation pass reports the row; it just has no summary.
                     continue
-                summaries.append((row.get("id"), images) + _first_exchange(messages))
-        return summaries
+                summaries.append((row.get("id"), images) + first_exchange(messages))
+        return RowSummaries.of(summaries)
     for conversation in rows:
-        summaries.append((conversation["id"], tuple(map(_image_key, conversation["images"]))) + _first_exchange(conversation["messages"]))
-    return summaries
+        summaries.append((conversation["id"], tuple(map(_image_key, conversation["images"]))) + first_exchange(conversation["messages"]))
+    return RowSummaries.of(summaries)
 
 
-def _first_exchange(messages: list[dict]) -> tuple[str, str]:
-    _, turns = split_system(messages)
-    question = turns[0]["content"] if turns else ""
-    answer = turns[1]["content"].strip() if len(turns) > 1 else ""
-    return question, answer
-
-
-def data_warnings(train_rows: int, train_summaries: list, eval_summaries: list, batch_size: int, steps: int) -> list[str]:
+def data_warnings(train_rows: int, train: RowSummaries, evaluation: RowSummaries, batch_size: int, steps: int) -> list[str]:
     """The warnings of `warn_about_data`, as lines."""
     warnings = []
     if train_rows < batch_size:
         warnings.append(f"the training data has {train_rows} rows, fewer than one global batch (--batch_size {batch_size}); every step repeats rows or runs short")
     if steps < MIN_USEFUL_STEPS:
         warnings.append(f"the whole run makes {steps} optimizer steps (fewer than {MIN_USEFUL_STEPS}); raise --num_train_epochs or --max_steps, or lower --batch_size")
-    train_ids = {summary[0] for summary in train_summaries if summary[0] is not None}
-    train_inputs = {(summary[1], summary[2]) for summary in train_summaries}
-    overlapping = [s for s in eval_summaries if (s[0] is not None and s[0] in train_ids) or (s[1], s[2]) in train_inputs]
-    if overlapping:
+    same_id = (evaluation.ids != 0) & np.isin(evaluation.ids, train.ids[train.ids != 0])
+    overlapping = np.flatnonzero(same_id | np.isin(evaluation.inputs, train.inputs))
+    if len(overlapping):
         warnings.append(
-            f"{len(overlapping)} of {len(eval_summaries)} evaluation rows are also training rows (same id, or same images and "
-            f"prompt; first: id {overlapping[0][0]!r}); the scores will flatter the model: hold out other rows"
+            f"{len(overlapping)} of {len(evaluation)} evaluation rows are also training rows (same id, or same images and "
+            f"prompt; first: id {evaluation.describe(int(overlapping[0]))[0]!r}); the scores will flatter the model: hold out other rows"
         )
-    answers = Counter(summary[3] for summary in train_summaries if summary[3])
-    if answers:
-        answer, count = answers.most_common(1)[0]
-        if count > len(train_summaries) / 2:
+    answered = train.answers[train.answers != 0]
+    if len(answered):
+        values, counts = np.unique(answered, return_counts=True)
+        count = int(counts.max())
+        if count > len(train) / 2:
+            answer = train.describe(int(np.flatnonzero(train.answers == values[counts.argmax()])[0]))[1]
             warnings.append(
-                f"{count} of {len(train_summaries)} training rows have the same answer {answer!r:.60}; a model can score "
+                f"{count} of {len(train)} training rows have the same answer {answer!r:.60}; a model can score "
                 "well by always giving it: check the data, or balance it"
             )
     return warnings
@@ -608,7 +681,7 @@ def optimizer_steps(rows: int, batch_size: int, max_steps: int, num_train_epochs
     return math.ceil(math.ceil(rows / batch_size) * num_train_epochs)
 
 
-def warn_about_data(train_set, train_summaries: list, eval_summaries: list, batch_size: int, max_steps: int,
+def warn_about_data(train_set, train_summaries: RowSummaries, eval_summaries: RowSummaries, batch_size: int, max_steps: int,
                     num_train_epochs: float) -> None:
     """One warning line for each problem that would make the run useless: too few rows or steps (at the global
     `batch_size`, for `max_steps` or `num_train_epochs`), evaluation rows that are training rows, a constant
@@ -621,17 +694,18 @@ def warn_about_data(train_set, train_summaries: list, eval_summaries: list, batc
 class CustomData:
     """The training and evaluation rows `finetune_hf_trainer_custom.py` reads: data files or a dataset, an
     evaluation file, split or seeded held-out fraction; `datasets` makes the `RecipeDataset`s, `warn` the
-    warnings of `warn_about_data` about them."""
+    warnings of `warn_about_data` about them. With a `run_folder` (the run's output folder), data files are read
+    once per run and kept there as `RowStore`s (`stored_conversations`); without one they are read into lists."""
 
-    def __init__(self, options, seed: int, skip_log=None):
+    def __init__(self, options, seed: int, skip_log=None, run_folder=None):
         self.options = options
         self.name = Path(options.train_file).stem if options.train_file else (options.dataset_name or Path(options.dataset_path).name)
         if options.train_file:
             root = options.image_root or str(Path(options.train_file).parent)
             self.columns = None
-            self.train, self.format = read_conversations(options.train_file, root, options.format, options.system_prompt, skip_log)
+            self.train, self.format = self._read(options.train_file, root, skip_log, run_folder)
             if options.eval_file:
-                self.eval = read_conversations(options.eval_file, root, options.format, options.system_prompt, skip_log)[0]
+                self.eval = self._read(options.eval_file, root, skip_log, run_folder)[0]
         else:
             self.format = "dataset"
             self.columns = ColumnConversations(options.messages_column, options.images_column, options.image_root, options.system_prompt, self.name)
@@ -644,6 +718,12 @@ class CustomData:
             self.train, self.eval = hold_out(self.train, options.eval_fraction, seed)
         self.train = first_rows(self.train, options.max_train_samples)
         self.eval = first_rows(self.eval, options.max_eval_samples)
+
+    def _read(self, path, root, skip_log, run_folder):
+        options = self.options
+        if run_folder is None:
+            return read_conversations(path, root, options.format, options.system_prompt, skip_log)
+        return stored_conversations(path, root, options.format, options.system_prompt, skip_log, run_folder)
 
     def datasets(self) -> tuple[RecipeDataset, RecipeDataset]:
         options, turn = self.options, self.options.eval_turn

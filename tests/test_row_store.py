@@ -1,0 +1,152 @@
+"""The parsed rows kept in the run folder (common/data/row_store.py, `formats.stored_conversations`): a restart opens
+them instead of reading the data file, they read back as the file reads, and they stop being used when the file
+or the reading options change."""
+
+import json
+import logging
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+
+from common.data.formats import CustomData, hold_out, read_conversations, row_summaries, stored_conversations
+from common.data.row_store import ROWS_FILE, RowStore
+from common.data.validation import SkipLog
+from common.errors import DataError
+
+
+def conversation_row(index, image=None):
+    row = {"id": f"r{index}", "conversations": [{"from": "human", "value": f"<image>\nQuestion {index}?" if image else f"Question {index}?"},
+                                                 {"from": "gpt", "value": f"Answer {index % 3}"}]}
+    if image:
+        row["image"] = image
+    return row
+
+
+@pytest.fixture
+def data(tmp_path):
+    """A LLaVA JSONL file of 9 rows over images in a subfolder (every third row text-only)."""
+    root = tmp_path / "data"
+    (root / "pics").mkdir(parents=True)
+    rows = []
+    for index in range(9):
+        image = None
+        if index % 3:
+            image = f"pics/{index}.png"
+            (root / image).write_bytes(b"not read here")
+        rows.append(conversation_row(index, image))
+    path = root / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_stored_rows_read_back_as_the_file_reads_and_move_with_their_images(data, tmp_path):
+    rows, _ = read_conversations(data, data.parent, "llava", "Be brief.")
+    store = RowStore.build(rows, str(data.parent.resolve()))
+    assert list(store) == rows and len(store) == 9
+    assert store[-1] == rows[-1] and list(store[2:5]) == rows[2:5]
+    # Image paths are kept relative to the root, so a copy of the data elsewhere has the same bytes.
+    assert str(data.parent.resolve()).encode() not in bytes(store._buffer) and store[1]["images"] == rows[1]["images"]
+    moved = tmp_path / "moved"
+    shutil.copytree(data.parent, moved)
+    moved_rows, _ = read_conversations(moved / "train.jsonl", moved, "llava", "Be brief.")
+    moved_store = RowStore.build(moved_rows, str(moved.resolve()))
+    assert moved_store._fingerprint == store._fingerprint and list(moved_store) == moved_rows
+
+    store.save(tmp_path / "kept", {"key": "k1"})
+    opened, meta = RowStore.open(tmp_path / "kept", "k1")
+    assert list(opened) == rows and opened._fingerprint == store._fingerprint and meta["rows"] == 9
+    assert RowStore.open(tmp_path / "kept", "another key") is None
+
+    # A view: its own fingerprint, the same rows as the list's, and its summaries.
+    train, held = hold_out(opened, 0.34, seed=5)
+    train_list, held_list = hold_out(rows, 0.34, seed=5)
+    assert list(train) == train_list and list(held) == held_list
+    assert len({train._fingerprint, held._fingerprint, opened._fingerprint}) == 3
+    assert train.select([0])._fingerprint == opened.select([int(train._indices[0])])._fingerprint
+    assert np.array_equal(row_summaries(held).answers, row_summaries(opened).answers[held._indices])
+    # DataLoader workers started by spawn get the store pickled: it maps the same files again.
+    assert list(pickle.loads(pickle.dumps(held))) == held_list
+
+
+def test_damaged_store_files_are_not_used(data, tmp_path, caplog):
+    rows, _ = read_conversations(data, data.parent, "llava")
+    folder = tmp_path / "kept"
+    RowStore.build(rows, str(data.parent.resolve())).save(folder, {"key": "k"})
+    (folder / ROWS_FILE).write_bytes((folder / ROWS_FILE).read_bytes()[:-10])
+    with caplog.at_level(logging.WARNING, logger="common.data.row_store"):
+        assert RowStore.open(folder, "k") is None
+    assert any("do not match store.json" in message for message in caplog.messages)
+
+
+def test_a_restart_opens_the_rows_and_a_changed_file_is_read_again(data, tmp_path, caplog, monkeypatch):
+    out = tmp_path / "out"
+    first, found = stored_conversations(data, data.parent, "auto", None, None, out)
+    assert found == "llava" and len(first) == 9
+
+    import common.data.formats as formats
+
+    reads = []
+    monkeypatch.setattr(formats, "read_conversations", lambda *args: reads.append(args) or read_conversations(*args))
+    with caplog.at_level(logging.INFO, logger="common.data.formats"):
+        again, found = stored_conversations(data, data.parent, "auto", None, None, out)
+    assert reads == [] and found == "llava" and list(again) == list(first) and again._fingerprint == first._fingerprint
+    assert any("9 rows opened from" in message for message in caplog.messages)
+
+    # Other options, or the file changed (same size, new time), are read again.
+    stored_conversations(data, data.parent, "auto", "A system prompt.", None, out)
+    assert len(reads) == 1
+    text = data.read_text().replace("Answer 1", "Answer 7")
+    data.write_text(text)
+    changed, _ = stored_conversations(data, data.parent, "auto", None, None, out)
+    assert len(reads) == 2 and changed[1]["messages"][-1]["content"] == "Answer 7"
+
+
+def test_rows_left_out_are_logged_again_and_stop_a_run_without_skipping(data, tmp_path):
+    lines = data.read_text().splitlines()
+    lines[4] = json.dumps(conversation_row(4, "pics/missing.png"))
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    first_log, second_log = SkipLog(out / "first"), SkipLog(out / "second")
+    kept, _ = stored_conversations(data, data.parent, "llava", None, first_log, out)
+    again, _ = stored_conversations(data, data.parent, "llava", None, second_log, out)
+    assert len(kept) == len(again) == 8 and first_log.count() == 1
+    assert second_log.path.read_text() == first_log.path.read_text()
+    with pytest.raises(DataError, match=r"train.jsonl:5: image\[0\]: image file .*missing.png does not exist"):
+        stored_conversations(data, data.parent, "llava", None, None, out)
+
+
+def test_custom_data_warns_from_stored_summaries(data, tmp_path, caplog):
+    class Options:
+        train_file, eval_file, eval_fraction, image_root, format = str(data), None, 0.34, None, "auto"
+        system_prompt, max_train_samples, max_eval_samples, eval_turn = None, None, None, "first"
+
+    lines = data.read_text().splitlines()
+    same = [json.dumps({**json.loads(line), "conversations": [json.loads(line)["conversations"][0], {"from": "gpt", "value": "yes"}]})
+            for line in lines]
+    data.write_text("\n".join(same) + "\n")
+    custom = CustomData(Options, seed=1, run_folder=tmp_path / "out")
+    train_set, _ = custom.datasets()
+    assert os.path.isdir(tmp_path / "out" / "data_scans") and isinstance(train_set.source, RowStore)
+    with caplog.at_level(logging.WARNING, logger="common.data.formats"):
+        custom.warn(train_set, batch_size=2, max_steps=20, num_train_epochs=1)
+    assert [m for m in caplog.messages if "have the same answer 'yes'" in m] and len(caplog.messages) == 1
+
+
+def test_another_rank_reads_the_file_when_the_stored_rows_are_not_on_its_disk(data, tmp_path, monkeypatch, caplog):
+    import common.data.formats as formats
+
+    main_rows, _ = stored_conversations(data, data.parent, "llava", None, None, tmp_path / "main")
+    key = formats.rows_key(data, data.parent, "llava", None)
+    monkeypatch.setattr(formats, "is_main_process", lambda: False)
+    monkeypatch.setattr(formats, "from_main", lambda value: (key, None))
+    with caplog.at_level(logging.INFO, logger="common.data.formats"):
+        rows, _ = stored_conversations(data, data.parent, "llava", None, None, tmp_path / "node-local")
+    assert any("are not in" in message and "reading the file" in message for message in caplog.messages)
+    assert list(rows) == list(main_rows) and rows._fingerprint == main_rows._fingerprint
+    # The main process's error reaches this rank as it is.
+    monkeypatch.setattr(formats, "from_main", lambda value: (None, DataError("train.jsonl:3: bad row")))
+    with pytest.raises(DataError, match="train.jsonl:3: bad row"):
+        stored_conversations(data, data.parent, "llava", None, None, tmp_path / "main")
