@@ -89,7 +89,8 @@ def test_a_restart_opens_the_rows_and_a_changed_file_is_read_again(data, tmp_pat
     import common.data.formats as formats
 
     reads = []
-    monkeypatch.setattr(formats, "read_conversations", lambda *args: reads.append(args) or read_conversations(*args))
+    reader = formats.conversations_of
+    monkeypatch.setattr(formats, "conversations_of", lambda *args: reads.append(args) or reader(*args))
     with caplog.at_level(logging.INFO, logger="common.data.formats"):
         again, found = stored_conversations(data, data.parent, "auto", None, None, out)
     assert reads == [] and found == "llava" and list(again) == list(first) and again._fingerprint == first._fingerprint

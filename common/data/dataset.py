@@ -760,12 +760,13 @@ def _resolve_image(relative, root: Path, where: str) -> str:
             f"{where}: image path {relative!r} is absolute; refused: image paths must be relative to the image root "
             f"{root}, so a data file can only point at files under it"
         )
-    resolved, status = _real_path(os.path.join(root, relative))
-    if resolved != str(root) and not resolved.startswith(os.path.join(root, "")):
+    base = os.fspath(root)
+    resolved, status = _real_path(os.path.join(base, relative))
+    if resolved != base and not resolved.startswith(os.path.join(base, "")):
         raise DataError(
             f"{where}: image path {relative!r} leads to {resolved}, outside the image root {root} (through '..' or a "
             "symlink); refused. Put the images under the image root, or pass the image root they belong to."
         )
     if status is None or not stat.S_ISREG(status.st_mode):
-        raise FileNotFoundError(f"{where}: image file {root / relative} does not exist; add it or fix the path")
+        raise FileNotFoundError(f"{where}: image file {os.path.join(base, relative)} does not exist; add it or fix the path")
     return resolved

@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 FILE_FORMATS = ("llava", "messages", "jsonl")
 EVAL_TURNS = ("first", "last", "all")
 PLACEHOLDER = "<image>"
+PLACEHOLDER_PATTERN = re.compile(re.escape(PLACEHOLDER))
 LLAVA_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 CHAT_ROLES = ("system", "user", "assistant")
 # Rows read to detect a file's format; they must all agree.
@@ -215,7 +216,7 @@ def chat_messages(turns, row_images: list, resolve) -> tuple[list[dict], list]:
             raise ExampleError(f"{what} must be an object with \"role\" one of {list(CHAT_ROLES)} and \"content\", got {turn!r:.100}")
         content = turn.get("content")
         if isinstance(content, str):
-            text = re.sub(re.escape(PLACEHOLDER), lambda _: take(f"{what}: an {PLACEHOLDER} placeholder"), content)
+            text = PLACEHOLDER_PATTERN.sub(lambda _: take(f"{what}: an {PLACEHOLDER} placeholder"), content)
         elif isinstance(content, list):
             pieces: list[tuple[str, bool]] = []
             for part_index, part in enumerate(content):
@@ -257,7 +258,7 @@ def placed_images(messages: list[dict], images: list) -> list[dict]:
             "order, or none (the images then go in front of the first question)"
         )
     numbers = iter(range(1, len(images) + 1))
-    return [{**message, "content": re.sub(re.escape(PLACEHOLDER), lambda _: _tag(next(numbers)), message["content"])} for message in messages]
+    return [{**message, "content": PLACEHOLDER_PATTERN.sub(lambda _: _tag(next(numbers)), message["content"])} for message in messages]
 
 
 def _images_in_front(messages: list[dict], count: int) -> list[dict]:
@@ -324,6 +325,14 @@ def _checked(messages: list[dict], images: list, answered: bool) -> dict:
 def read_conversations(path, image_root, file_format: str = "auto", system_prompt: str | None = None, skip_log=None, answered: bool = True) -> tuple[list[dict], str]:
     """(the conversations of a data file, its format). ``answered=False`` (prediction) also takes conversations
     that end with a user message, and this project's JSONL rows without answers."""
+    conversations, file_format = conversations_of(path, image_root, file_format, system_prompt, skip_log, answered)
+    return list(conversations), file_format
+
+
+def conversations_of(path, image_root, file_format: str = "auto", system_prompt: str | None = None, skip_log=None,
+                     answered: bool = True) -> tuple[Iterator[dict], str]:
+    """`read_conversations` one row at a time: (the conversations, read as they are taken, the file's format).
+    The file, the image root and the format are checked before this returns."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist or is not a file")
@@ -335,9 +344,12 @@ def read_conversations(path, image_root, file_format: str = "auto", system_promp
         logger.info("%s: read as %s (detected from its first rows; --format sets it)", path, file_format)
     if file_format == "jsonl":
         rows = load_jsonl_conversations(path, root, skip_log) if answered else jsonl_prediction_examples(path, root)
-        return [{**row, "messages": with_system(row["messages"], system_prompt)} for row in rows], file_format
-    root = root.resolve()
-    conversations, line_of_id = [], {}
+        return ({**row, "messages": with_system(row["messages"], system_prompt)} for row in rows), file_format
+    return _file_conversations(path, root.resolve(), file_format, system_prompt, skip_log, answered), file_format
+
+
+def _file_conversations(path: Path, root: Path, file_format: str, system_prompt: str | None, skip_log, answered: bool) -> Iterator[dict]:
+    line_of_id = {}
     with resolving_images():
         for where, row in file_rows(path):
             try:
@@ -351,10 +363,9 @@ def read_conversations(path, image_root, file_format: str = "auto", system_promp
                 continue
             line_of_id[conversation["id"]] = where
             conversation["messages"] = with_system(conversation["messages"], system_prompt)
-            conversations.append(conversation)
-    if not conversations:
+            yield conversation
+    if not line_of_id:
         raise DataError(f"{path} holds no usable examples")
-    return conversations, file_format
 
 
 class _KeptSkips:
@@ -396,9 +407,9 @@ def stored_conversations(path, image_root, file_format: str, system_prompt: str 
 
     def read() -> tuple[RowStore, dict]:
         kept = _KeptSkips(skip_log) if skip_log is not None else None
-        conversations, found = read_conversations(path, root, file_format, system_prompt, kept)
-        meta = {"key": key, "format": found, "skipped": kept.reasons if kept else []}
-        return RowStore.build(conversations, str(root.resolve())), meta
+        conversations, found = conversations_of(path, root, file_format, system_prompt, kept)
+        store = RowStore.build(conversations, str(root.resolve()))
+        return store, {"key": key, "format": found, "skipped": kept.reasons if kept else []}
 
     key = stored = error = None
     if is_main_process():

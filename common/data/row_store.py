@@ -16,11 +16,13 @@ last and names the key the rows were read under; a folder without it, or with an
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import mmap
 import os
 import shutil
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,12 @@ def first_exchange(messages: list[dict]) -> tuple[str, str]:
     return question, answer
 
 
+def summary_hashes(row_id, images, question: str, answer: str) -> tuple[int, int, int]:
+    """The three hashes of `RowSummaries` for one row."""
+    return (hash64(json.dumps(row_id)) if row_id is not None else 0, hash64(json.dumps([list(images), question])),
+            hash64(answer) if answer else 0)
+
+
 @dataclass
 class RowSummaries:
     """What the data warnings compare, per row, as 64-bit hashes: the id (0: none), the images with the first
@@ -62,10 +70,8 @@ class RowSummaries:
     def of(cls, summaries: Iterable[tuple[object, tuple, str, str]]) -> "RowSummaries":
         """From (id, image keys, first question, first answer) per row."""
         table = list(summaries)
-        ids = np.array([hash64(json.dumps(row_id)) if row_id is not None else 0 for row_id, _, _, _ in table], dtype=np.uint64)
-        inputs = np.array([hash64(json.dumps([list(images), question])) for _, images, question, _ in table], dtype=np.uint64)
-        answers = np.array([hash64(answer) if answer else 0 for _, _, _, answer in table], dtype=np.uint64)
-        return cls(ids, inputs, answers, lambda position: (table[position][0], table[position][3]))
+        hashed = np.array([summary_hashes(*summary) for summary in table], dtype=np.uint64).reshape(-1, 3)
+        return cls(hashed[:, 0], hashed[:, 1], hashed[:, 2], lambda position: (table[position][0], table[position][3]))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -96,20 +102,19 @@ class RowStore:
 
     @classmethod
     def build(cls, rows: Iterable[dict], root: str) -> "RowStore":
-        """A store of `rows` in memory; image paths under `root` are stored relative to it."""
+        """A store of `rows` (read one at a time; only their bytes are kept) in memory; image paths under `root`
+        are stored relative to it."""
         prefix = os.path.join(root, "")
-        lines, summaries = [], []
+        buffer, offsets, hashes = io.BytesIO(), array("q", [0]), array("Q")
         for row in rows:
             stored = _relative_images(row, prefix)
-            lines.append(json.dumps(stored, sort_keys=True, separators=(",", ":")).encode())
-            question, answer = first_exchange(stored["messages"])
-            summaries.append((stored.get("id"), tuple(map(str, stored.get("images") or ())), question, answer))
-        offsets = np.zeros(len(lines) + 1, dtype=np.int64)
-        np.cumsum([len(line) + 1 for line in lines], out=offsets[1:])
-        buffer = b"\n".join(lines) + b"\n" if lines else b""
-        hashed = RowSummaries.of(summaries)
-        table = np.stack([hashed.ids, hashed.inputs, hashed.answers], axis=1) if lines else np.zeros((0, 3), dtype=np.uint64)
-        return cls(buffer, offsets, table, root, hashlib.sha256(buffer).hexdigest()[:32])
+            line = json.dumps(stored, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+            buffer.write(line)
+            offsets.append(offsets[-1] + len(line))
+            hashes.extend(summary_hashes(stored.get("id"), map(str, stored.get("images") or ()), *first_exchange(stored["messages"])))
+        data = buffer.getvalue()
+        summaries = np.frombuffer(hashes, dtype=np.uint64).reshape(-1, 3) if hashes else np.zeros((0, 3), dtype=np.uint64)
+        return cls(data, np.frombuffer(offsets, dtype=np.int64), summaries, root, hashlib.sha256(data).hexdigest()[:32])
 
     def save(self, folder: Path, meta: dict) -> None:
         """Write the whole store (not a view) into `folder`, replacing what is there; `meta` (the key the rows were
@@ -223,4 +228,4 @@ class RowStore:
         return RowSummaries(np.asarray(table[:, 0]), np.asarray(table[:, 1]), np.asarray(table[:, 2]), describe)
 
 
-__all__ = ["RowStore", "RowSummaries", "first_exchange", "hash64"]
+__all__ = ["RowStore", "RowSummaries", "first_exchange", "hash64", "summary_hashes"]
