@@ -64,6 +64,15 @@ def gathered(value) -> list:
     return boxes
 
 
+def on_main(value) -> list | None:
+    """Every rank's `value`, in rank order, on the main process; None on the others."""
+    if not distributed():
+        return [value]
+    boxes = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, boxes, dst=0)
+    return boxes
+
+
 def rank_prefix() -> str:
     """What a line one rank prints starts with: its rank, when there are several."""
     rank, world = rank_and_world()

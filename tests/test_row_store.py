@@ -89,8 +89,8 @@ def test_a_restart_opens_the_rows_and_a_changed_file_is_read_again(data, tmp_pat
     import common.data.formats as formats
 
     reads = []
-    reader = formats.conversations_of
-    monkeypatch.setattr(formats, "conversations_of", lambda *args: reads.append(args) or reader(*args))
+    reader = formats.read_part
+    monkeypatch.setattr(formats, "read_part", lambda *args: reads.append(args) or reader(*args))
     with caplog.at_level(logging.INFO, logger="common.data.formats"):
         again, found = stored_conversations(data, data.parent, "auto", None, None, out)
     assert reads == [] and found == "llava" and list(again) == list(first) and again._fingerprint == first._fingerprint
@@ -141,13 +141,55 @@ def test_another_rank_reads_the_file_when_the_stored_rows_are_not_on_its_disk(da
 
     main_rows, _ = stored_conversations(data, data.parent, "llava", None, None, tmp_path / "main")
     key = formats.rows_key(data, data.parent, "llava", None)
+    # What the main process sends, in turn: no error in opening its rows; its key, format, and that it opened them.
+    sent = iter([None, (key, "llava", True)])
     monkeypatch.setattr(formats, "is_main_process", lambda: False)
-    monkeypatch.setattr(formats, "from_main", lambda value: (key, None))
+    monkeypatch.setattr(formats, "from_main", lambda value: next(sent))
     with caplog.at_level(logging.INFO, logger="common.data.formats"):
         rows, _ = stored_conversations(data, data.parent, "llava", None, None, tmp_path / "node-local")
     assert any("are not in" in message and "reading the file" in message for message in caplog.messages)
     assert list(rows) == list(main_rows) and rows._fingerprint == main_rows._fingerprint
     # The main process's error reaches this rank as it is.
-    monkeypatch.setattr(formats, "from_main", lambda value: (None, DataError("train.jsonl:3: bad row")))
+    monkeypatch.setattr(formats, "from_main", lambda value: DataError("train.jsonl:3: bad row"))
     with pytest.raises(DataError, match="train.jsonl:3: bad row"):
         stored_conversations(data, data.parent, "llava", None, None, tmp_path / "main")
+
+
+def messy_file(data, array):
+    """The fixture's rows, plus a missing image (line 3), a duplicate of an id 5 rows earlier and one of an id near
+    the start, at the end; as JSONL with blank lines or as a JSON array."""
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[2]["image"] = "pics/missing.png"
+    rows += [{**rows[4], "conversations": rows[5]["conversations"]}, conversation_row(0)]
+    rows += [conversation_row(index) for index in range(100, 140)]
+    path = data.with_suffix(".json" if array else ".jsonl")
+    path.write_text(json.dumps(rows, indent=1) if array else "\n\n".join(json.dumps(row) for row in rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("array", [False, True], ids=["jsonl", "array"])
+def test_parts_read_by_several_ranks_join_into_what_one_reader_gives(data, tmp_path, array):
+    from common.data.formats import joined_parts, read_part
+
+    path = messy_file(data, array)
+    root = data.parent.resolve()
+    one_log = SkipLog(tmp_path / "one")
+    whole = RowStore.build(read_conversations(path, root, "llava", None, one_log)[0], str(root))
+    assert one_log.count() == 3
+    for count in (1, 2, 3, 7):
+        log = SkipLog(tmp_path / f"parts-{count}")
+        parts = [read_part(path, root, "llava", None, (k, count)) for k in range(count)]
+        joined, reasons = joined_parts(parts, path, log)
+        assert list(joined) == list(whole) and joined._fingerprint == whole._fingerprint, count
+        # The same rows left out, in the file's order; a duplicate names the row that has the id first.
+        assert log.path.read_text() == one_log.path.read_text() and len(reasons) == 3, count
+        with pytest.raises(FileNotFoundError, match=r":\d+: image\[0\]: image file .*missing.png does not exist"):
+            joined_parts(parts, path, None)
+    # A broken row stops the reading at that row, after the rows before it are recorded.
+    text = path.read_text()
+    broken = text.replace('"Question 120?"', '"Question 120?" oops') if array else text.replace('"Question 120?"}', '"Question 120?"} oops')
+    path.write_text(broken)
+    log = SkipLog(tmp_path / "broken")
+    with pytest.raises(DataError, match="invalid JSON"):
+        joined_parts([read_part(path, root, "llava", None, (k, 3)) for k in range(3)], path, log)
+    assert log.count() == 3

@@ -31,16 +31,19 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
+from array import array
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 
 from ..errors import DataError, ExampleError
-from ..ranks import from_main, is_main_process
+from ..ranks import from_main, is_main_process, on_main, rank_and_world
 from .conversation import check_messages
 from .dataset import (
     RecipeDataset,
@@ -80,14 +83,35 @@ def _is_array(path: Path) -> bool:
     return head.startswith(b"[")
 
 
-def file_rows(path: Path) -> Iterator[tuple[str, object]]:
-    """(``"path:line"``, the parsed row) for each row of a JSON array file or each non-blank line of a JSONL file."""
+def file_rows(path: Path, part: tuple[int, int] = (0, 1)) -> Iterator[tuple[str, object]]:
+    """(``"path:line"``, the parsed row) for each row of a JSON array file or each non-blank line of a JSONL file.
+
+    `part` (k, n): only the rows that start in the k-th of n equal stretches of the file, so that n processes
+    share one file, each row read by one of them. A JSONL part seeks to its stretch; an array's part decodes the
+    rows before its stretch too (JSON gives no other way to find where a row starts), but converts none of them.
+    """
     if _is_array(path):
-        yield from _array_rows(path)
+        yield from _array_rows(path, part)
         return
+    index, count = part
     with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
+        size = os.fstat(handle.fileno()).st_size
+        position, stop = size * index // count, size * (index + 1) // count
+        line_number = 1
+        if position:
+            # The first line this part reads is the first to start at or after `position`.
+            line_number += _newlines_before(handle, position - 1)
+            handle.seek(position - 1)
+            skipped = handle.readline()
+            line_number += skipped.count(b"\n")
+            position += len(skipped) - 1
+        while position < stop:
+            raw = handle.readline()
+            if not raw:
+                return
             where = f"{path}:{line_number}"
+            position += len(raw)
+            line_number += 1
             try:
                 text = raw.decode("utf-8-sig")
             except UnicodeDecodeError as error:
@@ -103,11 +127,25 @@ def file_rows(path: Path) -> Iterator[tuple[str, object]]:
                 ) from None
 
 
-def _array_rows(path: Path) -> Iterator[tuple[str, object]]:
+def _newlines_before(handle, offset: int) -> int:
+    handle.seek(0)
+    count, left = 0, offset
+    while left > 0:
+        chunk = handle.read(min(left, 16 << 20))
+        if not chunk:
+            break
+        count += chunk.count(b"\n")
+        left -= len(chunk)
+    return count
+
+
+def _array_rows(path: Path, part: tuple[int, int] = (0, 1)) -> Iterator[tuple[str, object]]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error}); save the file as UTF-8") from None
+    index, count = part
+    first, stop = len(text) * index // count, len(text) * (index + 1) // count
     decoder = json.JSONDecoder()
     space = re.compile(r"\s*")
     position = space.match(text, text.index("[") + 1).end()
@@ -121,12 +159,13 @@ def _array_rows(path: Path) -> Iterator[tuple[str, object]]:
 
     if text[position : position + 1] == "]":
         return
-    while True:
+    while position < stop:
         try:
             row, end = decoder.raw_decode(text, position)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from None
-        yield f"{path}:{line_at(position)}", row
+        if position >= first:
+            yield f"{path}:{line_at(position)}", row
         position = space.match(text, end).end()
         separator = text[position : position + 1]
         position = space.match(text, position + 1).end()
@@ -333,39 +372,145 @@ def conversations_of(path, image_root, file_format: str = "auto", system_prompt:
                      answered: bool = True) -> tuple[Iterator[dict], str]:
     """`read_conversations` one row at a time: (the conversations, read as they are taken, the file's format).
     The file, the image root and the format are checked before this returns."""
-    path = Path(path)
+    path, root = Path(path), Path(image_root)
+    file_format = checked_format(path, root, file_format)
+    if file_format == "jsonl":
+        rows = load_jsonl_conversations(path, root, skip_log) if answered else jsonl_prediction_examples(path, root)
+        return ({**row, "messages": with_system(row["messages"], system_prompt)} for row in rows), file_format
+
+    def failed(where: str, error: Exception) -> None:
+        skip_log.record(str(error), stage="validation")
+
+    rows = _file_conversations(path, root.resolve(), file_format, system_prompt, failed if skip_log else None, answered)
+    return _at_least_one((conversation for _, conversation in rows), path), file_format
+
+
+def checked_format(path: Path, root: Path, file_format: str) -> str:
+    """The format to read `path` in (`file_format`, or the one its first rows show for "auto"), once the file and
+    the image root are checked to exist."""
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist or is not a file")
-    root = Path(image_root)
     if not root.is_dir():
         raise FileNotFoundError(f"image root {root} is not a folder; pass --image_root, the folder that {path.name}'s image paths are relative to")
     if file_format == "auto":
         file_format = detect_format(path)
         logger.info("%s: read as %s (detected from its first rows; --format sets it)", path, file_format)
-    if file_format == "jsonl":
-        rows = load_jsonl_conversations(path, root, skip_log) if answered else jsonl_prediction_examples(path, root)
-        return ({**row, "messages": with_system(row["messages"], system_prompt)} for row in rows), file_format
-    return _file_conversations(path, root.resolve(), file_format, system_prompt, skip_log, answered), file_format
+    return file_format
 
 
-def _file_conversations(path: Path, root: Path, file_format: str, system_prompt: str | None, skip_log, answered: bool) -> Iterator[dict]:
+def _file_conversations(path: Path, root: Path, file_format: str, system_prompt: str | None, failed, answered: bool = True,
+                        part: tuple[int, int] = (0, 1)) -> Iterator[tuple[str, dict]]:
+    """(where, conversation) for each row of `part` (`file_rows`) of a LLaVA or messages file. A row that is not a
+    conversation, or whose id a row before it in the part has, is handed to `failed(where, error)` and left out;
+    without `failed` it raises."""
     line_of_id = {}
     with resolving_images():
-        for where, row in file_rows(path):
+        for where, row in file_rows(path, part):
             try:
                 conversation = file_conversation(row, file_format, root, path.name, where, answered)
                 if conversation["id"] in line_of_id:
                     raise DataError(f"{where}: id {conversation['id']!r} is already used at {line_of_id[conversation['id']]}; give every row its own id")
             except (DataError, FileNotFoundError) as error:
-                if skip_log is None:
+                if failed is None:
                     raise
-                skip_log.record(str(error), stage="validation")
+                failed(where, error)
                 continue
             line_of_id[conversation["id"]] = where
             conversation["messages"] = with_system(conversation["messages"], system_prompt)
-            yield conversation
-    if not line_of_id:
+            yield where, conversation
+
+
+def _at_least_one(rows: Iterator[dict], path: Path) -> Iterator[dict]:
+    empty = True
+    for row in rows:
+        empty = False
+        yield row
+    if empty:
         raise DataError(f"{path} holds no usable examples")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rows kept in the run folder, read by all ranks together
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FilePart:
+    """What one rank read of its part of a data file (`file_rows`): the conversations as a `RowStore`, the line of
+    each, the bad rows [(line, error)], and the error that stopped the reading (the file itself is broken)."""
+
+    rows: RowStore
+    lines: np.ndarray
+    failures: list[tuple[int, Exception]]
+    broken: DataError | None = None
+
+
+def _line_of(where: str) -> int:
+    return int(where.rsplit(":", 1)[1])
+
+
+def read_part(path: Path, root: Path, file_format: str, system_prompt: str | None, part: tuple[int, int]) -> FilePart:
+    """One rank's share of a LLaVA or messages file (`root` resolved), every bad row of it noted, not raised."""
+    failures, lines = [], array("q")
+
+    def kept() -> Iterator[dict]:
+        rows = _file_conversations(path, root, file_format, system_prompt, lambda where, error: failures.append((_line_of(where), error)), True, part)
+        for where, conversation in rows:
+            lines.append(_line_of(where))
+            yield conversation
+
+    try:
+        store = RowStore.build(kept(), str(root))
+    except DataError as broken:
+        return FilePart(RowStore.build([], str(root)), np.zeros(0, dtype=np.int64), failures, broken)
+    return FilePart(store, np.frombuffer(lines, dtype=np.int64), failures)
+
+
+def joined_parts(parts: list[FilePart], path: Path, skip_log) -> tuple[RowStore, list[str]]:
+    """The parts as one store, the same as reading the whole file in one process gives, and the reasons of the
+    rows left out. Bad rows go to `skip_log` in the file's order; without one, the first raises, as does a
+    broken file after the rows before it."""
+    joined = RowStore.joined([part.rows for part in parts])
+    lines = np.concatenate([part.lines for part in parts])
+    part_of = np.repeat(np.arange(len(parts)), [len(part.rows) for part in parts])
+    # Ordered by (part, line): a broken file ends its part.
+    failures = [((k, line), error) for k, part in enumerate(parts) for line, error in part.failures]
+    failures += [((k, math.inf), part.broken) for k, part in enumerate(parts) if part.broken is not None]
+    repeated = _ids_used_before(joined, lines, path)
+    failures += [((int(part_of[position]), int(lines[position])), error) for position, error in repeated]
+    failures.sort(key=lambda failure: failure[0])
+    reasons = []
+    for (_, line), error in failures:
+        if skip_log is None or line == math.inf:
+            raise error
+        skip_log.record(str(error), stage="validation")
+        reasons.append(str(error))
+    if repeated:
+        joined = RowStore.joined([joined], drop=[position for position, _ in repeated])
+    if not len(joined):
+        raise DataError(f"{path} holds no usable examples")
+    return joined, reasons
+
+
+def _ids_used_before(rows: RowStore, lines: np.ndarray, path: Path) -> list[tuple[int, DataError]]:
+    """The rows whose id a row before them has, in another part (each part checked its own), with the error."""
+    ids = row_summaries(rows).ids
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    repeated = []
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    for start, stop in zip(starts, np.r_[starts[1:], len(ids)]):
+        if stop - start < 2:
+            continue
+        first_of: dict = {}
+        for position in order[start:stop].tolist():
+            row_id = rows[position]["id"]
+            if row_id in first_of:
+                where = f"{path}:{lines[first_of[row_id]]}"
+                repeated.append((position, DataError(f"{path}:{lines[position]}: id {row_id!r} is already used at {where}; give every row its own id")))
+            else:
+                first_of[row_id] = position
+    return repeated
 
 
 class _KeptSkips:
@@ -397,48 +542,75 @@ def stored_conversations(path, image_root, file_format: str, system_prompt: str 
     """`read_conversations` as a `RowStore`, kept in ``RUN_FOLDER/data_scans/`` for the next start on the same file
     and options (`rows_key`), which opens it instead of reading the file again.
 
-    The main process reads the file and saves the store; the other ranks open what it saved (on a disk that
-    nodes do not share, each reads the file itself). A bad row's error reaches every rank. Rows left out under
-    --skip_bad_examples are recorded in the skip log again at each start, as a first start does; without a skip
-    log, the first of them stops the run as reading the file would.
+    A LLaVA or messages file is read by all ranks together, each its part (`read_part`); the main process joins
+    the parts (`joined_parts`) and saves the store, and the other ranks open what it saved (on a disk that nodes
+    do not share, each reads the file itself). This project's JSONL is read by the main process. A bad row's
+    error reaches every rank. Rows left out under --skip_bad_examples are recorded in the skip log again at
+    each start, as a first start does; without a skip log, the first of them stops the run.
     """
     path, root = Path(path), Path(image_root)
     folder = Path(run_folder) / CACHE_FOLDER / f"rows-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
+    rank, world = rank_and_world()
 
-    def read() -> tuple[RowStore, dict]:
-        kept = _KeptSkips(skip_log) if skip_log is not None else None
-        conversations, found = conversations_of(path, root, file_format, system_prompt, kept)
-        store = RowStore.build(conversations, str(root.resolve()))
-        return store, {"key": key, "format": found, "skipped": kept.reasons if kept else []}
+    def on_main_process(work):
+        """`work()`'s result on the main process, and its error (or None) on every rank."""
+        result = error = None
+        if is_main_process():
+            try:
+                result = work()
+            except (DataError, FileNotFoundError) as failure:
+                error = failure
+        error = from_main(error)
+        if error is not None:
+            raise error
+        return result
 
-    key = stored = error = None
-    if is_main_process():
+    def opened():
+        key = rows_key(path, root, file_format, system_prompt) if path.is_file() else None
+        stored = RowStore.open(folder, key) if key else None
+        if stored is None:
+            return key, checked_format(path, root, file_format), None
+        logger.info("%s: %d rows opened from %s (read by an earlier start of this run; the file is unchanged)", path, len(stored[0]), folder)
+        for reason in stored[1]["skipped"]:
+            if skip_log is None:
+                raise DataError(reason)
+            skip_log.record(reason, stage="validation")
+        return key, stored[1]["format"], stored
+
+    def saved(store: RowStore, meta: dict) -> tuple[RowStore, dict]:
         try:
-            key = rows_key(path, root, file_format, system_prompt) if path.is_file() else None
-            stored = RowStore.open(folder, key) if key else None
-            if stored is not None:
-                logger.info("%s: %d rows opened from %s (read by an earlier start of this run; the file is unchanged)", path, len(stored[0]), folder)
-                for reason in stored[1]["skipped"]:
-                    if skip_log is None:
-                        raise DataError(reason)
-                    skip_log.record(reason, stage="validation")
-            else:
-                stored = read()
-                try:
-                    stored[0].save(folder, stored[1])
-                except OSError as failure:
-                    logger.warning("%s: could not keep the rows in %s (%s); a restart will read the file again", path, folder, failure)
-        except (DataError, FileNotFoundError) as failure:
-            error = failure
-    key, error = from_main((key, error))
-    if error is not None:
-        raise error
+            store.save(folder, meta)
+        except OSError as failure:
+            logger.warning("%s: could not keep the rows in %s (%s); a restart will read the file again", path, folder, failure)
+        return store, meta
+
+    def read_whole() -> tuple[RowStore, dict]:
+        if found == "jsonl":
+            kept = _KeptSkips(skip_log) if skip_log is not None else None
+            conversations = conversations_of(path, root, found, system_prompt, kept)[0]
+            return RowStore.build(conversations, str(root.resolve())), {"key": key, "format": found, "skipped": kept.reasons if kept else []}
+        store, reasons = joined_parts([read_part(path, root.resolve(), found, system_prompt, (0, 1))], path, skip_log)
+        return store, {"key": key, "format": found, "skipped": reasons}
+
+    key, found, stored = on_main_process(opened) or (None, None, None)
+    key, found, reused = from_main((key, found, stored is not None))
+    if not reused:
+        if found == "jsonl" or world == 1:
+            stored = on_main_process(lambda: saved(*read_whole()))
+        else:
+            parts = on_main(read_part(path, root.resolve(), found, system_prompt, (rank, world)))
+
+            def join() -> tuple[RowStore, dict]:
+                store, reasons = joined_parts(parts, path, skip_log)
+                return saved(store, {"key": key, "format": found, "skipped": reasons})
+
+            stored = on_main_process(join)
     if not is_main_process():
         stored = RowStore.open(folder, key)
         if stored is None:
             logger.info("%s: the rows the main process read are not in %s here; reading the file", path, folder)
-            stored = read()
-    return stored[0], stored[1]["format"]
+            stored = read_whole()
+    return stored[0], found
 
 
 def prediction_examples(path, image_root, file_format: str = "auto", system_prompt: str | None = None) -> list[dict]:

@@ -116,6 +116,23 @@ class RowStore:
         summaries = np.frombuffer(hashes, dtype=np.uint64).reshape(-1, 3) if hashes else np.zeros((0, 3), dtype=np.uint64)
         return cls(data, np.frombuffer(offsets, dtype=np.int64), summaries, root, hashlib.sha256(data).hexdigest()[:32])
 
+    @classmethod
+    def joined(cls, stores: list["RowStore"], drop=()) -> "RowStore":
+        """One store (in memory) of the rows of `stores` (whole stores with one root), in order, but for the
+        positions in `drop`: the bytes, and so the fingerprint, that one `build` over those rows gives."""
+        buffer = b"".join(bytes(store._buffer) for store in stores)
+        starts = np.cumsum([0] + [len(store._buffer) for store in stores[:-1]])
+        offsets = np.concatenate([store._offsets[:-1] + start for store, start in zip(stores, starts)] + [np.array([len(buffer)])])
+        summaries = np.concatenate([np.asarray(store._summaries) for store in stores]).reshape(-1, 3)
+        if len(drop):
+            keep = np.ones(len(summaries), dtype=bool)
+            keep[np.asarray(drop, dtype=np.int64)] = False
+            kept = np.flatnonzero(keep).tolist()
+            buffer = b"".join(buffer[offsets[k] : offsets[k + 1]] for k in kept)
+            offsets = np.concatenate([[0], np.cumsum(np.diff(offsets)[kept])])
+            summaries = summaries[kept]
+        return cls(buffer, offsets.astype(np.int64), summaries, stores[0].root, hashlib.sha256(buffer).hexdigest()[:32])
+
     def save(self, folder: Path, meta: dict) -> None:
         """Write the whole store (not a view) into `folder`, replacing what is there; `meta` (the key the rows were
         read under, ...) goes into ``store.json``, written last."""
