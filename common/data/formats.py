@@ -381,7 +381,7 @@ def conversations_of(path, image_root, file_format: str = "auto", system_prompt:
     def failed(where: str, error: Exception) -> None:
         skip_log.record(str(error), stage="validation")
 
-    rows = _file_conversations(path, root.resolve(), file_format, system_prompt, failed if skip_log else None, answered)
+    rows = _file_conversations(path, root.resolve(), file_format, system_prompt, failed if skip_log is not None else None, answered)
     return _at_least_one((conversation for _, conversation in rows), path), file_format
 
 
