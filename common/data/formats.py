@@ -925,6 +925,9 @@ class CustomData:
         return train_set, eval_set
 
     def warn(self, train_set: RecipeDataset, batch_size: int, max_steps: int, num_train_epochs: float) -> None:
+        if not is_main_process():
+            # Every rank holds the same rows: one set of warnings is enough.
+            return
         columns = (self.options.messages_column, self.options.images_column) if self.columns is not None else ()
         warn_about_data(train_set, row_summaries(self.train, *columns), row_summaries(self.eval, *columns), batch_size,
                         max_steps, num_train_epochs)
