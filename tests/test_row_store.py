@@ -84,7 +84,16 @@ def test_damaged_store_files_are_not_used(data, tmp_path, caplog):
 def test_a_restart_opens_the_rows_and_a_changed_file_is_read_again(data, tmp_path, caplog, monkeypatch):
     out = tmp_path / "out"
     first, found = stored_conversations(data, data.parent, "auto", None, None, out)
-    assert found == "llava" and len(first) == 9
+    # What the run goes on with is the saved file, memory-mapped, not the bytes just read.
+    assert found == "llava" and len(first) == 9 and first._folder is not None
+
+    # A run folder the rows cannot be kept in: the run goes on with them in memory, and says so.
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the run folder would be")
+    with caplog.at_level(logging.WARNING, logger="common.data.formats"):
+        in_memory, _ = stored_conversations(data, data.parent, "auto", None, None, blocked)
+    assert list(in_memory) == list(first) and in_memory._folder is None
+    assert any("could not keep the rows" in message for message in caplog.messages)
 
     import common.data.formats as formats
 

@@ -605,9 +605,13 @@ def stored_conversations(path, image_root, file_format: str, system_prompt: str 
                 return saved(store, {"key": key, "format": found, "skipped": reasons})
 
             stored = on_main_process(join)
-    if not is_main_process():
-        stored = RowStore.open(folder, key)
-        if stored is None:
+            del parts
+    if not (reused and is_main_process()):
+        # The saved rows, memory-mapped, rather than the bytes this process read or joined.
+        reopened = RowStore.open(folder, key)
+        if reopened is not None:
+            stored = reopened
+        elif not is_main_process():
             logger.info("%s: the rows the main process read are not in %s here; reading the file", path, folder)
             stored = read_whole()
     return stored[0], found

@@ -52,7 +52,7 @@ def first_exchange(messages: list[dict]) -> tuple[str, str]:
 
 def summary_hashes(row_id, images, question: str, answer: str) -> tuple[int, int, int]:
     """The three hashes of `RowSummaries` for one row."""
-    return (hash64(json.dumps(row_id)) if row_id is not None else 0, hash64(json.dumps([list(images), question])),
+    return (hash64(json.dumps(row_id, default=str)) if row_id is not None else 0, hash64(json.dumps([list(images), question], default=str)),
             hash64(answer) if answer else 0)
 
 
@@ -161,7 +161,7 @@ class RowStore:
         folder = Path(folder)
         try:
             meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except (OSError, ValueError) as error:
             logger.warning("ignoring %s, which cannot be read (%s)", folder / META_FILE, error)
