@@ -137,7 +137,7 @@ def test_custom_data_warns_from_stored_summaries(data, tmp_path, caplog):
     same = [json.dumps({**json.loads(line), "conversations": [json.loads(line)["conversations"][0], {"from": "gpt", "value": "yes"}]})
             for line in lines]
     data.write_text("\n".join(same) + "\n")
-    custom = CustomData(Options, seed=1, run_folder=tmp_path / "out")
+    custom = CustomData(Options, seed=1, skip_log=None, run_folder=tmp_path / "out")
     train_set, _ = custom.datasets()
     assert os.path.isdir(tmp_path / "out" / "data_scans") and isinstance(train_set.source, RowStore)
     with caplog.at_level(logging.WARNING, logger="common.data.formats"):

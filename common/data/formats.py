@@ -494,7 +494,7 @@ def joined_parts(parts: list[FilePart], path: Path, skip_log) -> tuple[RowStore,
 
 def _ids_used_before(rows: RowStore, lines: np.ndarray, path: Path) -> list[tuple[int, DataError]]:
     """The rows whose id a row before them has, in another part (each part checked its own), with the error."""
-    ids = row_summaries(rows).ids
+    ids = rows.summaries().ids
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
     repeated = []
@@ -881,18 +881,18 @@ def warn_about_data(train_set, train_summaries: RowSummaries, eval_summaries: Ro
 class CustomData:
     """The training and evaluation rows `finetune_hf_trainer_custom.py` reads: data files or a dataset, an
     evaluation file, split or seeded held-out fraction; `datasets` makes the `RecipeDataset`s, `warn` the
-    warnings of `warn_about_data` about them. With a `run_folder` (the run's output folder), data files are read
-    once per run and kept there as `RowStore`s (`stored_conversations`); without one they are read into lists."""
+    warnings of `warn_about_data` about them. Data files are read once per run and kept in `run_folder` (the run's
+    output folder) as `RowStore`s (`stored_conversations`)."""
 
-    def __init__(self, options, seed: int, skip_log=None, run_folder=None):
+    def __init__(self, options, seed: int, skip_log, run_folder):
         self.options = options
         self.name = Path(options.train_file).stem if options.train_file else (options.dataset_name or Path(options.dataset_path).name)
         if options.train_file:
             root = options.image_root or str(Path(options.train_file).parent)
             self.columns = None
-            self.train, self.format = self._read(options.train_file, root, skip_log, run_folder)
+            self.train, self.format = stored_conversations(options.train_file, root, options.format, options.system_prompt, skip_log, run_folder)
             if options.eval_file:
-                self.eval = self._read(options.eval_file, root, skip_log, run_folder)[0]
+                self.eval = stored_conversations(options.eval_file, root, options.format, options.system_prompt, skip_log, run_folder)[0]
         else:
             self.format = "dataset"
             self.columns = ColumnConversations(options.messages_column, options.images_column, options.image_root, options.system_prompt, self.name)
@@ -905,12 +905,6 @@ class CustomData:
             self.train, self.eval = hold_out(self.train, options.eval_fraction, seed)
         self.train = first_rows(self.train, options.max_train_samples)
         self.eval = first_rows(self.eval, options.max_eval_samples)
-
-    def _read(self, path, root, skip_log, run_folder):
-        options = self.options
-        if run_folder is None:
-            return read_conversations(path, root, options.format, options.system_prompt, skip_log)
-        return stored_conversations(path, root, options.format, options.system_prompt, skip_log, run_folder)
 
     def datasets(self) -> tuple[RecipeDataset, RecipeDataset]:
         options, turn = self.options, self.options.eval_turn
